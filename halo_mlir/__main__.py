@@ -1,0 +1,3 @@
+from halo_mlir.cli import main
+
+main()

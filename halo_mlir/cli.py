@@ -1,0 +1,143 @@
+"""`halo-mlir`: thin click commands over the library (parse, call, report)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from halo_mlir.errors import HaloError
+
+
+def _reports_errors(fn):
+    """HaloError (and a missing/unwritable file) -> one line on stderr, exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HaloError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,4, got {value!r}")
+    if not sizes or min(sizes) <= 0:
+        raise click.BadParameter(f"expected positive batch sizes, got {value!r}")
+    return sizes
+
+
+def _progress(label: str):
+    """A progress callback `(done, total, item)` printing to stderr."""
+    def report(done: int, total: int, item: str):
+        end = "\n" if done == total else ""
+        click.echo(f"\r{label}: {done}/{total} {item:<40}", nl=False, err=True)
+        if end:
+            click.echo("", err=True)
+    return report
+
+
+@click.group()
+@click.version_option(package_name="halo-mlir")
+def main():
+    """Emit Llama 3.1 inference programs directly as IREE MLIR."""
+
+
+def _load_config(model: str | None, hf_config: str | None, layers: int | None):
+    from halo_mlir import config
+
+    if model and hf_config:
+        raise HaloError("pass either --model or --hf-config, not both")
+    cfg = config.from_hf_config(hf_config) if hf_config else config.preset(model or "toy")
+    return cfg.with_layers(layers)
+
+
+@main.command()
+@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default toy).")
+@click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
+@click.option("--layers", type=int, help="Emit only the first N decoder blocks.")
+@click.option("--bs-prefill", default="4", callback=_int_list, show_default=True)
+@click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
+@click.option("--block-seq-stride", default=32, show_default=True, type=int)
+@click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
+@click.option("--attention", default="fused", show_default=True,
+              type=click.Choice(["fused", "decomposed"]))
+@click.option("--device-block-count", default=256, show_default=True, type=int,
+              help="KV pages per device, written to config.json.")
+@click.option("--locations/--no-locations", default=True, show_default=True,
+              help="Print op locations (blk.3.attn_q) in text MLIR.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="OUT.mlir (text) or OUT.mlirbc (bytecode).")
+@click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
+@_reports_errors
+def emit(model, hf_config, layers, bs_prefill, bs_decode, block_seq_stride, dtype, attention,
+         device_block_count, locations, output, output_config):
+    """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
+    from halo_mlir.api import emit_to_file
+    from halo_mlir.model.llama import EmitOptions
+    from halo_mlir.model.service_config import service_config
+    from halo_mlir.io_utils import atomic_write
+
+    start = time.perf_counter()
+    cfg = _load_config(model, hf_config, layers)
+    opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
+                       block_seq_stride=block_seq_stride, dtype=dtype, attention=attention)
+    n_bytes = emit_to_file(cfg, opts, output, locations=locations)
+    if output_config:
+        with atomic_write(output_config) as f:
+            json.dump(service_config(cfg, opts, device_block_count=device_block_count), f,
+                      indent=2)
+            f.write("\n")
+    click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
+               f"{time.perf_counter() - start:.2f} s", err=True)
+
+
+@main.command("compile")
+@click.argument("source", type=click.Path())
+@click.option("--target", default="cpu", show_default=True,
+              help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--flag", "extra", multiple=True, help="Extra iree-compile flag (repeatable).")
+@_reports_errors
+def compile_cmd(source, target, output, extra):
+    """Compile emitted MLIR to a vmfb with iree-compile."""
+    from halo_mlir.compile import compile_file
+
+    compile_file(source, output, target=target, extra_flags=list(extra),
+                 echo=lambda m: click.echo(m, err=True))
+
+
+@main.command("import-params")
+@click.option("--safetensors", "st_path", required=True, type=click.Path(),
+              help="model.safetensors, model.safetensors.index.json, or their directory.")
+@click.option("--hf-config", type=click.Path(),
+              help="config.json (default: the one beside the checkpoint).")
+@click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
+@click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
+@_reports_errors
+def import_params(st_path, hf_config, dtype, output):
+    """Write an IRPA with ABI.md parameter keys from an HF checkpoint."""
+    from halo_mlir import config
+    from halo_mlir.params.safetensors_import import import_safetensors
+
+    src = Path(st_path)
+    hf_config = Path(hf_config) if hf_config else (src if src.is_dir() else src.parent) / "config.json"
+    cfg = config.from_hf_config(hf_config)
+    start = time.perf_counter()
+    n = import_safetensors(src, cfg, output, dtype=dtype, progress=_progress("importing"))
+    click.echo(f"wrote {output} ({n / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s",
+               err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""iree-compile for each target: the flags live in one table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from halo_mlir.errors import HaloError
+
+TARGET_FLAGS: dict[str, list[str]] = {
+    # MI300X. IREE 3.13 spells the chip flag --iree-rocm-target (3.6-3.9: --iree-hip-target).
+    "gfx942": ["--iree-hal-target-device=hip", "--iree-rocm-target=gfx942"],
+    # This machine's CPU; numerics tests run here.
+    "cpu": ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+            "--iree-llvmcpu-target-cpu=host"],
+    # Portable CPU artifacts.
+    "cpu-generic": ["--iree-hal-target-device=local",
+                    "--iree-hal-local-target-device-backends=llvm-cpu",
+                    "--iree-llvmcpu-target-cpu=generic"],
+    # NVIDIA (the lent GPU machines): same IR, CUDA backend.
+    "cuda": ["--iree-hal-target-device=cuda"],
+}
+
+
+def target_flags(target: str) -> list[str]:
+    try:
+        return list(TARGET_FLAGS[target])
+    except KeyError:
+        raise HaloError(f"unknown target {target!r}: choose one of {', '.join(TARGET_FLAGS)}") \
+            from None
+
+
+def iree_compile_binary() -> str:
+    from iree.compiler.tools import binaries
+
+    return binaries.find_tool("iree-compile")
+
+
+def compile_file(src: str | Path, out: str | Path, *, target: str,
+                 extra_flags: list[str] | None = None, echo=print) -> float:
+    """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise HaloError(f"{src}: no such file")
+    cmd = [iree_compile_binary(), str(src), *target_flags(target), *(extra_flags or [])]
+    tmp = out.with_name(f".{out.name}.partial")
+    echo(f"compiling {src} for {target} ...")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([*cmd, "-o", str(tmp)], stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise HaloError(f"iree-compile failed on {src} for {target} (see above)")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise HaloError(f"{out}: cannot write ({e.strerror})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    elapsed = time.perf_counter() - start
+    echo(f"wrote {out} in {elapsed:.1f} s")
+    return elapsed

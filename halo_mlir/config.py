@@ -1,0 +1,155 @@
+"""Model hyperparameters: a dataclass, the Llama 3.1 presets, and HF config.json parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from halo_mlir.errors import HaloError
+
+LLAMA3_ROPE_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float
+    rms_eps: float
+    # None = plain RoPE; otherwise the llama3 parameters (keys of LLAMA3_ROPE_SCALING).
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = False
+    max_seq_len: int = 8192
+    name: str = "custom"
+
+    def __post_init__(self):
+        for field in ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                      "ffn_dim", "vocab_size"):
+            if getattr(self, field) <= 0:
+                raise HaloError(f"config {self.name}: {field} must be positive, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise HaloError(f"config {self.name}: heads ({self.n_heads}) must be a multiple of "
+                            f"kv heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise HaloError(f"config {self.name}: head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head (GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def with_layers(self, n_layers: int | None) -> "LlamaConfig":
+        """The first n_layers blocks only (None keeps all)."""
+        if n_layers is None:
+            return self
+        if not 1 <= n_layers <= self.n_layers:
+            raise HaloError(f"--layers {n_layers} is out of range: {self.name} has "
+                            f"{self.n_layers} layers; pick 1..{self.n_layers}")
+        return dataclasses.replace(self, n_layers=n_layers)
+
+
+def _llama31(name, hidden, layers, heads, ffn):
+    return LlamaConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=8,
+                       head_dim=128, ffn_dim=ffn, vocab_size=128256, rope_theta=500000.0,
+                       rms_eps=1e-5, rope_scaling=dict(LLAMA3_ROPE_SCALING),
+                       max_seq_len=131072, name=name)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "8b": _llama31("8b", 4096, 32, 32, 14336),
+    "70b": _llama31("70b", 8192, 80, 64, 28672),
+    "405b": _llama31("405b", 16384, 126, 128, 53248),
+    # A small model for demos and quick compiles (the peer-comparison toy config).
+    "toy": LlamaConfig(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64,
+                       ffn_dim=1024, vocab_size=1024, rope_theta=500000.0, rms_eps=1e-5,
+                       rope_scaling=dict(LLAMA3_ROPE_SCALING), max_seq_len=4096, name="toy"),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise HaloError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from either HF layout.
+
+    transformers <5 writes `rope_theta` + `rope_scaling`; 5.x writes `rope_parameters`
+    holding both.
+    """
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or params
+    theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise HaloError(f"{where}: rope type {rope_type!r} is not supported; "
+                        "supported: default, llama3")
+    try:
+        return float(theta), {k: type(v)(scaling[k]) for k, v in LLAMA3_ROPE_SCALING.items()}
+    except KeyError as e:
+        raise HaloError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
+
+
+def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
+    """A LlamaConfig from the keys of an HF Llama-family config.json."""
+    model_type = d.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise HaloError(f"{where}: model_type {model_type!r} is not a Llama-family model; "
+                        "halo_mlir emits llama (and mistral-style) decoders")
+    if d.get("hidden_act", "silu") != "silu":
+        raise HaloError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; "
+                        "Llama uses silu")
+    for bias in ("attention_bias", "mlp_bias"):
+        if d.get(bias):
+            raise HaloError(f"{where}: {bias}=true is not supported (Llama has no biases)")
+    try:
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        theta, scaling = _rope_from_hf(d, where)
+        return LlamaConfig(
+            hidden_size=hidden,
+            n_layers=int(d["num_hidden_layers"]),
+            n_heads=heads,
+            n_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            ffn_dim=int(d["intermediate_size"]),
+            vocab_size=int(d["vocab_size"]),
+            rope_theta=theta,
+            rms_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_scaling=scaling,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_seq_len=int(d.get("max_position_embeddings", 8192)),
+            name=str(d.get("_name_or_path") or "hf"),
+        )
+    except KeyError as e:
+        raise HaloError(f"{where}: missing key {e.args[0]!r}; is this a Llama config.json?") from None
+    except (TypeError, ValueError) as e:
+        raise HaloError(f"{where}: bad value ({e})") from None
+
+
+def from_hf_config(path: str | Path) -> LlamaConfig:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HaloError(f"{path}: no such file; pass the model's config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HaloError(f"{path}: malformed JSON ({e}); pass the model's config.json") from None
+    if not isinstance(d, dict):
+        raise HaloError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return from_hf_dict(d, str(path))

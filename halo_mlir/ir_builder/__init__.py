@@ -1,0 +1,5 @@
+"""The only package that imports `iree.compiler.ir` and its dialects."""
+
+from halo_mlir.ir_builder.builder import DYN, Builder, Dim, Value
+
+__all__ = ["Builder", "DYN", "Dim", "Value"]

@@ -1,0 +1,374 @@
+"""A thin typed builder over `iree.compiler.ir`.
+
+Ops elsewhere in halo_mlir only call methods of `Builder`; this package is the only one
+that imports the MLIR bindings. Every method creates ops at the ambient insertion point
+and location, so the caller decides where IR goes (`with b.at("blk.3.attn_q"): ...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+from iree.compiler import ir
+from iree.compiler.dialects import arith, hal, linalg, math, tensor, util
+
+from halo_mlir.errors import HaloError
+
+Value = ir.Value
+Dim = Union[int, ir.Value]  # a static size or an `index` SSA value
+
+DYN = ir.ShapedType.get_dynamic_size()
+
+# dtype name -> IR element type constructor.
+_ELEMENT_TYPES: dict[str, Callable[[], ir.Type]] = {
+    "f32": ir.F32Type.get,
+    "f16": ir.F16Type.get,
+    "bf16": ir.BF16Type.get,
+    "f8e4m3fnuz": ir.Float8E4M3FNUZType.get,
+    "i1": lambda: ir.IntegerType.get_signless(1),
+    "i8": lambda: ir.IntegerType.get_signless(8),
+    "i32": lambda: ir.IntegerType.get_signless(32),
+    "i64": lambda: ir.IntegerType.get_signless(64),
+    "index": ir.IndexType.get,
+}
+
+_EINSUM = re.compile(r"^([a-z]*(?:,[a-z]*)*)->([a-z]*)$")
+
+
+class Builder:
+    """Types, constants, structured ops, functions and parameter globals.
+
+    Works in a caller's `ir.Context` (it must have IREE's dialects registered, as every
+    `iree.compiler.ir.Context` does) or makes its own.
+    """
+
+    def __init__(self, context: ir.Context | None = None):
+        self.context = context or ir.Context()
+        self._types: dict[str, ir.Type] = {}
+        self._maps: dict[str, tuple] = {}
+        self._globals: dict[str, tuple[str, ir.Type]] = {}
+        self.module: ir.Module | None = None
+
+    # ---- types ---------------------------------------------------------------------
+    def type(self, dtype: str) -> ir.Type:
+        """Element type for a dtype name ("f16", "i64", ...)."""
+        t = self._types.get(dtype)
+        if t is None:
+            try:
+                t = self._types[dtype] = _ELEMENT_TYPES[dtype]()
+            except KeyError:
+                raise HaloError(f"unknown dtype {dtype!r}: choose one of "
+                                f"{', '.join(_ELEMENT_TYPES)}") from None
+        return t
+
+    def tensor_type(self, shape: Sequence[int | None], dtype: str | ir.Type) -> ir.RankedTensorType:
+        """tensor<...> type; `None` in `shape` is a dynamic size."""
+        et = self.type(dtype) if isinstance(dtype, str) else dtype
+        return ir.RankedTensorType.get([DYN if s is None else s for s in shape], et)
+
+    @staticmethod
+    def shape(v: Value) -> list[int | None]:
+        return [None if s == DYN else s for s in ir.RankedTensorType(v.type).shape]
+
+    @staticmethod
+    def element_type(v: Value) -> ir.Type:
+        return ir.RankedTensorType(v.type).element_type
+
+    def dims(self, v: Value) -> list[Dim]:
+        """Sizes of `v`: ints where static, `tensor.dim` values where dynamic."""
+        return [s if s is not None else tensor.dim(v, self.index(i))
+                for i, s in enumerate(self.shape(v))]
+
+    # ---- locations, modules, functions ---------------------------------------------
+    @contextlib.contextmanager
+    def at(self, name: str):
+        """Ops created inside carry the location `name` (e.g. "blk.3.attn_q")."""
+        with ir.Location.name(name, context=self.context):
+            yield
+
+    def new_module(self) -> ir.Module:
+        self.module = ir.Module.create(loc=ir.Location.unknown(self.context))
+        return self.module
+
+    @contextlib.contextmanager
+    def function(self, name: str, arg_types: Sequence[ir.Type], result_types: Sequence[ir.Type],
+                 private: bool = False):
+        """Define `util.func @name`; yields its arguments; the body ends with `ret`."""
+        ftype = ir.FunctionType.get(list(arg_types), list(result_types))
+        with ir.InsertionPoint(self.module.body):
+            fn = util.FuncOp(name, ir.TypeAttr.get(ftype), sym_visibility="private" if private else None)
+        entry = fn.regions[0].blocks.append(*arg_types)
+        with ir.InsertionPoint(entry):
+            yield list(entry.arguments)
+
+    def ret(self, *values: Value):
+        util.return_(list(values))
+
+    def call(self, name: str, args: Sequence[Value], result_types: Sequence[ir.Type]) -> list:
+        op = util.CallOp(list(result_types), name, list(args))
+        return list(op.results)
+
+    def coarse_fences_entry(self, name: str, impl: str, arg_types: Sequence[ir.RankedTensorType],
+                            result_types: Sequence[ir.RankedTensorType], inplace: Sequence[int]):
+        """Public `@name$async` (coarse-fences ABI) and sync `@name` around `@impl`.
+
+        `@impl(args...) -> (results..., new_arg for arg in inplace)`; each such new value
+        is aliased onto the caller's buffer of that argument, so the caller sees it updated
+        in place (the ABI's `cache_state`).
+        """
+        bv = ir.Type.parse("!hal.buffer_view")
+        fence = ir.Type.parse("!hal.fence")
+        n_args = len(arg_types)
+        with self.function(f"{name}$async", [bv] * n_args + [fence, fence],
+                           [bv] * len(result_types)) as args:
+            fn = args[0].owner.owner
+            fn.attributes["iree.abi.model"] = ir.StringAttr.get("coarse-fences")
+            fn.attributes["iree.abi.stub"] = ir.UnitAttr.get()
+            fn.attributes["inlining_policy"] = ir.Attribute.parse("#util.inline.never")
+            # Lets iree-run-module and other reflective callers see the fence arguments.
+            fn.attributes["iree.reflection"] = ir.Attribute.parse(
+                '{iree.abi.model = "coarse-fences"}')
+            wait, signal = args[n_args:]
+            tensors, dims = [], []
+            for n, (a, t) in enumerate(zip(args, arg_types)):
+                d = [hal.buffer_view_dim(a, i) for i, s in enumerate(t.shape) if s == DYN]
+                # `consume` on in-place arguments: without it IREE 3.13 clones the whole
+                # updated cache into a dead buffer on every call.
+                tensors.append(hal.tensor_import(t, a, ir.TypeAttr.get(t), d, wait_fence=wait,
+                                                 consume=True if n in inplace else None))
+                dims.append(d)
+            outs = self.call(impl, tensors, [*result_types, *(arg_types[i] for i in inplace)])
+            results, updated = outs[:len(result_types)], outs[len(result_types):]
+            live = [hal.tensor_alias(u, dims[i], args[i], wait_fence=wait)
+                    for u, i in zip(updated, inplace)]
+            ready = hal.tensor_barrier([v.type for v in live + results], live + results, signal)
+            ready = [ready] if isinstance(ready, ir.Value) else list(ready)
+            exported = []
+            for r in ready[len(live):]:
+                t = ir.RankedTensorType(r.type)
+                d = [tensor.dim(r, self.index(i)) for i, s in enumerate(t.shape) if s == DYN]
+                exported.append(hal.tensor_export(bv, r, ir.TypeAttr.get(t), d))
+            self.ret(*exported)
+        with self.function(name, [bv] * n_args, [bv] * len(result_types)) as args:
+            args[0].owner.owner.attributes["iree.abi.stub"] = ir.UnitAttr.get()
+            device = hal.devices_get(self.index(0), results=[ir.Type.parse("!hal.device")])
+            done = hal.fence_create(device, ir.IntegerAttr.get(self.type("i64"), 0),
+                                    results=[fence])
+            res = self.call(f"{name}$async", [*args, util.null(fence), done],
+                            [bv] * len(result_types))
+            hal.fence_await(self.scalar(-1, "i32"), ir.IntegerAttr.get(self.type("i64"), 0),
+                            [done], results=[self.type("i32")])
+            self.ret(*res)
+
+    # ---- constants -----------------------------------------------------------------
+    def index(self, i: int) -> Value:
+        return arith.constant(self.type("index"), i)
+
+    def scalar(self, x: float | int, dtype: str) -> Value:
+        t = self.type(dtype)
+        if isinstance(t, ir.IntegerType) or dtype == "index":
+            return arith.constant(t, int(x))
+        return arith.constant(t, ir.FloatAttr.get(t, float(x)))
+
+    def dense(self, array: np.ndarray, dtype: str) -> Value:
+        """A small constant tensor (never weights: those are parameter globals)."""
+        t = self.tensor_type(array.shape, dtype)
+        return arith.constant(t, ir.DenseElementsAttr.get(np.ascontiguousarray(array), type=t))
+
+    # ---- parameters ----------------------------------------------------------------
+    def param(self, key: str, shape: Sequence[int], dtype: str, scope: str = "model") -> Value:
+        """Load the parameter `scope::key`, declaring its `util.global` once per module."""
+        t = self.tensor_type(shape, dtype)
+        known = self._globals.get(key)
+        if known is None:
+            attr = ir.Attribute.parse(f'#flow.parameter.named<"{scope}"::"{key}"> : {t}')
+            with ir.InsertionPoint.at_block_begin(self.module.body):
+                util.global_(key, t, sym_visibility="private", initial_value=attr)
+            self._globals[key] = known = (key, t)
+        elif known[1] != t:
+            raise HaloError(f"parameter {key} used as {t} and as {known[1]}")
+        return util.global_load(t, key, is_immutable=True)
+
+    # ---- structured ops ------------------------------------------------------------
+    def empty(self, sizes: Sequence[Dim], dtype: str | ir.Type) -> Value:
+        et = self.type(dtype) if isinstance(dtype, str) else dtype
+        return tensor.empty(list(sizes), et)
+
+    def filled(self, sizes: Sequence[Dim], value: float, dtype: str) -> Value:
+        """tensor.empty + linalg.fill: an accumulator initialised to `value`."""
+        return linalg.fill(self.scalar(value, dtype), outs=[self.empty(sizes, dtype)])
+
+    def _einsum_maps(self, spec: str):
+        cached = self._maps.get(spec)
+        if cached is None:
+            m = _EINSUM.match(spec.replace(" ", ""))
+            if not m:
+                raise ValueError(f"bad einsum spec {spec!r}")
+            operands = (m.group(1).split(",") if m.group(1) else []) + [m.group(2)]
+            dims = "".join(dict.fromkeys("".join(operands)))
+            kinds = ["parallel" if d in m.group(2) else "reduction" for d in dims]
+            iters = ir.ArrayAttr.get([ir.Attribute.parse(f"#linalg.iterator_type<{k}>")
+                                      for k in kinds])
+            cached = self._maps[spec] = (self._affine_maps(dims, operands), iters)
+        return cached
+
+    def generic(self, spec: str, ins: Sequence[Value], outs: Sequence[Value],
+                body: Callable[..., Value | Sequence[Value]]) -> Value:
+        """linalg.generic with einsum-style maps: "bsd,d->bsd" (dims absent from the
+        output are reductions). `body(*in_elems, *out_elems)` returns the yielded values."""
+        maps, iters = self._einsum_maps(spec)
+        op = linalg.GenericOp([o.type for o in outs], list(ins), list(outs), maps, iters)
+        block = op.regions[0].blocks.append(*[self.element_type(v) for v in (*ins, *outs)])
+        with ir.InsertionPoint(block):
+            res = body(*block.arguments)
+            linalg.YieldOp(list(res) if isinstance(res, (list, tuple)) else [res])
+        return op.results[0] if len(outs) == 1 else list(op.results)
+
+    def map(self, spec: str, ins: Sequence[Value], dtype: str, fn: Callable[..., Value]) -> Value:
+        """Elementwise/broadcast generic into a fresh tensor shaped like the output of
+        `spec` (sizes taken from the first input that has each output dim)."""
+        operands, out = spec.replace(" ", "").split("->")
+        sizes = []
+        for c in out:
+            src = next(i for i, o in enumerate(operands.split(",")) if c in o)
+            sizes.append(self.dims(ins[src])[operands.split(",")[src].index(c)])
+        return self.generic(spec, ins, [self.empty(sizes, dtype)], lambda *a: fn(*a[:-1]))
+
+    def matmul_t(self, x: Value, w: Value, acc: Value) -> Value:
+        """x[M,K] @ w[N,K]^T accumulated into acc[M,N] (linalg.matmul, transposed B)."""
+        maps = self._affine_maps("mnk", ["mk", "nk", "mn"])
+        return linalg.matmul(x, w, outs=[acc], indexing_maps=[ir.AffineMapAttr(m).value for m in maps])
+
+    def reshape(self, v: Value, groups: Sequence[Sequence[int]], new_shape: Sequence[Dim]) -> Value:
+        """collapse_shape or expand_shape: `groups[i]` lists the result dims (expand) or
+        source dims (collapse) that form one dim on the other side."""
+        src = self.shape(v)
+        et = self.element_type(v)
+        static = [s if isinstance(s, int) else None for s in new_shape]
+        if len(new_shape) < len(src):
+            collapsed = [None if any(src[i] is None for i in g) else
+                         int(np.prod([src[i] for i in g])) for g in groups]
+            return tensor.collapse_shape(self.tensor_type(collapsed, et), v, _groups(groups))
+        dyn = [s for s in new_shape if not isinstance(s, int)]
+        return tensor.expand_shape(self.tensor_type(static, et), v, _groups(groups), dyn,
+                                   [DYN if s is None else s for s in static])
+
+    def transpose(self, v: Value, perm: Sequence[int]) -> Value:
+        dims = self.dims(v)
+        out = self.empty([dims[p] for p in perm], self.element_type(v))
+        op = linalg.transpose(v, outs=[out], permutation=list(perm))
+        return op if isinstance(op, ir.Value) else op.results[0]
+
+    def slice(self, v: Value, offsets: Sequence[Dim], sizes: Sequence[Dim]) -> Value:
+        """tensor.extract_slice with unit strides; result dims follow `sizes`."""
+        static_off = [o if isinstance(o, int) else DYN for o in offsets]
+        static_sz = [s if isinstance(s, int) else DYN for s in sizes]
+        t = self.tensor_type([s if isinstance(s, int) else None for s in sizes],
+                             self.element_type(v))
+        return tensor.extract_slice(t, v, [o for o in offsets if not isinstance(o, int)],
+                                    [s for s in sizes if not isinstance(s, int)], [],
+                                    static_off, static_sz, [1] * len(sizes))
+
+    def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
+                  out: Value) -> Value:
+        """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
+        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32."""
+        maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
+        op = ir.Operation.create(
+            "iree_linalg_ext.attention", results=[out.type],
+            operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},
+            regions=1)
+        block = op.regions[0].blocks.append(self.type("f32"))
+        with ir.InsertionPoint(block):
+            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
+        return op.results[0]
+
+    def gather(self, source: Value, indices: Value, out: Value, dims: Sequence[int]) -> Value:
+        """iree_linalg_ext.gather: out[batch..., slice...] = source[indices[batch..., :], slice...];
+        `dims` are the source dims the last index dimension addresses (leading ones)."""
+        op = ir.Operation.create(
+            "iree_linalg_ext.gather", results=[out.type], operands=[source, indices, out],
+            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims))})
+        return op.results[0]
+
+    def scatter(self, updates: Value, indices: Value, original: Value, dims: Sequence[int]) -> Value:
+        """iree_linalg_ext.scatter: original[indices[i, :], slice...] = updates[i, slice...];
+        indices are unique (pages are never shared between rows)."""
+        op = ir.Operation.create(
+            "iree_linalg_ext.scatter", results=[original.type],
+            operands=[updates, indices, original],
+            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims)),
+                        "unique_indices": ir.BoolAttr.get(True)}, regions=1)
+        et = self.element_type(original)
+        block = op.regions[0].blocks.append(et, et)
+        with ir.InsertionPoint(block):
+            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
+        return op.results[0]
+
+    def _affine_maps(self, dims: str, operands: Sequence[str]) -> ir.ArrayAttr:
+        key = dims + ":" + ",".join(operands)
+        cached = self._maps.get(key)
+        if cached is None:
+            cached = self._maps[key] = ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(
+                len(dims), 0, [ir.AffineDimExpr.get(dims.index(c)) for c in op]))
+                for op in operands])
+        return cached
+
+    def barrier(self, v: Value) -> Value:
+        """util.optimization_barrier: keep `v` opaque (e.g. a per-layer index kept out of
+        kernels so every layer reuses the same ones)."""
+        return util.optimization_barrier([v.type], [v])
+
+    # ---- scalar arithmetic inside bodies ---------------------------------------------
+    def cast(self, x: Value, dtype: str) -> Value:
+        """Float-to-float, int-to-float or index cast, chosen by the two types."""
+        to = self.type(dtype)
+        frm = x.type
+        if frm == to:
+            return x
+        if isinstance(frm, ir.FloatType) and isinstance(to, ir.FloatType):
+            wider = to.width > frm.width
+            return arith.extf(to, x) if wider else arith.truncf(to, x)
+        if isinstance(frm, ir.IntegerType) and isinstance(to, ir.FloatType):
+            return arith.sitofp(to, x)
+        if isinstance(frm, ir.IndexType) or isinstance(to, ir.IndexType):
+            return arith.index_cast(to, x)
+        if isinstance(frm, ir.IntegerType) and isinstance(to, ir.IntegerType):
+            return arith.extsi(to, x) if to.width > frm.width else arith.trunci(to, x)
+        raise HaloError(f"no cast from {frm} to {to}")
+
+    def extract(self, t: Value, indices) -> Value:
+        return tensor.extract(t, list(indices))
+
+    def linalg_index(self, d: int) -> Value:
+        return linalg.IndexOp(d).result
+
+    addf = staticmethod(arith.addf)
+    subf = staticmethod(arith.subf)
+    mulf = staticmethod(arith.mulf)
+    divf = staticmethod(arith.divf)
+    maxf = staticmethod(arith.maximumf)
+    negf = staticmethod(arith.negf)
+    exp = staticmethod(math.exp)
+    rsqrt = staticmethod(math.rsqrt)
+    cos = staticmethod(math.cos)
+    sin = staticmethod(math.sin)
+    select = staticmethod(arith.select)
+    andi = staticmethod(arith.andi)
+    addi = staticmethod(arith.addi)
+    muli = staticmethod(arith.muli)
+    divsi = staticmethod(arith.divsi)
+    remsi = staticmethod(arith.remsi)
+
+    def cmpi(self, pred: str, a: Value, b: Value) -> Value:
+        return arith.cmpi(getattr(arith.CmpIPredicate, pred), a, b)
+
+
+def _groups(groups: Sequence[Sequence[int]]) -> ir.ArrayAttr:
+    i64 = ir.IntegerType.get_signless(64)
+    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(i64, d) for d in g])
+                             for g in groups])

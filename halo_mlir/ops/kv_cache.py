@@ -1,0 +1,92 @@
+"""The paged KV cache (ABI.md layout): page writes and page gathers.
+
+`cache_state` is [P, page_elems]; viewed as 6-D it is [P, layer, k_or_v, kv_head, pos, d].
+The layer index is a runtime scalar (`layer`, kept opaque by the caller) so that every
+layer's scatter and gather are the same kernel.
+"""
+
+from __future__ import annotations
+
+from halo_mlir.ir_builder import Builder, Value
+
+
+def cache_view(b: Builder, cache: Value, *, layers: int, kv_heads: int, stride: int,
+               head_dim: int) -> Value:
+    """cache[P, page_elems] -> [P, layers, 2, kv_heads, stride, head_dim]."""
+    p = b.dims(cache)[0]
+    return b.reshape(cache, [[0], [1, 2, 3, 4, 5]], [p, layers, 2, kv_heads, stride, head_dim])
+
+
+def cache_flat(b: Builder, cache6: Value) -> Value:
+    """The inverse of `cache_view`."""
+    shape = b.shape(cache6)
+    elems = shape[1] * shape[2] * shape[3] * shape[4] * shape[5]
+    return b.reshape(cache6, [[0], [1, 2, 3, 4, 5]], [None, elems])
+
+
+def _page_indices(b: Builder, pages: Value, layer: Value, kv: int) -> Value:
+    """pages[N,B] i64 -> [N,B,3] i64 rows (page, layer, kv)."""
+    n, nb = b.dims(pages)
+    kv_c = b.scalar(kv, "i64")
+
+    def body(page, _):
+        which = b.linalg_index(2)
+        inner = b.select(b.cmpi("eq", which, b.index(1)), layer, kv_c)
+        return b.select(b.cmpi("eq", which, b.index(0)), page, inner)
+
+    return b.generic("bi->bic", [pages], [b.empty([n, nb, 3], "i64")], body)
+
+
+def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
+                 layer: Value) -> Value:
+    """Prefill: k/v[N,KVH,S,D] (S = B*stride) into pages[N,B] of `layer`."""
+    n, kvh, s, d = b.dims(k)
+    stride = b.shape(cache6)[4]
+    nb = b.dims(pages)[1]
+    for kv, x in ((0, k), (1, v)):
+        blocks = b.reshape(x, [[0], [1], [2, 3], [4]], [n, kvh, nb, stride, d])
+        blocks = b.transpose(blocks, [0, 2, 1, 3, 4])  # [N,B,KVH,stride,D]
+        blocks = b.reshape(blocks, [[0, 1], [2], [3], [4]], [None, kvh, stride, d])
+        idx = b.reshape(_page_indices(b, pages, layer, kv), [[0, 1], [2]], [None, 3])
+        cache6 = b.scatter(blocks, idx, cache6, [0, 1, 2])
+    return cache6
+
+
+def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
+                   positions: Value, layer: Value) -> Value:
+    """Decode: k/v[N,KVH,1,D] at positions[N] (page pages[N, pos // stride])."""
+    n, kvh, _, d = b.dims(k)
+    stride = b.shape(cache6)[4]
+    stride_c = b.scalar(stride, "i64")
+
+    def page_of(pos, _):
+        return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
+
+    page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
+    for kv, x in ((0, k), (1, v)):
+        kv_c = b.scalar(kv, "i64")
+
+        def body(pg, pos, _):
+            which = b.linalg_index(2)
+            head = b.cast(b.linalg_index(1), "i64")
+            fields = [pg, layer, kv_c, head, b.remsi(pos, stride_c)]
+            out = fields[4]
+            for i in (3, 2, 1, 0):
+                out = b.select(b.cmpi("eq", which, b.index(i)), fields[i], out)
+            return out
+
+        idx = b.generic("b,b->bhc", [page, positions], [b.empty([n, kvh, 5], "i64")], body)
+        idx = b.reshape(idx, [[0, 1], [2]], [None, 5])
+        rows = b.reshape(x, [[0, 1, 2], [3]], [None, d])
+        cache6 = b.scatter(rows, idx, cache6, [0, 1, 2, 3, 4])
+    return cache6
+
+
+def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -> Value:
+    """Decode: pages[N,B] of `layer` -> k or v [N,KVH,B*stride,D]."""
+    _, _, _, kvh, stride, d = b.shape(cache6)
+    n, nb = b.dims(pages)
+    out = b.empty([n, nb, kvh, stride, d], b.element_type(cache6))
+    blocks = b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
+    blocks = b.transpose(blocks, [0, 2, 1, 3, 4])  # [N,KVH,B,stride,D]
+    return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])

@@ -1,0 +1,1 @@
+"""Weights: checkpoint readers -> IRPA writer, with ABI.md parameter names."""

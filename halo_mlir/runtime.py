@@ -1,0 +1,80 @@
+"""Load a compiled module with its parameters and call prefill/decode (iree.runtime).
+
+Used by the tests and by tools; the cache stays on the device between calls and is
+updated in place by the module (ABI.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from halo_mlir.errors import HaloError
+
+
+class Program:
+    """A vmfb + IRPA files on `n_devices` local devices of `driver`."""
+
+    def __init__(self, vmfb: str | Path, params: Sequence[str | Path], *, n_devices: int = 1,
+                 driver: str = "local-task"):
+        import iree.runtime as rt
+
+        self._rt = rt
+        for p in (vmfb, *params):
+            if not Path(p).exists():
+                raise HaloError(f"{p}: no such file")
+        self.instance = rt.VmInstance()
+        self.driver = rt.get_driver(driver)
+        self.devices = [self.driver.create_default_device() for _ in range(n_devices)]
+        self.hal = rt.create_hal_module(self.instance, devices=self.devices)
+        self.index = rt.ParameterIndex()
+        for p in params:
+            self.index.load(str(p))
+        self.io = rt.create_io_parameters_module(
+            self.instance, self.index.create_provider(scope="model"))
+        self.main = rt.VmModule.mmap(self.instance, str(vmfb))
+        self.context = rt.VmContext(self.instance, modules=[self.hal, self.io, self.main])
+        self._invokers: dict[str, object] = {}
+
+    @property
+    def device(self):
+        return self.devices[0]
+
+    def function(self, name: str):
+        inv = self._invokers.get(name)
+        if inv is None:
+            fn = self.main.lookup_function(name)
+            if fn is None:
+                raise HaloError(f"the module has no function {name}; it exports "
+                                f"{', '.join(self.main.function_names)}")
+            inv = self._invokers[name] = self._rt.FunctionInvoker(self.context, self.device, fn)
+        return inv
+
+    def device_array(self, array: np.ndarray, device: int = 0):
+        return self._rt.asdevicearray(self.devices[device], array)
+
+    def prefill(self, tokens, seq_lens, block_ids, caches) -> np.ndarray:
+        bs = tokens.shape[0]
+        out = self.function(f"prefill_bs{bs}")(tokens, seq_lens, block_ids, *caches)
+        return np.asarray(out.to_host())
+
+    def decode(self, tokens, seq_lens, start_positions, block_ids, caches) -> np.ndarray:
+        bs = tokens.shape[0]
+        out = self.function(f"decode_bs{bs}")(tokens, seq_lens, start_positions, block_ids,
+                                              *caches)
+        return np.asarray(out.to_host())
+
+    def close(self):
+        """Release runtime objects in dependency order (avoids crashes at exit)."""
+        for attr in ("_invokers", "context", "main", "io", "index", "hal", "devices", "driver",
+                     "instance"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
