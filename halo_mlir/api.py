@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from halo_mlir.config import LlamaConfig, from_hf_config, preset
@@ -13,7 +14,12 @@ __all__ = ["EmitOptions", "LlamaConfig", "emit_module", "emit_to_file", "from_hf
 
 
 def write_module(module, path: str | Path, *, locations: bool = True) -> int:
-    """Write text MLIR (or bytecode for `.mlirbc`) atomically; returns the byte count."""
+    """Write text MLIR (or bytecode for `.mlirbc`) atomically; returns the byte count.
+    `-` prints text to stdout."""
+    if str(path) == "-":
+        text = module.operation.get_asm(enable_debug_info=locations)
+        sys.stdout.write(text)
+        return len(text)
     path = Path(path)
     if path.suffix == ".mlirbc":
         with atomic_write(path, "wb") as f:

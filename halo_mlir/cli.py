@@ -37,16 +37,6 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _progress(label: str):
-    """A progress callback `(done, total, item)` printing to stderr."""
-    def report(done: int, total: int, item: str):
-        end = "\n" if done == total else ""
-        click.echo(f"\r{label}: {done}/{total} {item:<40}", nl=False, err=True)
-        if end:
-            click.echo("", err=True)
-    return report
-
-
 @click.group()
 @click.version_option(package_name="halo-mlir")
 def main():
@@ -129,12 +119,17 @@ def import_params(st_path, hf_config, dtype, output):
     """Write an IRPA with ABI.md parameter keys from an HF checkpoint."""
     from halo_mlir import config
     from halo_mlir.params.safetensors_import import import_safetensors
+    from halo_mlir.progress import Progress
 
     src = Path(st_path)
     hf_config = Path(hf_config) if hf_config else (src if src.is_dir() else src.parent) / "config.json"
     cfg = config.from_hf_config(hf_config)
     start = time.perf_counter()
-    n = import_safetensors(src, cfg, output, dtype=dtype, progress=_progress("importing"))
+    progress = Progress("importing")
+    try:
+        n = import_safetensors(src, cfg, output, dtype=dtype, progress=progress)
+    finally:
+        progress.close()
     click.echo(f"wrote {output} ({n / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s",
                err=True)
 

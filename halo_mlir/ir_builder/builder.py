@@ -52,6 +52,7 @@ class Builder:
         self._maps: dict[str, tuple] = {}
         self._globals: dict[str, tuple[str, ir.Type]] = {}
         self.module: ir.Module | None = None
+        self._first_function = None
 
     # ---- types ---------------------------------------------------------------------
     def type(self, dtype: str) -> ir.Type:
@@ -92,6 +93,8 @@ class Builder:
 
     def new_module(self) -> ir.Module:
         self.module = ir.Module.create(loc=ir.Location.unknown(self.context))
+        self._first_function = None
+        self._globals.clear()
         return self.module
 
     @contextlib.contextmanager
@@ -101,9 +104,22 @@ class Builder:
         ftype = ir.FunctionType.get(list(arg_types), list(result_types))
         with ir.InsertionPoint(self.module.body):
             fn = util.FuncOp(name, ir.TypeAttr.get(ftype), sym_visibility="private" if private else None)
+        self._first_function = self._first_function or fn
         entry = fn.regions[0].blocks.append(*arg_types)
         with ir.InsertionPoint(entry):
             yield list(entry.arguments)
+
+    def define(self, name: str, arg_types: Sequence[ir.Type],
+               body: Callable[..., Value | Sequence[Value]], private: bool = False):
+        """Define `util.func @name` whose result types are whatever `body(*args)` returns."""
+        with self.function(name, arg_types, [], private=private) as args:
+            results = body(*args)
+            results = list(results) if isinstance(results, (list, tuple)) else [results]
+            self.ret(*results)
+            fn = args[0].owner.owner if args else None
+        ftype = ir.FunctionType.get(list(arg_types), [r.type for r in results])
+        fn.attributes["function_type"] = ir.TypeAttr.get(ftype)
+        return fn
 
     def ret(self, *values: Value):
         util.return_(list(values))
@@ -120,6 +136,10 @@ class Builder:
         is aliased onto the caller's buffer of that argument, so the caller sees it updated
         in place (the ABI's `cache_state`).
         """
+        with self.at(name):
+            self._coarse_fences_entry(name, impl, arg_types, result_types, inplace)
+
+    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace):
         bv = ir.Type.parse("!hal.buffer_view")
         fence = ir.Type.parse("!hal.fence")
         n_args = len(arg_types)
@@ -186,7 +206,10 @@ class Builder:
         known = self._globals.get(key)
         if known is None:
             attr = ir.Attribute.parse(f'#flow.parameter.named<"{scope}"::"{key}"> : {t}')
-            with ir.InsertionPoint.at_block_begin(self.module.body):
+            # Globals go before the first function, in the order the model first uses them.
+            where = (ir.InsertionPoint(self._first_function) if self._first_function
+                     else ir.InsertionPoint(self.module.body))
+            with where, ir.Location.name(key, context=self.context):
                 util.global_(key, t, sym_visibility="private", initial_value=attr)
             self._globals[key] = known = (key, t)
         elif known[1] != t:

@@ -55,7 +55,7 @@ def attention_fused(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_le
     keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
                      lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
     qt = b.transpose(q, [0, 2, 3, 1, 4])  # [N,KVH,G,S,D]
-    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), dtype)
+    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), "f32")
     out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], dtype))
     return b.transpose(out, [0, 3, 1, 2, 4])
 

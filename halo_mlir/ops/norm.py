@@ -6,8 +6,12 @@ from halo_mlir.ir_builder import Builder, Value
 def rmsnorm(b: Builder, x: Value, w: Value, *, eps: float, dtype: str) -> Value:
     """x[N,S,D], w[D] -> [N,S,D]: x * rsqrt(mean(x^2) + eps) * w, in f32, cast to dtype."""
     n, s, d = b.dims(x)
-    sumsq = b.generic("bsd->bs", [x], [b.filled([n, s], 0.0, "f32")],
-                      lambda xe, acc: b.addf(acc, b.mulf(b.cast(xe, "f32"), b.cast(xe, "f32"))))
+
+    def square_sum(xe, acc):
+        x32 = b.cast(xe, "f32")
+        return b.addf(acc, b.mulf(x32, x32))
+
+    sumsq = b.generic("bsd->bs", [x], [b.filled([n, s], 0.0, "f32")], square_sum)
     inv_d = b.scalar(1.0 / d, "f32")
     eps_c = b.scalar(eps, "f32")
 

@@ -49,6 +49,30 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         raise HaloError(f"{path}: unreadable safetensors file ({e}); is it truncated?") from None
 
 
+def _check_shapes(files: dict[str, Path], shapes: dict, path) -> None:
+    """Every tensor present with the config's shape, read from headers before any data."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[str, tuple]]] = {}
+    for key, shape in shapes.items():
+        name = hf_name(key)
+        if name not in files:
+            raise HaloError(f"{path}: checkpoint lacks tensor {name} (ABI key {key}); "
+                            "is the config right for this checkpoint?")
+        by_file.setdefault(files[name], []).append((name, shape))
+    for file, wanted in by_file.items():
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name, _ in wanted}
+        except Exception as e:
+            raise HaloError(f"{file}: unreadable safetensors file ({e}); is it truncated?") \
+                from None
+        for name, shape in wanted:
+            if found[name] != shape:
+                raise HaloError(f"{file}: {name} has shape {list(found[name])}, the config "
+                                f"expects {list(shape)}")
+
+
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
                        progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
     """Write every parameter of `cfg` from the checkpoint at `path` into `out`, converted
@@ -58,10 +82,7 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
     np_dtype = numpy_dtype(dtype)
     files = checkpoint_files(Path(path))
     shapes = param_shapes(cfg)
-    for key, shape in shapes.items():  # check everything before writing anything
-        if hf_name(key) not in files:
-            raise HaloError(f"{path}: checkpoint lacks tensor {hf_name(key)} (ABI key {key}); "
-                            "is the config right for this checkpoint?")
+    _check_shapes(files, shapes, path)
     with IrpaWriter(out) as writer:
         for n, (key, shape) in enumerate(shapes.items()):
             name = hf_name(key)
@@ -72,9 +93,6 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
             except Exception as e:
                 raise HaloError(f"{files[name]}: cannot read {name} ({e}); is the file "
                                 "truncated?") from None
-            if tuple(array.shape) != shape:
-                raise HaloError(f"{files[name]}: {name} has shape {list(array.shape)}, the "
-                                f"config expects {list(shape)}")
             writer.add(key, array.astype(np_dtype, copy=False))
         progress(len(shapes), len(shapes), "")
         writer.commit()

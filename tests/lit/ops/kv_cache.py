@@ -1,0 +1,61 @@
+# RUN: %python %s decode | %FileCheck %s --check-prefix=DECODE
+# RUN: %python %s prefill | %FileCheck %s --check-prefix=PREFILL
+# Tests that the paged cache is viewed as [page, layer, k/v, kv_head, pos, d] (ABI.md), that
+# decode scatters one position per (row, kv head) at (page, layer, k/v, head, pos % stride)
+# and gathers whole pages, that prefill scatters whole blocks, and that the layer index is
+# an opaque scalar (one kernel for every layer).
+import sys
+
+from lit_util import print_op
+from halo_mlir.ops import kv_cache as kv
+
+# DECODE-LABEL: util.func public @decode_kv(
+# DECODE-SAME:    %[[CACHE:.+]]: tensor<?x1536xf16>, %[[K:.+]]: tensor<2x2x1x16xf16>, %[[V:.+]]: tensor<2x2x1x16xf16>, %[[PAGES:.+]]: tensor<2x?xi64>, %[[POS:.+]]: tensor<2xi64>)
+# DECODE:         %[[VIEW:.+]] = tensor.expand_shape %[[CACHE]] {{\[\[}}0], [1, 2, 3, 4, 5]] output_shape [%{{.+}}, 3, 2, 2, 8, 16]
+# DECODE:         %[[LAYER:.+]] = util.optimization_barrier %c1_i64 : i64
+# DECODE:         %[[PAGE:.+]] = linalg.generic {{.+}} ins(%[[POS]] : tensor<2xi64>)
+# DECODE:           arith.divsi %{{.+}}, %c8_i64
+# DECODE:           tensor.extract %[[PAGES]]
+# DECODE:         linalg.generic {{.+}} ins(%[[PAGE]], %[[POS]] : tensor<2xi64>, tensor<2xi64>) outs(%{{.+}} : tensor<2x2x5xi64>)
+# DECODE:           arith.remsi %{{.+}}, %c8_i64
+# DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
+# DECODE:         %[[K_ROWS:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0, 1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<4x16xf16>
+# DECODE:         %[[WROTE_K:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2, 3, 4] unique_indices(true) ins(%[[K_ROWS]], %{{.+}} : tensor<4x16xf16>, tensor<4x5xi64>) outs(%[[VIEW]] : tensor<?x3x2x2x8x16xf16>)
+# DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2, 3, 4] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<4x16xf16>, tensor<4x5xi64>) outs(%[[WROTE_K]] :
+# DECODE:         %[[IDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<2x?xi64>) outs(%{{.+}} : tensor<2x?x3xi64>)
+# DECODE:         %[[BLOCKS:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[WROTE_V]], %[[IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x?x3xi64>) outs(%{{.+}} : tensor<2x?x2x8x16xf16>)
+# DECODE:         %[[T:.+]] = linalg.transpose ins(%[[BLOCKS]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
+# DECODE:         %[[KEYS:.+]] = tensor.collapse_shape %[[T]] {{\[\[}}0], [1], [2, 3], [4]] : tensor<2x2x?x8x16xf16> into tensor<2x2x?x16xf16>
+# DECODE:         %[[FLAT:.+]] = tensor.collapse_shape %[[WROTE_V]] {{\[\[}}0], [1, 2, 3, 4, 5]] : tensor<?x3x2x2x8x16xf16> into tensor<?x1536xf16>
+# DECODE:         util.return %[[KEYS]], %[[FLAT]]
+
+# PREFILL-LABEL: util.func public @prefill_kv(
+# PREFILL-SAME:    %[[CACHE:.+]]: tensor<?x1536xf16>, %[[K:.+]]: tensor<2x2x?x16xf16>, %[[V:.+]]: tensor<2x2x?x16xf16>, %[[PAGES:.+]]: tensor<2x?xi64>)
+# PREFILL:         %[[BLK:.+]] = tensor.expand_shape %[[K]] {{\[\[}}0], [1], [2, 3], [4]] output_shape [2, 2, %{{.+}}, 8, 16]
+# PREFILL:         %[[T:.+]] = linalg.transpose ins(%[[BLK]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
+# PREFILL:         %[[UPD:.+]] = tensor.collapse_shape %[[T]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x?x2x8x16xf16> into tensor<?x2x8x16xf16>
+# PREFILL:         %[[IDX:.+]] = tensor.collapse_shape %{{.+}} {{\[\[}}0, 1], [2]] : tensor<2x?x3xi64> into tensor<?x3xi64>
+# PREFILL:         %[[WROTE_K:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%[[UPD]], %[[IDX]] : tensor<?x2x8x16xf16>, tensor<?x3xi64>)
+# PREFILL:         iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<?x2x8x16xf16>, tensor<?x3xi64>) outs(%[[WROTE_K]] :
+
+
+def decode(b, cache, k, v, pages, pos):
+    c6 = kv.cache_view(b, cache, layers=3, kv_heads=2, stride=8, head_dim=16)
+    layer = b.barrier(b.scalar(1, "i64"))
+    c6 = kv.write_position(b, c6, k, v, pages, pos, layer)
+    return kv.read_pages(b, c6, pages, layer, 0), kv.cache_flat(b, c6)
+
+
+def prefill(b, cache, k, v, pages):
+    c6 = kv.cache_view(b, cache, layers=3, kv_heads=2, stride=8, head_dim=16)
+    layer = b.barrier(b.scalar(1, "i64"))
+    return kv.cache_flat(b, kv.write_blocks(b, c6, k, v, pages, layer))
+
+
+cache, pages = ((None, 1536), "f16"), ((2, None), "i64")
+if sys.argv[1] == "decode":
+    kv_t = ((2, 2, 1, 16), "f16")
+    print_op("decode_kv", [cache, kv_t, kv_t, pages, ((2,), "i64")], decode)
+else:
+    kv_t = ((2, 2, None, 16), "f16")
+    print_op("prefill_kv", [cache, kv_t, kv_t, pages], prefill)
