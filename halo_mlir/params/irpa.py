@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -31,15 +32,23 @@ class IrpaWriter:
         self.nbytes = 0
 
     def add(self, key: str, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array)
+        self.add_chunks(key, [array])
+
+    def add_chunks(self, key: str, chunks: Iterable[np.ndarray]) -> None:
+        """One entry made of consecutive pieces (e.g. row blocks of a big tensor), so a
+        tensor never has to be in memory whole."""
         offset = self._staging.seek(0, os.SEEK_END)
         pad = -offset % _ALIGN
         if pad:
             self._staging.write(b"\0" * pad)
             offset += pad
-        self._staging.write(memoryview(data.reshape(-1).view(np.uint8)))
-        self._entries.append((key, offset, data.nbytes))
-        self.nbytes += data.nbytes
+        length = 0
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk)
+            self._staging.write(memoryview(data.reshape(-1).view(np.uint8)))
+            length += data.nbytes
+        self._entries.append((key, offset, length))
+        self.nbytes += length
 
     def commit(self) -> None:
         from iree import runtime as rt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -12,8 +13,10 @@ from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.params.irpa import IrpaWriter
 from halo_mlir.params.names import hf_name, param_shapes
+from halo_mlir.params.safetensors_file import SafetensorsFile
 
 NUMPY_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+_CHUNK_BYTES = 64 << 20
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
@@ -26,74 +29,66 @@ def numpy_dtype(dtype: str) -> np.dtype:
                         f"{', '.join(NUMPY_DTYPES)}") from None
 
 
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
-    from safetensors import safe_open
-
+def checkpoint_files(path: Path) -> dict[str, Path] | Path:
+    """The index's {tensor name: file} for a sharded checkpoint, else the single file."""
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         path = index if index.exists() else path / "model.safetensors"
     if not path.exists():
         raise HaloError(f"{path}: no such checkpoint; pass a .safetensors file, an "
                         "index.json or a directory holding one")
-    if path.name.endswith(".json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HaloError(f"{path}: not a safetensors index ({e})") from None
-        return {name: path.parent / file for name, file in weight_map.items()}
+    if not path.name.endswith(".json"):
+        return path
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {name: path for name in f.keys()}
-    except Exception as e:
-        raise HaloError(f"{path}: unreadable safetensors file ({e}); is it truncated?") from None
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise HaloError(f"{path}: not a safetensors index ({e})") from None
+    return {name: path.parent / file for name, file in weight_map.items()}
 
 
-def _check_shapes(files: dict[str, Path], shapes: dict, path) -> None:
-    """Every tensor present with the config's shape, read from headers before any data."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[tuple[str, tuple]]] = {}
-    for key, shape in shapes.items():
-        name = hf_name(key)
-        if name not in files:
-            raise HaloError(f"{path}: checkpoint lacks tensor {name} (ABI key {key}); "
-                            "is the config right for this checkpoint?")
-        by_file.setdefault(files[name], []).append((name, shape))
-    for file, wanted in by_file.items():
-        try:
-            with safe_open(str(file), framework="numpy") as f:
-                found = {name: tuple(f.get_slice(name).get_shape()) for name, _ in wanted}
-        except Exception as e:
-            raise HaloError(f"{file}: unreadable safetensors file ({e}); is it truncated?") \
-                from None
-        for name, shape in wanted:
-            if found[name] != shape:
-                raise HaloError(f"{file}: {name} has shape {list(found[name])}, the config "
-                                f"expects {list(shape)}")
+def _row_blocks(f: SafetensorsFile, name: str, dtype: np.dtype):
+    """The tensor as converted row blocks of at most ~64 MB each."""
+    shape = f.shape(name)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    for r in range(0, shape[0], step):
+        yield f.rows(name, r, min(r + step, shape[0])).astype(dtype, copy=False)
 
 
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
                        progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
     """Write every parameter of `cfg` from the checkpoint at `path` into `out`, converted
-    to `dtype`, one tensor at a time. Returns the bytes written."""
-    from safetensors import safe_open
-
+    to `dtype`, in row blocks: memory stays bounded whatever the checkpoint's size.
+    Returns the bytes written."""
     np_dtype = numpy_dtype(dtype)
-    files = checkpoint_files(Path(path))
+    located = checkpoint_files(Path(path))
     shapes = param_shapes(cfg)
-    _check_shapes(files, shapes, path)
-    with IrpaWriter(out) as writer:
-        for n, (key, shape) in enumerate(shapes.items()):
+    with contextlib.ExitStack() as stack:
+        opened: dict[Path, SafetensorsFile] = {}
+
+        def file_of(name: str) -> SafetensorsFile:
+            file = located.get(name) if isinstance(located, dict) else located
+            if file is None:
+                raise HaloError(f"{path}: the index does not list {name}")
+            if file not in opened:
+                opened[file] = stack.enter_context(SafetensorsFile(file))
+            return opened[file]
+
+        for key, shape in shapes.items():  # check everything before writing anything
             name = hf_name(key)
+            f = file_of(name)
+            if name not in f.tensors:
+                raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
+                                "is the config right for this checkpoint?")
+            if f.shape(name) != shape:
+                raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
+                                f"config expects {list(shape)}")
+            f.dtype(name)
+        writer = stack.enter_context(IrpaWriter(out))
+        for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
-            try:
-                with safe_open(str(files[name]), framework="numpy") as f:
-                    array = f.get_tensor(name)
-            except Exception as e:
-                raise HaloError(f"{files[name]}: cannot read {name} ({e}); is the file "
-                                "truncated?") from None
-            writer.add(key, array.astype(np_dtype, copy=False))
+            name = hf_name(key)
+            writer.add_chunks(key, _row_blocks(file_of(name), name, np_dtype))
         progress(len(shapes), len(shapes), "")
         writer.commit()
         return writer.nbytes

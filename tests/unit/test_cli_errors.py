@@ -98,3 +98,33 @@ def test_import_writes_every_key(tmp_path):
     index.load(str(out))
     keys = [k for k, _ in index.items()]
     assert "blk.1.ffn_down.weight" in keys and "output.weight" in keys and len(keys) == 21
+
+
+def test_sharded_checkpoint_index(tmp_path):
+    """A checkpoint split over two files with model.safetensors.index.json."""
+    import iree.runtime as rt
+    from safetensors.numpy import save_file
+
+    from halo_mlir.config import from_hf_dict
+    from halo_mlir.params.names import hf_name, param_shapes
+
+    rng = np.random.default_rng(0)
+    tensors = {hf_name(k): rng.standard_normal(s).astype(np.float32)
+               for k, s in param_shapes(from_hf_dict(TINY)).items()}
+    names = sorted(tensors)
+    half = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in half.items():
+        save_file({n: tensors[n] for n in part}, str(tmp_path / file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in half.items() for n in part}}))
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "w.irpa"
+    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "-o", out)
+    index = rt.ParameterIndex()
+    index.load(str(out))
+    entries = dict(index.items())
+    assert len(entries) == len(tensors)
+    got = np.frombuffer(entries["blk.1.attn_k.weight"].file_view, np.float32)
+    np.testing.assert_array_equal(got.reshape(16, 32),
+                                  tensors["model.layers.1.self_attn.k_proj.weight"])

@@ -1,0 +1,78 @@
+"""A safetensors reader that reads row blocks with pread instead of mapping the file.
+
+Mapping a multi-GB checkpoint makes every page read count toward the importer's resident
+memory; plain reads keep it at the size of one block. The format: a little-endian u64
+header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from halo_mlir.errors import HaloError
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class SafetensorsFile:
+    def __init__(self, path: str | Path):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise HaloError(f"{self.path}: cannot open ({e.strerror})") from None
+        size = os.fstat(self._fd).st_size
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            self.close()
+            raise HaloError(f"{self.path}: not a safetensors file ({e}); is it truncated?") \
+                from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self.tensors = header
+        for name, info in header.items():
+            if self._base + info["data_offsets"][1] > size:
+                self.close()
+                raise HaloError(f"{self.path}: tensor {name} extends past the end of the file; "
+                                "the file is truncated, download it again")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        code = self.tensors[name]["dtype"]
+        try:
+            return np.dtype(_DTYPES[code])
+        except KeyError:
+            raise HaloError(f"{self.path}: tensor {name} has dtype {code}; supported: "
+                            f"{', '.join(_DTYPES)}") from None
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (the whole tensor for rank 0)."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        begin = self._base + self.tensors[name]["data_offsets"][0] + start * row
+        data = os.pread(self._fd, (stop - start) * row, begin)
+        return np.frombuffer(data, dtype).reshape((stop - start, *shape[1:]))
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
