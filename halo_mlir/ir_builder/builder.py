@@ -121,6 +121,13 @@ class Builder:
         fn.attributes["function_type"] = ir.TypeAttr.get(ftype)
         return fn
 
+    def assume_divisible(self, v: Value, k: int | None) -> Value:
+        """`util.assume.int %v<udiv = k>` (v itself when k is None)."""
+        if not k or k == 1:
+            return v
+        attr = ir.Attribute.parse(f"[#util.int.assumption<udiv = {k}>]")
+        return util.assume_int([v.type], [v], ir.ArrayAttr.get([attr]))
+
     def ret(self, *values: Value):
         util.return_(list(values))
 
@@ -129,17 +136,21 @@ class Builder:
         return list(op.results)
 
     def coarse_fences_entry(self, name: str, impl: str, arg_types: Sequence[ir.RankedTensorType],
-                            result_types: Sequence[ir.RankedTensorType], inplace: Sequence[int]):
+                            result_types: Sequence[ir.RankedTensorType], inplace: Sequence[int],
+                            divisors: dict[tuple[int, int], int] | None = None):
         """Public `@name$async` (coarse-fences ABI) and sync `@name` around `@impl`.
 
         `@impl(args...) -> (results..., new_arg for arg in inplace)`; each such new value
         is aliased onto the caller's buffer of that argument, so the caller sees it updated
-        in place (the ABI's `cache_state`).
+        in place (the ABI's `cache_state`). `divisors[(arg, dim)] = k` promises that the
+        dynamic size is a multiple of k (`util.assume.int`): gfx942 matmuls with a dynamic M
+        get MFMA only with such a hint.
         """
         with self.at(name):
-            self._coarse_fences_entry(name, impl, arg_types, result_types, inplace)
+            self._coarse_fences_entry(name, impl, arg_types, result_types, inplace,
+                                      divisors or {})
 
-    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace):
+    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace, divisors):
         bv = ir.Type.parse("!hal.buffer_view")
         fence = ir.Type.parse("!hal.fence")
         n_args = len(arg_types)
@@ -155,7 +166,8 @@ class Builder:
             wait, signal = args[n_args:]
             tensors, dims = [], []
             for n, (a, t) in enumerate(zip(args, arg_types)):
-                d = [hal.buffer_view_dim(a, i) for i, s in enumerate(t.shape) if s == DYN]
+                d = [self.assume_divisible(hal.buffer_view_dim(a, i), divisors.get((n, i)))
+                     for i, s in enumerate(t.shape) if s == DYN]
                 # `consume` on in-place arguments: without it IREE 3.13 clones the whole
                 # updated cache into a dead buffer on every call.
                 tensors.append(hal.tensor_import(t, a, ir.TypeAttr.get(t), d, wait_fence=wait,

@@ -150,7 +150,9 @@ class _Model:
 
             logits = self.forward(tokens, positions, seq_lens, kv)
             b.ret(logits, kv_cache.cache_flat(b, state["cache"]))
-        b.coarse_fences_entry(name, f"{name}$impl", args, [logits_t], inplace=[3])
+        # S is a multiple of the page size (ABI.md): tell IREE, so prefill matmuls use MFMA.
+        b.coarse_fences_entry(name, f"{name}$impl", args, [logits_t], inplace=[3],
+                              divisors={(0, 1): self.opts.block_seq_stride})
 
     def decode(self, bs: int):
         b = self.b
