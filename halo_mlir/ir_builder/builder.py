@@ -53,6 +53,7 @@ class Builder:
         self._globals: dict[str, tuple[str, ir.Type]] = {}
         self.module: ir.Module | None = None
         self._first_function = None
+        self._symbols: set[str] = set()
 
     # ---- types ---------------------------------------------------------------------
     def type(self, dtype: str) -> ir.Type:
@@ -95,6 +96,7 @@ class Builder:
         self.module = ir.Module.create(loc=ir.Location.unknown(self.context))
         self._first_function = None
         self._globals.clear()
+        self._symbols.clear()
         return self.module
 
     @contextlib.contextmanager
@@ -196,6 +198,25 @@ class Builder:
                             [done], results=[self.type("i32")])
             self.ret(*res)
 
+    def add_text_once(self, symbol: str, text: str) -> None:
+        """Parse MLIR `text` (e.g. a rendered kernel template) and move its top-level ops
+        into the module, unless `symbol` is already there. A parse error shows the text
+        with line numbers."""
+        if symbol in self._symbols:
+            return
+        try:
+            parsed = ir.Module.parse(text, self.context)
+        except ir.MLIRError as e:
+            numbered = "\n".join(f"{i + 1:4d}  {line}" for i, line in enumerate(text.splitlines()))
+            raise HaloError(f"{symbol}: the rendered MLIR does not parse: "
+                            f"{' '.join(str(e).split())}\n{numbered}") from None
+        where = (ir.InsertionPoint(self._first_function) if self._first_function
+                 else ir.InsertionPoint(self.module.body))
+        for op in list(parsed.body.operations):
+            op.detach_from_parent()
+            where.insert(op)
+        self._symbols.add(symbol)
+
     # ---- constants -----------------------------------------------------------------
     def index(self, i: int) -> Value:
         return arith.constant(self.type("index"), i)
@@ -288,9 +309,20 @@ class Builder:
             collapsed = [None if any(src[i] is None for i in g) else
                          int(np.prod([src[i] for i in g])) for g in groups]
             return tensor.collapse_shape(self.tensor_type(collapsed, et), v, _groups(groups))
+        # A dynamic source dim whose result group is all static: make it static first.
+        want = [int(np.prod([static[i] for i in g])) if all(static[i] is not None for i in g)
+                else None for g in groups]
+        if any(w is not None and s is None for w, s in zip(want, src)):
+            v = tensor.cast(self.tensor_type([w if w is not None else s for w, s in
+                                              zip(want, src)], et), v)
         dyn = [s for s in new_shape if not isinstance(s, int)]
         return tensor.expand_shape(self.tensor_type(static, et), v, _groups(groups), dyn,
                                    [DYN if s is None else s for s in static])
+
+    def retype(self, v: Value, shape: Sequence[int | None]) -> Value:
+        """tensor.cast to `shape` (e.g. static -> dynamic to match a kernel's signature)."""
+        t = self.tensor_type(shape, self.element_type(v))
+        return v if v.type == t else tensor.cast(t, v)
 
     def transpose(self, v: Value, perm: Sequence[int]) -> Value:
         dims = self.dims(v)

@@ -15,11 +15,13 @@ from halo_mlir.ir_builder import Builder, Value
 from halo_mlir.ops import kv_cache
 from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
-from halo_mlir.ops.ffn import ffn
+from halo_mlir.ops.ffn import silu_mul
 from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.norm import rmsnorm
+from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
 from halo_mlir.ops.rope import inv_freq, rope
 from halo_mlir.params.names import block_shapes
+from halo_mlir.quant import quant_format
 
 DTYPES = ("f16", "bf16", "f32")
 
@@ -31,6 +33,8 @@ class EmitOptions:
     block_seq_stride: int = 32
     dtype: str = "f16"
     attention: str = "fused"
+    # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quant).
+    weight_formats: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -55,21 +59,44 @@ class _Model:
 
     def __init__(self, b: Builder, cfg: LlamaConfig, opts: EmitOptions):
         self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.dtype
+        self.formats = dict(opts.weight_formats)
 
     def w(self, key: str, shape: Sequence[int]) -> Value:
         return self.b.param(key, shape, self.dt)
 
+    def quantized_fields(self, key: str, shape: Sequence[int]) -> tuple[str, list[Value]]:
+        fmt = quant_format(self.formats[key])
+        return fmt.name, [self.b.param(f"{key}:{field}", fshape, fdtype)
+                          for field, (fshape, fdtype) in fmt.field_shapes(*shape).items()]
+
+    def linear(self, key: str, shape: Sequence[int], x: Value) -> Value:
+        """x @ W^T for the weight `key` [out, in], plain or kept quantized."""
+        if key in self.formats:
+            fmt, fields = self.quantized_fields(key, shape)
+            return quantized_linear(self.b, x, fmt, fields, shape[0], dtype=self.dt)
+        return linear(self.b, x, self.w(key, shape), dtype=self.dt)
+
+    def block_linear(self, i: int, name: str, x: Value) -> Value:
+        template = f"blk.{{i}}.{name}.weight"
+        return self.linear(template.format(i=i), block_shapes(self.cfg)[template], x)
+
     def block_w(self, i: int, name: str) -> Value:
         template = f"blk.{{i}}.{name}.weight"
         return self.w(template.format(i=i), block_shapes(self.cfg)[template])
+
+    def embed(self, tokens: Value) -> Value:
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        if "token_embd.weight" in self.formats:
+            fmt, fields = self.quantized_fields("token_embd.weight", shape)
+            return quantized_embedding(self.b, fmt, fields, tokens, *shape, dtype=self.dt)
+        return embedding(self.b, self.w("token_embd.weight", shape), tokens)
 
     # ---- the decoder ---------------------------------------------------------------
     def forward(self, tokens: Value, positions: Value, seq_lens: Value, kv) -> Value:
         """tokens[N,S], positions[N,S] -> logits[N,S,V]; `kv` reads/writes the cache."""
         b, cfg = self.b, self.cfg
         with b.at("token_embd"):
-            h = embedding(b, self.w("token_embd.weight", (cfg.vocab_size, cfg.hidden_size)),
-                          tokens)
+            h = self.embed(tokens)
         with b.at("rope"):
             freqs = b.dense(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "f32")
         for i in range(cfg.n_layers):
@@ -79,7 +106,7 @@ class _Model:
                         eps=cfg.rms_eps, dtype=self.dt)
         key = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
         with b.at("output"):
-            return linear(b, h, self.w(key, (cfg.vocab_size, cfg.hidden_size)), dtype=self.dt)
+            return self.linear(key, (cfg.vocab_size, cfg.hidden_size), h)
 
     def block(self, i: int, h: Value, positions: Value, seq_lens: Value, freqs: Value,
               kv) -> Value:
@@ -90,7 +117,7 @@ class _Model:
         for name, count in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads),
                             ("attn_v", cfg.n_kv_heads)):
             with b.at(f"blk.{i}.{name}"):
-                y = linear(b, x, self.block_w(i, name), dtype=dt)
+                y = self.block_linear(i, name, x)
                 n, s, _ = b.dims(y)
                 heads[name] = b.reshape(y, [[0], [1], [2, 3]], [n, s, count, cfg.head_dim])
         with b.at(f"blk.{i}.rope"):
@@ -107,12 +134,13 @@ class _Model:
             o = ATTENTION[self.opts.attention](b, q, k_all, v_all, positions, seq_lens, dtype=dt)
             o = b.reshape(o, [[0], [1], [2, 3, 4]], [n, s, cfg.n_heads * cfg.head_dim])
         with b.at(f"blk.{i}.attn_output"):
-            h = add(b, h, linear(b, o, self.block_w(i, "attn_output"), dtype=dt))
+            h = add(b, h, self.block_linear(i, "attn_output", o))
         with b.at(f"blk.{i}.ffn_norm"):
             x = rmsnorm(b, h, self.block_w(i, "ffn_norm"), eps=cfg.rms_eps, dtype=dt)
         with b.at(f"blk.{i}.ffn"):
-            y = ffn(b, x, self.block_w(i, "ffn_gate"), self.block_w(i, "ffn_up"),
-                    self.block_w(i, "ffn_down"), dtype=dt)
+            gate = self.block_linear(i, "ffn_gate", x)
+            up = self.block_linear(i, "ffn_up", x)
+            y = self.block_linear(i, "ffn_down", silu_mul(b, gate, up, dtype=dt))
             return add(b, h, y)
 
     # ---- entry points --------------------------------------------------------------

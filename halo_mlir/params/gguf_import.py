@@ -1,0 +1,85 @@
+"""GGUF (llama.cpp) -> IRPA with ABI.md keys: dequantized, or kept in native block formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from halo_mlir.config import LlamaConfig
+from halo_mlir.errors import HaloError
+from halo_mlir.params.gguf_file import GgufFile
+from halo_mlir.params.irpa import IrpaWriter
+from halo_mlir.params.names import param_shapes
+from halo_mlir.params.safetensors_import import numpy_dtype
+from halo_mlir.quant import BLOCK, BY_GGML
+
+_CHUNK_ROWS_BYTES = 64 << 20
+
+
+def weight_formats(g: GgufFile, cfg: LlamaConfig, keep_quantized: bool) -> dict[str, str]:
+    """ABI key -> quantized format for the matrices that stay quantized: those stored in a
+    format with a native kernel (Q8_0, Q4_1). Everything else is dequantized."""
+    if not keep_quantized:
+        return {}
+    return {key: BY_GGML[g.qtype(key)].name for key, shape in param_shapes(cfg).items()
+            if len(shape) == 2 and g.qtype(key) in BY_GGML and shape[1] % BLOCK == 0}
+
+
+def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp stores Q/K rows of each head interleaved for its RoPE; back to HF order
+    (halves rotated together). Works on raw block rows too: only rows move."""
+    n = rows.shape[0]
+    return rows.reshape(heads, n // heads // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _row_blocks(rows: int, cols: int, read):
+    """`read(start, stop)` over row blocks of at most ~64 MB once dequantized to f32."""
+    step = max(1, _CHUNK_ROWS_BYTES // (cols * 4))
+    for r in range(0, rows, step):
+        yield read(r, min(r + step, rows))
+
+
+def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    shapes = param_shapes(cfg)
+    for key, shape in shapes.items():
+        if key not in g.tensors:
+            raise HaloError(f"{g.path}: tensor {key} is missing; is this a complete llama GGUF?")
+        if g.shape(key) != shape:
+            raise HaloError(f"{g.path}: tensor {key} has shape {list(g.shape(key))}, the "
+                            f"metadata implies {list(shape)}")
+    return shapes
+
+
+def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized: bool = False,
+                progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
+    """Write every parameter of the GGUF model to `out`. Returns the bytes written."""
+    np_dtype = numpy_dtype(dtype)
+    with GgufFile(path) as g:
+        cfg = g.config()
+        shapes = check_tensors(g, cfg)
+        formats = weight_formats(g, cfg, keep_quantized)
+        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
+        for key in shapes:  # fail on an undecodable format before writing anything
+            if key not in formats:
+                g.rows_f32(key, 0, 1)
+        with IrpaWriter(out) as writer:
+            for n, (key, shape) in enumerate(shapes.items()):
+                progress(n, len(shapes), key)
+                rows = shape[0] if len(shape) > 1 else 1
+                permute = heads.get(key.split(".")[-2]) if key.startswith("blk.") else None
+                fmt = formats.get(key)
+                if fmt is not None:
+                    raw = g.read_rows(key, 0, rows)
+                    raw = _unpermute(raw, permute) if permute else raw
+                    for field, array in BY_GGML[g.qtype(key)].split(raw, *shape).items():
+                        writer.add(f"{key}:{field}", array)
+                elif permute:
+                    writer.add(key, _unpermute(g.rows_f32(key, 0, rows), permute).astype(np_dtype))
+                else:
+                    blocks = _row_blocks(rows, shape[-1], lambda a, b: g.rows_f32(key, a, b))
+                    writer.add_chunks(key, (blk.reshape(-1).astype(np_dtype) for blk in blocks))
+            progress(len(shapes), len(shapes), "")
+            writer.commit()
+            return writer.nbytes
