@@ -92,6 +92,25 @@ class Builder:
         with ir.Location.name(name, context=self.context):
             yield
 
+    def adopt(self, module: ir.Module) -> ir.Module:
+        """Work on an existing module (e.g. parsed from a file, for a pass)."""
+        self.module = module
+        self._first_function = next((op for op in module.body.operations
+                                     if op.operation.name in ("util.func", "func.func")), None)
+        self._globals.clear()
+        self._symbols = {op.attributes["sym_name"].value for op in module.body.operations
+                         if "sym_name" in op.attributes}
+        return module
+
+    def lookup(self, name: str):
+        """The top-level op with symbol `name`, or None."""
+        for op in self.module.body.operations:
+            if "sym_name" in op.attributes and op.attributes["sym_name"].value == name:
+                return op
+        return None
+
+    lookup_global = lookup
+
     def new_module(self) -> ir.Module:
         self.module = ir.Module.create(loc=ir.Location.unknown(self.context))
         self._first_function = None
@@ -107,6 +126,7 @@ class Builder:
         with ir.InsertionPoint(self.module.body):
             fn = util.FuncOp(name, ir.TypeAttr.get(ftype), sym_visibility="private" if private else None)
         self._first_function = self._first_function or fn
+        self.current_function = fn
         entry = fn.regions[0].blocks.append(*arg_types)
         with ir.InsertionPoint(entry):
             yield list(entry.arguments)
@@ -130,6 +150,29 @@ class Builder:
         attr = ir.Attribute.parse(f"[#util.int.assumption<udiv = {k}>]")
         return util.assume_int([v.type], [v], ir.ArrayAttr.get([attr]))
 
+    def annotate(self, fn=None, *, arg_attrs: dict[int, dict] | None = None, **attrs) -> None:
+        """Set attributes on a function (default: the one being defined): ints, strings and
+        int lists become IR attributes; `arg_attrs[i]` goes onto argument i."""
+        fn = fn or self.current_function
+        for name, value in attrs.items():
+            fn.attributes[name] = self.attr(value)
+        if arg_attrs:
+            n = len(ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs)
+            fn.attributes["arg_attrs"] = ir.ArrayAttr.get([
+                ir.DictAttr.get({k: self.attr(v) for k, v in arg_attrs.get(i, {}).items()})
+                for i in range(n)])
+
+    def attr(self, value) -> ir.Attribute:
+        if isinstance(value, ir.Attribute):
+            return value
+        if isinstance(value, str):
+            return ir.StringAttr.get(value)
+        if isinstance(value, bool):
+            return ir.BoolAttr.get(value)
+        if isinstance(value, int):
+            return ir.IntegerAttr.get(self.type("i64"), value)
+        return ir.DenseI64ArrayAttr.get([int(v) for v in value])
+
     def ret(self, *values: Value):
         util.return_(list(values))
 
@@ -139,20 +182,29 @@ class Builder:
 
     def coarse_fences_entry(self, name: str, impl: str, arg_types: Sequence[ir.RankedTensorType],
                             result_types: Sequence[ir.RankedTensorType], inplace: Sequence[int],
-                            divisors: dict[tuple[int, int], int] | None = None):
+                            divisors: dict[tuple[int, int], int] | None = None,
+                            arg_devices: Sequence[int | None] | None = None,
+                            result_devices: Sequence[int | None] | None = None):
         """Public `@name$async` (coarse-fences ABI) and sync `@name` around `@impl`.
 
         `@impl(args...) -> (results..., new_arg for arg in inplace)`; each such new value
         is aliased onto the caller's buffer of that argument, so the caller sees it updated
         in place (the ABI's `cache_state`). `divisors[(arg, dim)] = k` promises that the
         dynamic size is a multiple of k (`util.assume.int`): gfx942 matmuls with a dynamic M
-        get MFMA only with such a hint.
+        get MFMA only with such a hint. `arg_devices`/`result_devices` place each argument
+        and result on a device (`#hal.device.promise<@__device_i>`) in multi-device modules.
         """
         with self.at(name):
             self._coarse_fences_entry(name, impl, arg_types, result_types, inplace,
-                                      divisors or {})
+                                      divisors or {}, arg_devices or [None] * len(arg_types),
+                                      result_devices or [None] * len(result_types))
 
-    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace, divisors):
+    @staticmethod
+    def device(i: int | None) -> ir.Attribute | None:
+        return None if i is None else ir.Attribute.parse(f"#hal.device.promise<@__device_{i}>")
+
+    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace, divisors,
+                             arg_devices, result_devices):
         bv = ir.Type.parse("!hal.buffer_view")
         fence = ir.Type.parse("!hal.fence")
         n_args = len(arg_types)
@@ -173,19 +225,22 @@ class Builder:
                 # `consume` on in-place arguments: without it IREE 3.13 clones the whole
                 # updated cache into a dead buffer on every call.
                 tensors.append(hal.tensor_import(t, a, ir.TypeAttr.get(t), d, wait_fence=wait,
-                                                 consume=True if n in inplace else None))
+                                                 consume=True if n in inplace else None,
+                                                 affinity=self.device(arg_devices[n])))
                 dims.append(d)
             outs = self.call(impl, tensors, [*result_types, *(arg_types[i] for i in inplace)])
             results, updated = outs[:len(result_types)], outs[len(result_types):]
-            live = [hal.tensor_alias(u, dims[i], args[i], wait_fence=wait)
+            live = [hal.tensor_alias(u, dims[i], args[i], wait_fence=wait,
+                                     affinity=self.device(arg_devices[i]))
                     for u, i in zip(updated, inplace)]
             ready = hal.tensor_barrier([v.type for v in live + results], live + results, signal)
             ready = [ready] if isinstance(ready, ir.Value) else list(ready)
             exported = []
-            for r in ready[len(live):]:
+            for r, dev in zip(ready[len(live):], result_devices):
                 t = ir.RankedTensorType(r.type)
                 d = [tensor.dim(r, self.index(i)) for i, s in enumerate(t.shape) if s == DYN]
-                exported.append(hal.tensor_export(bv, r, ir.TypeAttr.get(t), d))
+                exported.append(hal.tensor_export(bv, r, ir.TypeAttr.get(t), d,
+                                                  affinity=self.device(dev)))
             self.ret(*exported)
         with self.function(name, [bv] * n_args, [bv] * len(result_types)) as args:
             args[0].owner.owner.attributes["iree.abi.stub"] = ir.UnitAttr.get()
@@ -318,6 +373,15 @@ class Builder:
         dyn = [s for s in new_shape if not isinstance(s, int)]
         return tensor.expand_shape(self.tensor_type(static, et), v, _groups(groups), dyn,
                                    [DYN if s is None else s for s in static])
+
+    def insert(self, piece: Value, dest: Value, offsets: Sequence[Dim],
+               sizes: Sequence[Dim]) -> Value:
+        """tensor.insert_slice of `piece` into `dest` at `offsets` (unit strides)."""
+        static_off = [o if isinstance(o, int) else DYN for o in offsets]
+        static_sz = [z if isinstance(z, int) else DYN for z in sizes]
+        return tensor.insert_slice(piece, dest, [o for o in offsets if not isinstance(o, int)],
+                                   [z for z in sizes if not isinstance(z, int)], [],
+                                   static_off, static_sz, [1] * len(sizes))
 
     def retype(self, v: Value, shape: Sequence[int | None]) -> Value:
         """tensor.cast to `shape` (e.g. static -> dynamic to match a kernel's signature)."""

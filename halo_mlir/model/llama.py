@@ -147,6 +147,14 @@ class _Model:
     def cache_type(self):
         return self.b.tensor_type([None, page_elems(self.cfg, self.opts)], self.dt)
 
+    def mark_entry(self, name: str, cache_arg: int) -> None:
+        """Metadata for passes: the entry point this implements, which argument is updated
+        in place (returned after the regular results), and the cache page's factors."""
+        cfg = self.cfg
+        self.b.annotate(**{"halo.entry": name, "halo.inplace": [cache_arg]}, arg_attrs={
+            cache_arg: {"halo.kv_cache": [cfg.n_layers, 2, cfg.n_kv_heads,
+                                          self.opts.block_seq_stride, cfg.head_dim]}})
+
     def view(self, cache: Value) -> Value:
         cfg = self.cfg
         return kv_cache.cache_view(self.b, cache, layers=cfg.n_layers, kv_heads=cfg.n_kv_heads,
@@ -165,6 +173,7 @@ class _Model:
         name = f"prefill_bs{bs}"
         with b.function(f"{name}$impl", args, [logits_t, args[3]], private=True) as (
                 tokens, seq_lens, pages, cache):
+            self.mark_entry(name, 3)
             with b.at("positions"):
                 n, s = b.dims(tokens)
                 positions = b.generic("->bs", [], [b.empty([n, s], i64)],
@@ -191,6 +200,7 @@ class _Model:
         name = f"decode_bs{bs}"
         with b.function(f"{name}$impl", args, [logits_t, args[4]], private=True) as (
                 tokens, seq_lens, start, pages, cache):
+            self.mark_entry(name, 4)
             with b.at("positions"):
                 positions = b.reshape(start, [[0, 1]], [bs, 1])
             state = {"cache": self.view(cache)}

@@ -150,3 +150,25 @@ def test_perplexity_within_one_percent_of_transformers(hf, ours):
     ref_ppl, _ = perplexity(hf_logits, ids, window=128, stride=64)
     print(f"perplexity over {n} tokens: ours {ours_ppl:.4f}, transformers {ref_ppl:.4f}")
     assert abs(ours_ppl - ref_ppl) / ref_ppl < 0.01
+
+
+def test_generate_from_compiled_files(tmp_path, ours):
+    """The --vmfb/--params/--config/--tokenizer form, with files made by emit/compile/import."""
+    import json
+
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.tokenizer import GgufTokenizer
+
+    g = gguf_path()
+    halo("emit", "--gguf", g, "--dtype", "f32", "--bs-prefill", 1, "--bs-decode", 1,
+         "-o", tmp_path / "m.mlir", "--output-config", tmp_path / "config.json")
+    halo("compile", tmp_path / "m.mlir", "-o", tmp_path / "m.vmfb")
+    halo("import-params", "--gguf", g, "--dtype", "f32", "-o", tmp_path / "m.irpa")
+    with GgufFile(g) as f:
+        tok = GgufTokenizer(f)
+    tok.save(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tok.eos_token}))
+    proc = halo("generate", "--vmfb", tmp_path / "m.vmfb", "--params", tmp_path / "m.irpa",
+                "--config", tmp_path / "config.json", "--tokenizer", tmp_path / "tokenizer.json",
+                "--prompt", "The capital of France is", "--max-tokens", 6)
+    assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout

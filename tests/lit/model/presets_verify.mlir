@@ -8,4 +8,4 @@
 // 32 layers * 2 * 8 kv heads * 32 * 128 = 2097152 bf16 elements.
 
 // CHECK: util.func public @prefill_bs1(
-// CHECK: util.func private @decode_bs8$impl({{.+}}tensor<?x2097152xbf16>) -> (tensor<8x1x128256xbf16>, tensor<?x2097152xbf16>)
+// CHECK: util.func private @decode_bs8$impl({{.+}}tensor<?x2097152xbf16> {halo.kv_cache = array<i64: 32, 2, 8, 32, 128>}) -> (tensor<8x1x128256xbf16>, tensor<?x2097152xbf16>)
