@@ -12,6 +12,7 @@ from typing import Sequence
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, Value
+from halo_mlir.model.entry import build_entry
 from halo_mlir.ops import kv_cache
 from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
@@ -147,11 +148,13 @@ class _Model:
     def cache_type(self):
         return self.b.tensor_type([None, page_elems(self.cfg, self.opts)], self.dt)
 
-    def mark_entry(self, name: str, cache_arg: int) -> None:
-        """Metadata for passes: the entry point this implements, which argument is updated
-        in place (returned after the regular results), and the cache page's factors."""
+    def mark_entry(self, name: str, cache_arg: int, divisors: tuple = ()) -> None:
+        """Metadata for `entry.build_entry` and passes: the entry point this implements,
+        which argument is updated in place (returned after the regular results), size
+        promises, and the cache page's factors."""
         cfg = self.cfg
-        self.b.annotate(**{"halo.entry": name, "halo.inplace": [cache_arg]}, arg_attrs={
+        extra = {"halo.divisors": list(divisors)} if divisors else {}
+        self.b.annotate(**{"halo.entry": name, "halo.inplace": [cache_arg]}, **extra, arg_attrs={
             cache_arg: {"halo.kv_cache": [cfg.n_layers, 2, cfg.n_kv_heads,
                                           self.opts.block_seq_stride, cfg.head_dim]}})
 
@@ -173,7 +176,9 @@ class _Model:
         name = f"prefill_bs{bs}"
         with b.function(f"{name}$impl", args, [logits_t, args[3]], private=True) as (
                 tokens, seq_lens, pages, cache):
-            self.mark_entry(name, 3)
+            # S is a multiple of the page size (ABI.md): tell IREE (`util.assume.int`), so
+            # prefill matmuls with their dynamic M get MFMA on gfx942.
+            self.mark_entry(name, 3, divisors=(0, 1, self.opts.block_seq_stride))
             with b.at("positions"):
                 n, s = b.dims(tokens)
                 positions = b.generic("->bs", [], [b.empty([n, s], i64)],
@@ -187,9 +192,7 @@ class _Model:
 
             logits = self.forward(tokens, positions, seq_lens, kv)
             b.ret(logits, kv_cache.cache_flat(b, state["cache"]))
-        # S is a multiple of the page size (ABI.md): tell IREE, so prefill matmuls use MFMA.
-        b.coarse_fences_entry(name, f"{name}$impl", args, [logits_t], inplace=[3],
-                              divisors={(0, 1): self.opts.block_seq_stride})
+        build_entry(b, b.current_function)
 
     def decode(self, bs: int):
         b = self.b
@@ -214,7 +217,7 @@ class _Model:
 
             logits = self.forward(tokens, positions, seq_lens, kv)
             b.ret(logits, kv_cache.cache_flat(b, state["cache"]))
-        b.coarse_fences_entry(name, f"{name}$impl", args, [logits_t], inplace=[4])
+        build_entry(b, b.current_function)
 
 
 def emit_module(cfg: LlamaConfig, opts: EmitOptions = EmitOptions(), *, context=None):

@@ -16,7 +16,7 @@
 // CHECK-LABEL: util.func private @prefill_bs1$impl(
 // CHECK-SAME:    tensor<1x?xi64>, %{{.+}}: tensor<1xi64>, %{{.+}}: tensor<1x?xi64>, %{{.+}}: tensor<?x65536xf16> {halo.kv_cache = array<i64: 2, 2, 8, 32, 64>})
 // CHECK-SAME:    -> (tensor<1x?x1024xf16>, tensor<?x65536xf16>)
-// CHECK-SAME:    attributes {halo.entry = "prefill_bs1", halo.inplace = array<i64: 3>}
+// CHECK-SAME:    attributes {halo.divisors = array<i64: 0, 1, 32>, halo.entry = "prefill_bs1", halo.inplace = array<i64: 3>}
 
 // CHECK-LABEL: util.func public @prefill_bs1$async(
 // CHECK-SAME:    %[[TOKENS:[a-z0-9]+]]: !hal.buffer_view, %{{.+}}: !hal.buffer_view, %{{.+}}: !hal.buffer_view, %[[CACHE:[a-z0-9]+]]: !hal.buffer_view, %[[WAIT:[a-z0-9]+]]: !hal.fence, %[[SIGNAL:[a-z0-9]+]]: !hal.fence) -> !hal.buffer_view
