@@ -31,7 +31,43 @@ def write_module(module, path: str | Path, *, locations: bool = True) -> int:
 
 
 def emit_to_file(cfg: LlamaConfig, opts: EmitOptions, path: str | Path, *,
-                 locations: bool = True) -> int:
+                 locations: bool = True, tp: int = 1, allreduce: str = "ring"):
+    """Emit (sharded over `tp` devices when tp > 1) and write; returns (bytes, report)."""
     module = emit_module(cfg, opts)
+    report = None
+    if tp > 1:
+        from halo_mlir.sharding_passes.pipeline import shard_module
+        from halo_mlir.sharding_passes.plan import check_divisible
+
+        check_divisible(cfg, tp)
+        report = shard_module(module, tp, allreduce=allreduce)
     with module.context:
-        return write_module(module, path, locations=locations)
+        return write_module(module, path, locations=locations), report
+
+
+def read_module(path: str | Path):
+    """Parse a text or bytecode MLIR file into a fresh context."""
+    from halo_mlir.errors import HaloError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise HaloError(f"{path}: cannot read ({e.strerror})") from None
+    if path.suffix != ".mlirbc":
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            raise HaloError(f"{path}: not text MLIR (name bytecode files .mlirbc)") from None
+    return parse_module(data, str(path))
+
+
+def parse_module(data: str | bytes, where: str):
+    from iree.compiler import ir
+
+    from halo_mlir.errors import HaloError
+
+    try:
+        return ir.Module.parse(data, ir.Context())
+    except ir.MLIRError as e:
+        raise HaloError(f"{where}: not valid MLIR ({' '.join(str(e).split())[:300]})") from None

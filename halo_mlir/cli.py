@@ -88,6 +88,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
 @click.option("--attention", default="fused", show_default=True,
               type=click.Choice(["fused", "decomposed"]))
+@click.option("--tp", default=1, show_default=True, type=int,
+              help="Tensor-parallel degree: run the sharding pass over N devices.")
+@click.option("--allreduce", default="ring", show_default=True, type=click.Choice(["ring", "star"]),
+              help="With --tp: ring = reduce-scatter + all-gather (bandwidth-optimal); "
+                   "star = through device 0.")
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV pages per device, written to config.json.")
 @click.option("--locations/--no-locations", default=True, show_default=True,
@@ -97,8 +102,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, attention, device_block_count, locations, output,
-         output_config):
+         block_seq_stride, dtype, attention, tp, allreduce, device_block_count, locations,
+         output, output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
     from halo_mlir.model.llama import EmitOptions
@@ -110,12 +115,18 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats)
-    n_bytes = emit_to_file(cfg, opts, output, locations=locations)
+    if tp > 1 and formats:
+        raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
+                        "weights (--dtype) for tensor parallelism")
+    n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
+                                   allreduce=allreduce)
     if output_config:
         with atomic_write(output_config) as f:
-            json.dump(service_config(cfg, opts, device_block_count=device_block_count), f,
-                      indent=2)
+            json.dump(service_config(cfg, opts, device_block_count=device_block_count, tp=tp),
+                      f, indent=2)
             f.write("\n")
+    if report:
+        _print_report(report)
     click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
                f"{time.perf_counter() - start:.2f} s", err=True)
 
@@ -125,14 +136,82 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
 @click.option("--target", default="cpu", show_default=True,
               help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
 @click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--tp", default=1, show_default=True, type=int,
+              help="Devices the module was sharded for (emit --tp N).")
 @click.option("--flag", "extra", multiple=True, help="Extra iree-compile flag (repeatable).")
 @_reports_errors
-def compile_cmd(source, target, output, extra):
+def compile_cmd(source, target, output, tp, extra):
     """Compile emitted MLIR to a vmfb with iree-compile."""
     from halo_mlir.compile import compile_file
 
-    compile_file(source, output, target=target, extra_flags=list(extra),
+    compile_file(source, output, target=target, extra_flags=list(extra), tp=tp,
                  echo=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--shard", "shard", help="Run the sharding pass: tp=N.")
+@click.option("--allreduce", default="ring", show_default=True, type=click.Choice(["ring", "star"]))
+@click.option("--verify-placement", is_flag=True,
+              help="Check device placement (also runs after --shard).")
+@click.option("--split-input-file", is_flag=True,
+              help="Treat `// -----` separated parts as independent modules (lit tests).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="OUT.mlir, or - for stdout.")
+@_reports_errors
+def opt(source, shard, allreduce, verify_placement, split_input_file, output):
+    """Run halo_mlir passes on an MLIR file (for lit tests and experiments)."""
+    from halo_mlir.api import parse_module, read_module, write_module
+    from halo_mlir.io_utils import atomic_write
+
+    tp = None
+    if shard:
+        key, _, value = shard.partition("=")
+        if key != "tp" or not value.isdigit() or int(value) < 1:
+            raise HaloError(f"--shard expects tp=N with N >= 1, got {shard!r}")
+        tp = int(value)
+    if not split_input_file:
+        module = read_module(source)
+        with module.context:
+            _run_passes(module, tp, allreduce, verify_placement)
+            write_module(module, output, locations=False)
+        return
+    parts = []
+    for i, text in enumerate(Path(source).read_text().split("\n// -----\n")):
+        module = parse_module(text, f"{source} part {i + 1}")
+        with module.context:
+            _run_passes(module, tp, allreduce, verify_placement)
+            parts.append(module.operation.get_asm())
+    text = "\n// -----\n".join(parts)
+    if output == "-":
+        click.echo(text)
+    else:
+        with atomic_write(output) as f:
+            f.write(text)
+
+
+def _run_passes(module, tp, allreduce, verify_placement) -> None:
+    from halo_mlir.sharding_passes.pipeline import shard_module
+    from halo_mlir.sharding_passes.verify import verify_placement as verify
+
+    report = shard_module(module, tp, allreduce=allreduce) if tp else None
+    if verify_placement:
+        verify(module, tp or _declared_devices(module), allreduce if tp else None)
+    if report:
+        _print_report(report)
+
+
+def _declared_devices(module) -> int:
+    import re
+
+    found = {int(m) for m in re.findall(r"@__device_(\d+)", str(module))}
+    return max(found) + 1 if found else 1
+
+
+def _print_report(report) -> None:
+    for entry, n in report.transfers.items():
+        click.echo(f"{entry}: {n} transfers, {report.all_reduces[entry]} all-reduces "
+                   f"({report.allreduce}), {report.bytes[entry] / 1e6:.3f} MB moved "
+                   "(dynamic dims as 1)", err=True)
 
 
 @main.command("import-params")
@@ -145,9 +224,11 @@ def compile_cmd(source, target, output, extra):
               help="dtype of the float (or dequantized) parameters.")
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: keep Q8_0/Q4_1 matrices in their block format.")
+@click.option("--tp", default=1, show_default=True, type=int,
+              help="Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
 @_reports_errors
-def import_params(st_path, gguf, hf_config, dtype, keep_quantized, output):
+def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, output):
     """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
@@ -162,7 +243,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, output):
             from halo_mlir.params.gguf_import import import_gguf
 
             n = import_gguf(gguf, output, dtype=dtype, keep_quantized=keep_quantized,
-                            progress=progress)
+                            progress=progress, tp=tp)
         else:
             from halo_mlir import config
             from halo_mlir.params.safetensors_import import import_safetensors
@@ -171,10 +252,13 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, output):
             cfg_path = Path(hf_config) if hf_config else \
                 (src if src.is_dir() else src.parent) / "config.json"
             n = import_safetensors(src, config.from_hf_config(cfg_path), output, dtype=dtype,
-                                   progress=progress)
+                                   progress=progress, tp=tp)
     finally:
         progress.close()
-    click.echo(f"wrote {output} ({n / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s",
+    from halo_mlir.params.irpa import rank_paths
+
+    written = ", ".join(map(str, rank_paths(output, tp))) if tp > 1 else output
+    click.echo(f"wrote {written} ({n / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s",
                err=True)
 
 

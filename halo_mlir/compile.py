@@ -39,13 +39,24 @@ def iree_compile_binary() -> str:
     return binaries.find_tool("iree-compile")
 
 
+def device_flags(target: str, tp: int) -> list[str]:
+    """Flags for `tp` devices of `target`: the device flag repeated as DEVICE[i]."""
+    flags = target_flags(target)
+    if tp == 1:
+        return flags
+    device = next(f for f in flags if f.startswith("--iree-hal-target-device="))
+    name = device.split("=", 1)[1]
+    rest = [f for f in flags if f is not device]
+    return [f"--iree-hal-target-device={name}[{i}]" for i in range(tp)] + rest
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
-                 extra_flags: list[str] | None = None, echo=print) -> float:
+                 extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaloError(f"{src}: no such file")
-    cmd = [iree_compile_binary(), str(src), *target_flags(target), *(extra_flags or [])]
+    cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")
     start = time.perf_counter()

@@ -6,12 +6,28 @@ updated in place by the module (ABI.md).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from halo_mlir.errors import HaloError
+
+
+_RANK = re.compile(r"\.rank(\d+)\.irpa$")
+
+
+def _check_ranks(params, n_devices: int) -> None:
+    """Rank files (NAME.rank{i}.irpa) must be exactly ranks 0..n_devices-1 of one import."""
+    ranks = sorted(int(m.group(1)) for p in params if (m := _RANK.search(str(p))))
+    if ranks and ranks != list(range(n_devices)):
+        raise HaloError(f"rank files {ranks} do not match {n_devices} devices; pass "
+                        f"NAME.rank0.irpa .. NAME.rank{n_devices - 1}.irpa from one "
+                        f"`import-params --tp {n_devices}`")
+    stems = {_RANK.sub("", str(p)) for p in params if _RANK.search(str(p))}
+    if len(stems) > 1:
+        raise HaloError(f"rank files come from different imports: {sorted(stems)}")
 
 
 class Program:
@@ -25,6 +41,7 @@ class Program:
         for p in (vmfb, *params):
             if not Path(p).exists():
                 raise HaloError(f"{p}: no such file")
+        _check_ranks(params, n_devices)
         self.instance = rt.VmInstance()
         self.driver = rt.get_driver(driver)
         self.devices = [self.driver.create_default_device() for _ in range(n_devices)]
@@ -35,7 +52,21 @@ class Program:
         self.io = rt.create_io_parameters_module(
             self.instance, self.index.create_provider(scope="model"))
         self.main = rt.VmModule.mmap(self.instance, str(vmfb))
-        self.context = rt.VmContext(self.instance, modules=[self.hal, self.io, self.main])
+        try:
+            self.context = rt.VmContext(self.instance, modules=[self.hal, self.io, self.main])
+        except (RuntimeError, ValueError) as e:
+            msg = str(e)
+            key = re.search(r"no parameter found in index with key '([^']+)'", msg)
+            if key:
+                raise HaloError(f"parameter {key.group(1)} is in none of the given files; pass "
+                                "every NAME.rank{i}.irpa of the import that matches this "
+                                "module") from None
+            device = re.search(r"HAL device `(\w+)` not found", msg)
+            if device:
+                raise HaloError(f"the module was compiled for more devices than the "
+                                f"{n_devices} given (it needs {device.group(1)}); pass "
+                                "--tp/n_devices equal to the compile's") from None
+            raise
         self._invokers: dict[str, object] = {}
 
     @property
@@ -58,13 +89,13 @@ class Program:
     def prefill(self, tokens, seq_lens, block_ids, caches) -> np.ndarray:
         bs = tokens.shape[0]
         out = self.function(f"prefill_bs{bs}")(tokens, seq_lens, block_ids, *caches)
-        return np.asarray(out.to_host())
+        return np.array(out.to_host())  # a copy: it must outlive the device
 
     def decode(self, tokens, seq_lens, start_positions, block_ids, caches) -> np.ndarray:
         bs = tokens.shape[0]
         out = self.function(f"decode_bs{bs}")(tokens, seq_lens, start_positions, block_ids,
                                               *caches)
-        return np.asarray(out.to_host())
+        return np.array(out.to_host())  # a copy: it must outlive the device
 
     def close(self):
         """Release runtime objects in dependency order (avoids crashes at exit)."""

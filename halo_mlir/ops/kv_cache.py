@@ -54,7 +54,12 @@ def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
 
 def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
                    positions: Value, layer: Value) -> Value:
-    """Decode: k/v[N,KVH,1,D] at positions[N] (page pages[N, pos // stride])."""
+    """Decode: k/v[N,KVH,1,D] at positions[N], in page pages[N, pos // stride].
+
+    Read-modify-write of each row's current page block [KVH, stride, D]: every gather and
+    scatter indexes only (page, layer, k/v), so the kv-head dim stays a slice dim (the
+    sharding pass splits it) and one kernel serves every layer.
+    """
     n, kvh, _, d = b.dims(k)
     stride = b.shape(cache6)[4]
     stride_c = b.scalar(stride, "i64")
@@ -63,22 +68,22 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
         return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
 
     page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
+    page = b.reshape(page, [[0, 1]], [n, 1])
     for kv, x in ((0, k), (1, v)):
-        kv_c = b.scalar(kv, "i64")
+        idx = _page_indices(b, page, layer, kv)  # [N,1,3]
+        block = b.gather(cache6, idx, b.empty([n, 1, kvh, stride, d], b.element_type(cache6)),
+                         [0, 1, 2])
+        block = b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d])
 
-        def body(pg, pos, _):
-            which = b.linalg_index(2)
-            head = b.cast(b.linalg_index(1), "i64")
-            fields = [pg, layer, kv_c, head, b.remsi(pos, stride_c)]
-            out = fields[4]
-            for i in (3, 2, 1, 0):
-                out = b.select(b.cmpi("eq", which, b.index(i)), fields[i], out)
-            return out
+        def merge(old, new, pos, _):
+            here = b.cmpi("eq", b.cast(b.linalg_index(2), "i64"), b.remsi(pos, stride_c))
+            return b.select(here, new, old)
 
-        idx = b.generic("b,b->bhc", [page, positions], [b.empty([n, kvh, 5], "i64")], body)
-        idx = b.reshape(idx, [[0, 1], [2]], [None, 5])
-        rows = b.reshape(x, [[0, 1, 2], [3]], [None, d])
-        cache6 = b.scatter(rows, idx, cache6, [0, 1, 2, 3, 4])
+        new_rows = b.reshape(x, [[0], [1, 2], [3]], [n, kvh, d])
+        block = b.generic("bhsd,bhd,b->bhsd", [block, new_rows, positions],
+                          [b.empty([n, kvh, stride, d], b.element_type(cache6))], merge)
+        rows = b.reshape(idx, [[0, 1], [2]], [n, 3])
+        cache6 = b.scatter(block, rows, cache6, [0, 1, 2])
     return cache6
 
 

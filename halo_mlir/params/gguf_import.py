@@ -10,10 +10,11 @@ import numpy as np
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.params.gguf_file import GgufFile
-from halo_mlir.params.irpa import IrpaWriter
+from halo_mlir.params import irpa
 from halo_mlir.params.names import param_shapes
 from halo_mlir.params.safetensors_import import numpy_dtype
 from halo_mlir.quant import BLOCK, BY_GGML
+from halo_mlir.sharding_passes.plan import check_divisible
 
 _CHUNK_ROWS_BYTES = 64 << 20
 
@@ -53,18 +54,24 @@ def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized: bool = False,
-                progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
+                progress: Callable[[int, int, str], None] = lambda *_: None,
+                tp: int = 1) -> int:
     """Write every parameter of the GGUF model to `out`. Returns the bytes written."""
     np_dtype = numpy_dtype(dtype)
     with GgufFile(path) as g:
         cfg = g.config()
+        if tp > 1:
+            check_divisible(cfg, tp)
+            if keep_quantized:
+                raise HaloError("--keep-quantized with --tp is not supported yet; import "
+                                "dequantized (--dtype) for tensor parallelism")
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized)
         heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
-        with IrpaWriter(out) as writer:
+        with irpa.writer(out, tp) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)
                 rows = shape[0] if len(shape) > 1 else 1

@@ -11,9 +11,10 @@ import numpy as np
 
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
-from halo_mlir.params.irpa import IrpaWriter
+from halo_mlir.params import irpa
 from halo_mlir.params.names import hf_name, param_shapes
 from halo_mlir.params.safetensors_file import SafetensorsFile
+from halo_mlir.sharding_passes.plan import check_divisible
 
 NUMPY_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 _CHUNK_BYTES = 64 << 20
@@ -56,11 +57,14 @@ def _row_blocks(f: SafetensorsFile, name: str, dtype: np.dtype):
 
 
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
-                       progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
+                       progress: Callable[[int, int, str], None] = lambda *_: None,
+                       tp: int = 1) -> int:
     """Write every parameter of `cfg` from the checkpoint at `path` into `out`, converted
     to `dtype`, in row blocks: memory stays bounded whatever the checkpoint's size.
     Returns the bytes written."""
     np_dtype = numpy_dtype(dtype)
+    if tp > 1:
+        check_divisible(cfg, tp)
     located = checkpoint_files(Path(path))
     shapes = param_shapes(cfg)
     with contextlib.ExitStack() as stack:
@@ -84,7 +88,7 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
                 raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
                                 f"config expects {list(shape)}")
             f.dtype(name)
-        writer = stack.enter_context(IrpaWriter(out))
+        writer = stack.enter_context(irpa.writer(out, tp))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
             name = hf_name(key)

@@ -1,9 +1,11 @@
 # RUN: %python %s decode | %FileCheck %s --check-prefix=DECODE
 # RUN: %python %s prefill | %FileCheck %s --check-prefix=PREFILL
 # Tests that the paged cache is viewed as [page, layer, k/v, kv_head, pos, d] (ABI.md), that
-# decode scatters one position per (row, kv head) at (page, layer, k/v, head, pos % stride)
-# and gathers whole pages, that prefill scatters whole blocks, and that the layer index is
-# an opaque scalar (one kernel for every layer).
+# decode reads each row's current page block, merges the new K/V at pos % stride and
+# writes the block back, then gathers whole pages; that prefill scatters whole blocks; that
+# every scatter/gather indexes only (page, layer, k/v), so kv heads stay a slice dimension
+# (what tensor parallelism splits); and that the layer index is an opaque scalar (one
+# kernel for every layer).
 import sys
 
 from lit_util import print_op
@@ -16,12 +18,17 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:         %[[PAGE:.+]] = linalg.generic {{.+}} ins(%[[POS]] : tensor<2xi64>)
 # DECODE:           arith.divsi %{{.+}}, %c8_i64
 # DECODE:           tensor.extract %[[PAGES]]
-# DECODE:         linalg.generic {{.+}} ins(%[[PAGE]], %[[POS]] : tensor<2xi64>, tensor<2xi64>) outs(%{{.+}} : tensor<2x2x5xi64>)
-# DECODE:           arith.remsi %{{.+}}, %c8_i64
+# DECODE:         %[[ROW_PAGE:.+]] = tensor.expand_shape %[[PAGE]] {{\[\[}}0, 1]] output_shape [2, 1]
+# DECODE:         %[[K_IDX:.+]] = linalg.generic {{.+}} ins(%[[ROW_PAGE]] : tensor<2x1xi64>) outs(%{{.+}} : tensor<2x1x3xi64>)
 # DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
-# DECODE:         %[[K_ROWS:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0, 1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<4x16xf16>
-# DECODE:         %[[WROTE_K:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2, 3, 4] unique_indices(true) ins(%[[K_ROWS]], %{{.+}} : tensor<4x16xf16>, tensor<4x5xi64>) outs(%[[VIEW]] : tensor<?x3x2x2x8x16xf16>)
-# DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2, 3, 4] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<4x16xf16>, tensor<4x5xi64>) outs(%[[WROTE_K]] :
+# DECODE:         %[[OLD:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[VIEW]], %[[K_IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x1x3xi64>) outs(%{{.+}} : tensor<2x1x2x8x16xf16>)
+# DECODE:         %[[OLD_B:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x1x2x8x16xf16> into tensor<2x2x8x16xf16>
+# DECODE:         %[[NEW_K:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0], [1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<2x2x16xf16>
+# DECODE:         %[[MERGED:.+]] = linalg.generic {{.+}} ins(%[[OLD_B]], %[[NEW_K]], %[[POS]] : tensor<2x2x8x16xf16>, tensor<2x2x16xf16>, tensor<2xi64>)
+# DECODE:           arith.remsi %{{.+}}, %c8_i64
+# DECODE:           arith.select %{{.+}}, %{{.+}}, %{{.+}} : f16
+# DECODE:         %[[WROTE_K:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%[[MERGED]], %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[VIEW]] : tensor<?x3x2x2x8x16xf16>)
+# DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[WROTE_K]] :
 # DECODE:         %[[IDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<2x?xi64>) outs(%{{.+}} : tensor<2x?x3xi64>)
 # DECODE:         %[[BLOCKS:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[WROTE_V]], %[[IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x?x3xi64>) outs(%{{.+}} : tensor<2x?x2x8x16xf16>)
 # DECODE:         %[[T:.+]] = linalg.transpose ins(%[[BLOCKS]] : {{.+}}) permutation = [0, 2, 1, 3, 4]

@@ -1,0 +1,193 @@
+"""TP1 module -> N-device module: annotate with the plan, shard every entry, rebuild the
+entry wrappers, verify placement."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from iree.compiler import ir
+
+from halo_mlir.errors import HaloError
+from halo_mlir.ir_builder import Builder
+from halo_mlir.model.entry import build_entry, impl_functions, remove_entry
+from halo_mlir.sharding_passes import collectives
+from halo_mlir.sharding_passes.plan import REPLICATED, Split, weight_sharding
+from halo_mlir.sharding_passes.shard import (RULES, SV, Partial, Sharder, ShardError,
+                                             local_shape, parse_split, split_attr)
+from halo_mlir.sharding_passes.verify import verify_placement
+
+
+@dataclasses.dataclass
+class Report:
+    tp: int
+    allreduce: str
+    transfers: dict  # entry name -> transfers in it
+    bytes: dict  # entry name -> bytes moved (dynamic dims as 1)
+    all_reduces: dict
+
+
+def _param_key(g) -> str | None:
+    init = g.attributes["initial_value"] if "initial_value" in g.attributes else None
+    text = str(init) if init is not None else ""
+    return text.split('::"')[1].split('"')[0] if "#flow.parameter.named" in text else None
+
+
+def annotate(b: Builder, tp: int) -> None:
+    """Apply the plan: `halo.split` on parameter globals and on KV-cache arguments."""
+    for op in b.module.body.operations:
+        if op.operation.name != "util.global" or "halo.split" in op.attributes:
+            continue
+        key = _param_key(op)
+        shape = ir.RankedTensorType(ir.TypeAttr(op.attributes["type"]).value).shape
+        s = weight_sharding(key, shape, tp) if key else REPLICATED
+        if isinstance(s, Split):
+            if shape[s.dim] % tp:
+                raise HaloError(f"--tp {tp} does not divide dim {s.dim} ({shape[s.dim]}) of "
+                                f"{key}; pick a TP degree that divides it")
+            op.attributes["halo.split"] = ir.DenseI64ArrayAttr.get(split_attr(s))
+    for fn in impl_functions(b.module):
+        arg_attrs = list(ir.ArrayAttr(fn.attributes["arg_attrs"])) \
+            if "arg_attrs" in fn.attributes else []
+        new = []
+        for d in arg_attrs:
+            d = ir.DictAttr(d)
+            entries = {n.name: n.attr for n in d}
+            if "halo.kv_cache" in entries and "halo.split" not in entries:
+                factors = list(ir.DenseI64ArrayAttr(entries["halo.kv_cache"]))
+                if factors[2] % tp:
+                    raise HaloError(f"--tp {tp} does not divide the kv heads ({factors[2]}); "
+                                    f"the KV cache splits by kv head: use a TP degree that "
+                                    f"divides {factors[2]}")
+                entries["halo.split"] = ir.DenseI64ArrayAttr.get(split_attr(Split(1, tuple(factors), 2)))
+            new.append(ir.DictAttr.get(entries))
+        if arg_attrs:
+            fn.attributes["arg_attrs"] = ir.ArrayAttr.get(new)
+
+
+def _arg_splits(fn) -> list:
+    if "arg_attrs" not in fn.attributes:
+        return []
+    out = []
+    for d in ir.ArrayAttr(fn.attributes["arg_attrs"]):
+        d = ir.DictAttr(d)
+        out.append(parse_split(d["halo.split"]) if "halo.split" in d else None)
+    return out
+
+
+def _ints(fn, name):
+    return list(ir.DenseI64ArrayAttr(fn.attributes[name])) if name in fn.attributes else []
+
+
+def shard_function(b: Builder, s: Sharder, fn) -> None:
+    name = fn.attributes["sym_name"].value
+    ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+    inputs, results = list(ftype.inputs), list(ftype.results)
+    splits = _arg_splits(fn) or [None] * len(inputs)
+    inplace = _ints(fn, "halo.inplace")
+    regular = len(results) - len(inplace)
+    slots, new_inputs, arg_devices = [], [], []
+    for t, sp in zip(inputs, splits):
+        if sp is None:
+            slots.append([len(new_inputs)])
+            new_inputs.append(t)
+            arg_devices.append(0)
+        else:
+            rt = ir.RankedTensorType(t)
+            local = ir.RankedTensorType.get(local_shape(list(rt.shape), sp, s.tp), rt.element_type)
+            slots.append(list(range(len(new_inputs), len(new_inputs) + s.tp)))
+            new_inputs += [local] * s.tp
+            arg_devices += list(range(s.tp))
+    new_results = results[:regular]
+    for k in inplace:
+        new_results += [new_inputs[j] for j in slots[k]]
+    s.stats = collectives.Stats()
+    with b.function(f"{name}.sharded", new_inputs, new_results, private=True) as args:
+        new_fn = b.current_function
+        old_args = fn.regions[0].blocks[0].arguments
+        for k, (old, sp) in enumerate(zip(old_args, splits)):
+            if sp is None:
+                v = args[slots[k][0]]
+                s.env[old] = SV(REPLICATED, [v] + [collectives.transfer(b, v, i, s.stats)
+                                                   for i in range(1, s.tp)])
+            else:
+                s.env[old] = SV(sp, [args[j] for j in slots[k]])
+        for op in fn.regions[0].blocks[0].operations:
+            if op.operation.name == "util.return":
+                _return(b, s, op, regular, inplace, splits)
+                continue
+            rule = RULES.get(op.operation.name)
+            if rule is None:
+                raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
+                                 f"(in {name})")
+            with op.location:
+                out = rule(s, op.operation, [s.get(v) for v in op.operands])
+            for r, sv in zip(op.results, out):
+                s.env[r] = sv
+    divisors = _ints(fn, "halo.divisors")
+    for i in range(0, len(divisors), 3):
+        divisors[i] = slots[divisors[i]][0]
+    b.annotate(new_fn, **{
+        "halo.entry": fn.attributes["halo.entry"].value,
+        "halo.inplace": [j for k in inplace for j in slots[k]],
+        "halo.arg_devices": arg_devices,
+        "halo.result_devices": [0] * regular,
+        **({"halo.divisors": divisors} if divisors else {}),
+    })
+    s.report = (s.stats.transfers, s.stats.bytes, s.stats.all_reduces)
+    fn.operation.erase()
+    new_fn.attributes["sym_name"] = ir.StringAttr.get(name)
+    s.env.clear()
+
+
+def _return(b: Builder, s: Sharder, op, regular: int, inplace: list, splits: list) -> None:
+    values = []
+    for v in list(op.operands)[:regular]:
+        sv = s.get(v)
+        if isinstance(sv.sharding, Split):
+            values.append(collectives.gather_to(b, sv.values, sv.sharding.dim, 0, s.stats))
+        else:
+            values.append(s.materialize(sv).values[0])
+    for v, k in zip(list(op.operands)[regular:], inplace):
+        sv = s.get(v)
+        if splits[k] is not None:
+            if sv.sharding != splits[k]:
+                raise ShardError(f"the in-place result for argument {k} is {sv.sharding}, the "
+                                 f"argument is {splits[k]}")
+            values += sv.values
+        else:
+            values.append(s.materialize(sv).values[0])
+    b.ret(*values)
+
+
+def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = True) -> Report:
+    """Shard every entry of `module` (emitted by halo_mlir, TP1) over `tp` devices."""
+    if allreduce not in collectives.MODES:
+        raise HaloError(f"unknown --allreduce {allreduce!r}: choose one of "
+                        f"{', '.join(collectives.MODES)}")
+    b = Builder(module.context)
+    b.adopt(module)
+    report = Report(tp, allreduce, {}, {}, {})
+    with module.context, ir.Location.unknown():
+        annotate(b, tp)
+        old_globals = [op for op in module.body.operations if op.operation.name == "util.global"]
+        device_globals: dict = {}  # shared: every entry loads the same per-device globals
+        for fn in impl_functions(module):
+            name = fn.attributes["halo.entry"].value
+            s = Sharder(b, tp, allreduce)
+            s.device_globals = device_globals
+            shard_function(b, s, fn)
+            report.transfers[name], report.bytes[name], report.all_reduces[name] = s.report
+        for g in old_globals:  # every use now loads a per-device copy
+            g.operation.erase()
+        for fn in impl_functions(module):
+            name = fn.attributes["halo.entry"].value
+            remove_entry(module, name)
+            build_entry(b, fn)
+            sync, async_ = b.lookup(name), b.lookup(f"{name}$async")
+            async_.operation.move_after(fn)  # keep each entry beside its implementation
+            sync.operation.move_after(async_)
+        if verify:
+            verify_placement(module, tp)
+        if not module.operation.verify():
+            raise HaloError("internal error: the sharded module does not verify")
+    return report

@@ -1,0 +1,86 @@
+"""The tensor-parallel plan: pure data saying how each weight and the KV cache split.
+
+Like gpt-fast's `tp.py`: q/k/v/gate/up split by output rows ("colwise"), attn_output/down
+by input columns ("rowwise", leaving partial sums to all-reduce), norms and embeddings
+replicated, the KV cache by kv heads, lm_head by vocab rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from halo_mlir.config import LlamaConfig
+from halo_mlir.errors import HaloError
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    def __str__(self):
+        return "replicated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Split along `dim` in `tp` equal contiguous pieces. When `dim` is a flattening of
+    `factors` (e.g. a cache page [layers, 2, kv_heads, stride, head_dim]), the split is of
+    factor `at`; plain splits have factors () and at 0."""
+    dim: int
+    factors: tuple[int, ...] = ()
+    at: int = 0
+
+    def __str__(self):
+        extra = f", factors={list(self.factors)}, at={self.at}" if self.factors else ""
+        return f"split(dim={self.dim}{extra})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial:
+    """Each device holds a partial sum; the true value is their sum."""
+
+    def __str__(self):
+        return "partial"
+
+
+REPLICATED = Replicated()
+PARTIAL = Partial()
+
+# weight name (the part after `blk.N.`) -> how it splits; anything unlisted is replicated.
+WEIGHT_STYLES = {
+    "attn_q.weight": Split(0),
+    "attn_k.weight": Split(0),
+    "attn_v.weight": Split(0),
+    "ffn_gate.weight": Split(0),
+    "ffn_up.weight": Split(0),
+    "attn_output.weight": Split(1),
+    "ffn_down.weight": Split(1),
+    "output.weight": Split(0),
+}
+_BLOCK = re.compile(r"^blk\.\d+\.(.+)$")
+
+
+def weight_sharding(key: str, shape=None, tp: int | None = None):
+    """How `key` splits. lm_head (`output.weight`) stays replicated when tp does not divide
+    the vocabulary (every device then computes all logits)."""
+    m = _BLOCK.match(key)
+    s = WEIGHT_STYLES.get(m.group(1) if m else key, REPLICATED)
+    if key == "output.weight" and shape is not None and tp and shape[0] % tp:
+        return REPLICATED
+    return s
+
+
+def cache_sharding(cfg: LlamaConfig, stride: int) -> Split:
+    """The flat cache argument [pages, page_elems] splits by kv head inside each page."""
+    return Split(1, (cfg.n_layers, 2, cfg.n_kv_heads, stride, cfg.head_dim), 2)
+
+
+def check_divisible(cfg: LlamaConfig, tp: int) -> None:
+    """Every split dimension must divide by tp: one clear error naming the first that doesn't."""
+    if tp < 1:
+        raise HaloError(f"--tp must be at least 1, got {tp}")
+    for what, size in (("kv heads", cfg.n_kv_heads), ("attention heads", cfg.n_heads),
+                       ("ffn dim", cfg.ffn_dim), ("hidden size", cfg.hidden_size)):
+        if size % tp:
+            divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
+            raise HaloError(f"--tp {tp} does not divide the {what} ({size}) of {cfg.name}; "
+                            f"use a TP degree among {divisors}")

@@ -1,0 +1,429 @@
+"""The SPMD sharding pass: a TP1 entry function -> the same program on N devices.
+
+Input: an `$impl` function (tensor in, tensor out) whose parameters (util.globals) and
+in-place arguments carry `halo.split` annotations (see `annotate.py`). The pass walks the
+function in order and, with one rule per op kind (table `RULES`), decides each value's
+sharding (replicated, split along a dim, or partial sums) from its operands' shardings
+and the op's indexing maps, then emits one copy of the op per device with local shapes.
+Where a consumer needs another layout it inserts collectives made of
+`flow.tensor.transfer`s (`collectives.py`): all-reduce of partial sums, all-gather of the
+logits. Weights become per-device globals with `stream.affinity`; the entry wrappers are
+rebuilt with one cache argument per device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from iree.compiler import ir
+from iree.compiler.dialects import flow, util
+
+from halo_mlir.errors import HaloError
+from halo_mlir.ir_builder import Builder
+from halo_mlir.sharding_passes import collectives
+from halo_mlir.sharding_passes.plan import PARTIAL, REPLICATED, Partial, Replicated, Split
+
+DYN = ir.ShapedType.get_dynamic_size()
+
+
+@dataclasses.dataclass
+class SV:
+    """A sharded value: its sharding and one IR value per device."""
+    sharding: object
+    values: list
+
+
+def parse_split(attr) -> Split:
+    v = list(ir.DenseI64ArrayAttr(attr))
+    return Split(v[0], tuple(v[2:]), v[1]) if len(v) > 1 else Split(v[0])
+
+
+def split_attr(s: Split) -> list[int]:
+    return [s.dim, s.at, *s.factors] if s.factors else [s.dim]
+
+
+def is_plain(s: Split) -> bool:
+    return not s.factors or all(f == 1 for f in s.factors[:s.at])
+
+
+def local_shape(shape: list[int], s, tp: int) -> list[int]:
+    if not isinstance(s, Split):
+        return list(shape)
+    out = list(shape)
+    if out[s.dim] == DYN:
+        raise HaloError(f"cannot split dynamic dim {s.dim}")
+    out[s.dim] //= tp
+    return out
+
+
+class ShardError(HaloError):
+    pass
+
+
+class Sharder:
+    def __init__(self, b: Builder, tp: int, allreduce: str):
+        self.b, self.tp, self.allreduce = b, tp, allreduce
+        self.env: dict = {}
+        self.device_globals: dict[tuple[str, int], tuple[str, ir.Type]] = {}
+        self.stats = collectives.Stats()
+
+    # ---- helpers -------------------------------------------------------------------
+    def devices(self):
+        return range(self.tp)
+
+    def replicated(self, values) -> SV:
+        return SV(REPLICATED, list(values))
+
+    def get(self, v) -> SV:
+        try:
+            return self.env[v]
+        except KeyError:
+            raise ShardError(f"value {v.get_name()} used before it was sharded") from None
+
+    def materialize(self, sv: SV) -> SV:
+        """Replicated on every device (all-reduce partials, all-gather splits)."""
+        if isinstance(sv.sharding, Partial):
+            return self.replicated(collectives.all_reduce(self.b, sv.values, self.allreduce,
+                                                          self.stats))
+        if isinstance(sv.sharding, Split):
+            if not is_plain(sv.sharding):
+                raise ShardError(f"cannot gather a {sv.sharding} value")
+            return self.replicated(collectives.all_gather(self.b, sv.values, sv.sharding.dim,
+                                                          self.stats))
+        return sv
+
+    def slice_local(self, v, dim: int, i: int):
+        """Device i's piece of a replicated tensor along `dim`."""
+        b = self.b
+        dims = b.dims(v)
+        chunk = dims[dim] // self.tp
+        offsets = [0] * len(dims)
+        offsets[dim] = i * chunk
+        sizes = list(dims)
+        sizes[dim] = chunk
+        return b.slice(v, offsets, sizes)
+
+    def clone(self, op, i: int, operands: list, result_types: list):
+        """Device i's copy of `op` with new operands and result types; values captured by
+        its regions are remapped to device i's."""
+        new = op.clone()
+        for k, v in enumerate(operands):
+            new.operands[k] = v
+        for r, t in zip(new.results, result_types):
+            r.set_type(t)
+        if len(new.regions):
+            def remap(inner):
+                for k, v in enumerate(inner.operands):
+                    sv = self.env.get(v)
+                    if sv is not None:
+                        inner.operands[k] = sv.values[i]
+                return ir.WalkResult.ADVANCE
+            for region in new.regions:
+                for block in region.blocks:
+                    for inner in block.operations:
+                        inner.operation.walk(remap)
+        return new
+
+    def per_device(self, op, operand_svs: list[SV], result_shardings: list,
+                   operand_values: Callable[[int], list] | None = None) -> list[SV]:
+        """Clone `op` per device; results get `result_shardings` and local types."""
+        results = [[] for _ in op.results]
+        for i in self.devices():
+            operands = operand_values(i) if operand_values else [sv.values[i] for sv in operand_svs]
+            types = []
+            for r, s in zip(op.results, result_shardings):
+                t = r.type
+                if isinstance(s, Split):
+                    rt = ir.RankedTensorType(t)
+                    t = ir.RankedTensorType.get(local_shape(list(rt.shape), s, self.tp),
+                                                rt.element_type)
+                types.append(t)
+            new = self.clone(op, i, operands, types)
+            for k, r in enumerate(new.results):
+                results[k].append(r)
+        return [SV(s, vals) for s, vals in zip(result_shardings, results)]
+
+    # ---- globals -------------------------------------------------------------------
+    def device_global(self, op_global, i: int, sharding) -> tuple[str, ir.Type]:
+        """Device i's copy of a parameter global: `KEY.shard.i` for splits, the same key
+        for replicated ones, with `stream.affinity` on device i."""
+        name = op_global.attributes["sym_name"].value
+        key = (name, i)
+        if key in self.device_globals:
+            return self.device_globals[key]
+        t = ir.TypeAttr(op_global.attributes["type"]).value
+        init = str(op_global.attributes["initial_value"])
+        if isinstance(sharding, Split):
+            rt = ir.RankedTensorType(t)
+            t = ir.RankedTensorType.get(local_shape(list(rt.shape), sharding, self.tp),
+                                        rt.element_type)
+            param = init.split('::"')[1].split('"')[0]
+            init = init.replace(f'::"{param}"', f'::"{param}.shard.{i}"')
+            sym = f"{name}.shard.{i}"
+        else:
+            sym = f"{name}$dev{i}"
+        init = init.rsplit(" : ", 1)[0] + f" : {t}"
+        with ir.InsertionPoint(op_global), op_global.location:
+            g = util.global_(sym, t, sym_visibility="private",
+                             initial_value=ir.Attribute.parse(init))
+            g.attributes["stream.affinity"] = Builder.device(i)
+        self.device_globals[key] = (sym, t)
+        return sym, t
+
+
+# ---- rules -------------------------------------------------------------------------
+def _maps(op) -> list[ir.AffineMap]:
+    return [ir.AffineMapAttr(a).value for a in ir.ArrayAttr(op.attributes["indexing_maps"])]
+
+
+def _uses_index(op, dim: int) -> bool:
+    found = []
+
+    def visit(inner):
+        if inner.name == "linalg.index" and ir.IntegerAttr(inner.attributes["dim"]).value == dim:
+            found.append(inner)
+        return ir.WalkResult.ADVANCE
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                inner.operation.walk(visit)
+    return bool(found)
+
+
+def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """linalg.generic / matmul / fill and iree_linalg_ext.attention: shardings meet on an
+    iteration dimension through the indexing maps."""
+    maps = _maps(op) if "indexing_maps" in op.attributes else None
+    tensor_ops = [k for k, v in enumerate(op.operands) if isinstance(v.type, ir.RankedTensorType)]
+    if maps is None:  # linalg.fill: ins scalar, outs tensor
+        out = svs[-1]
+        return s.per_device(op, svs, [out.sharding if not isinstance(out.sharding, Partial)
+                                      else REPLICATED])
+    # maps pair with the tensor operands and scalars (attention's scale has map ()->()).
+    svs = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs]
+    n_out = len(op.results)
+    chosen = None
+    for k, sv in enumerate(svs):
+        if isinstance(sv.sharding, Split):
+            expr = maps[k].results[sv.sharding.dim]
+            if not isinstance(expr, ir.AffineDimExpr) or not is_plain(sv.sharding):
+                raise ShardError(f"{op.name}: operand {k} is {sv.sharding}, which the op's "
+                                 "indexing map cannot carry")
+            it = ir.AffineDimExpr(expr).position
+            if chosen is not None and chosen != it:
+                sv = svs[k] = s.materialize(sv)  # conflicting split: gather this operand
+                continue
+            chosen = it
+    if chosen is None:
+        return s.per_device(op, svs, [REPLICATED] * n_out)
+    if _uses_index(op, chosen):
+        raise ShardError(f"{op.name}: its body reads linalg.index {chosen}, which is split")
+    out_map = maps[-1]
+    out_dims = [ir.AffineDimExpr(e).position if isinstance(e, ir.AffineDimExpr) else None
+                for e in out_map.results]
+    result = Split(out_dims.index(chosen)) if chosen in out_dims else PARTIAL
+
+    def operands(i):
+        vals = []
+        for k, sv in enumerate(svs):
+            v = sv.values[i]
+            if k in tensor_ops and isinstance(sv.sharding, Replicated):
+                dims = [ir.AffineDimExpr(e).position if isinstance(e, ir.AffineDimExpr) else None
+                        for e in maps[k].results]
+                if chosen in dims:
+                    v = s.slice_local(v, dims.index(chosen), i)
+            vals.append(v)
+        return vals
+    if isinstance(result, Partial):
+        # The init must be zero on all but... every device accumulates its own partial sum
+        # into its own zero-filled init, which is what linalg does: fine for sums.
+        pass
+    return s.per_device(op, svs, [result] * n_out, operands)
+
+
+def _group_of(groups, dim):
+    for g, members in enumerate(groups):
+        if dim in members:
+            return g, members
+    raise AssertionError
+
+
+def _reassociation(op):
+    return [[ir.IntegerAttr(d).value for d in ir.ArrayAttr(g)]
+            for g in ir.ArrayAttr(op.attributes["reassociation"])]
+
+
+def rule_expand(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    src = svs[0]
+    if isinstance(src.sharding, Partial):
+        src = svs[0] = s.materialize(src)
+    if not isinstance(src.sharding, Split):
+        return s.per_device(op, svs, [REPLICATED])
+    sp = src.sharding
+    groups = _reassociation(op)
+    members = groups[sp.dim]
+    out_shape = list(ir.RankedTensorType(op.results[0].type).shape)
+    sizes = [out_shape[d] for d in members]
+    if sp.factors:
+        if tuple(sizes) != sp.factors:
+            raise ShardError(f"{op.name}: expands {sizes}, the split is of {list(sp.factors)}")
+        out = members[sp.at]
+    else:
+        nontrivial = [d for d in members if out_shape[d] != 1]
+        out = nontrivial[0]
+    if out_shape[out] == DYN or out_shape[out] % s.tp:
+        raise ShardError(f"{op.name}: dim of size {out_shape[out]} does not split {s.tp} ways")
+    result = Split(out)
+    static = list(out_shape)
+    static[out] //= s.tp
+    svs_out = s.per_device(op, svs, [result])
+    for v in svs_out[0].values:
+        v.owner.attributes["static_output_shape"] = ir.DenseI64ArrayAttr.get(static)
+    return svs_out
+
+
+def rule_collapse(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    src = svs[0]
+    if not isinstance(src.sharding, Split):
+        return s.per_device(op, svs, [src.sharding])
+    groups = _reassociation(op)
+    g, members = _group_of(groups, src.sharding.dim)
+    in_shape = list(ir.RankedTensorType(op.operands[0].type).shape)
+    at = members.index(src.sharding.dim)
+    factors = tuple(in_shape[d] for d in members)
+    result = Split(g) if all(f == 1 for f in factors[:at]) else Split(g, factors, at)
+    return s.per_device(op, svs, [result])
+
+
+def rule_transpose(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    src = svs[0]
+    if isinstance(src.sharding, Split):
+        perm = list(ir.DenseI64ArrayAttr(op.attributes["permutation"]))
+        result = Split(perm.index(src.sharding.dim))
+        init = svs[1]
+        svs = [src, init]
+
+        def operands(i):
+            out = init.values[i] if isinstance(init.sharding, Split) else \
+                s.slice_local(init.values[i], result.dim, i)
+            return [src.values[i], out]
+        return s.per_device(op, svs, [result], operands)
+    return s.per_device(op, svs, [src.sharding])
+
+
+def rule_extract_slice(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    src = svs[0]
+    if not isinstance(src.sharding, Split):
+        return s.per_device(op, svs, [src.sharding])
+    d = src.sharding.dim
+    offsets = list(ir.DenseI64ArrayAttr(op.attributes["static_offsets"]))
+    sizes = list(ir.DenseI64ArrayAttr(op.attributes["static_sizes"]))
+    full = ir.RankedTensorType(op.operands[0].type).shape[d]
+    if offsets[d] != 0 or sizes[d] != full:
+        raise ShardError("tensor.extract_slice: slices along a split dimension")
+    sizes[d] //= s.tp
+    out = s.per_device(op, svs, [src.sharding])
+    for v in out[0].values:
+        v.owner.attributes["static_sizes"] = ir.DenseI64ArrayAttr.get(sizes)
+    return out
+
+
+def rule_same_as_operand(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """tensor.cast, util.optimization_barrier: results shard like operand 0."""
+    return s.per_device(op, svs, [svs[0].sharding] * len(op.results))
+
+
+def rule_replicated(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """Constants, tensor.empty, scalar index math: every device gets its own copy."""
+    for sv in svs:
+        if not isinstance(sv.sharding, Replicated):
+            raise ShardError(f"{op.name}: operand is {sv.sharding}; expected replicated")
+    return s.per_device(op, svs, [REPLICATED] * len(op.results))
+
+
+def rule_dim(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    src = svs[0]
+    if isinstance(src.sharding, Split):
+        # Only dynamic (never split) dims are queried; a static one would fold anyway.
+        pass
+    return s.per_device(op, svs, [REPLICATED])
+
+
+def rule_global_load(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    name = ir.FlatSymbolRefAttr(op.attributes["global"]).value
+    g = s.b.lookup_global(name)
+    sharding = parse_split(g.attributes["halo.split"]) if "halo.split" in g.attributes \
+        else REPLICATED
+    values = []
+    for i in s.devices():
+        sym, t = s.device_global(g, i, sharding)
+        values.append(util.global_load(t, sym, is_immutable=True))
+    return [SV(sharding, values)]
+
+
+def _slice_dims_offset(op):
+    return len(list(ir.DenseI64ArrayAttr(op.attributes["dimension_map"])))
+
+
+def rule_gather(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """iree_linalg_ext.gather: a split slice dim of the source stays split in the result."""
+    source, indices, init = svs
+    if not isinstance(source.sharding, Split):
+        return s.per_device(op, svs, [REPLICATED])
+    depth = _slice_dims_offset(op)
+    d = source.sharding.dim
+    if d < depth:
+        raise ShardError("iree_linalg_ext.gather: the indexed dimension is split")
+    batch = len(ir.RankedTensorType(op.operands[1].type).shape) - 1
+    result = Split(batch + d - depth)
+
+    def operands(i):
+        out = init.values[i] if isinstance(init.sharding, Split) else \
+            s.slice_local(init.values[i], result.dim, i)
+        return [source.values[i], indices.values[i], out]
+    return s.per_device(op, svs, [result], operands)
+
+
+def rule_scatter(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """iree_linalg_ext.scatter into a cache split along a slice dim."""
+    updates, indices, original = svs
+    if not isinstance(original.sharding, Split):
+        if isinstance(updates.sharding, Split):
+            updates = svs[0] = s.materialize(updates)
+        return s.per_device(op, svs, [REPLICATED])
+    depth = _slice_dims_offset(op)
+    d = original.sharding.dim
+    if d < depth:
+        raise ShardError("iree_linalg_ext.scatter: the indexed dimension is split")
+    batch = len(ir.RankedTensorType(op.operands[1].type).shape) - 1
+    want = batch + d - depth
+    if isinstance(updates.sharding, Split) and updates.sharding.dim != want:
+        raise ShardError(f"iree_linalg_ext.scatter: updates are {updates.sharding}, the cache "
+                         f"needs split(dim={want})")
+
+    def operands(i):
+        up = updates.values[i] if isinstance(updates.sharding, Split) else \
+            s.slice_local(s.materialize(updates).values[i], want, i)
+        return [up, indices.values[i], original.values[i]]
+    return s.per_device(op, svs, [original.sharding], operands)
+
+
+RULES: dict[str, Callable] = {
+    "linalg.generic": rule_structured,
+    "linalg.matmul": rule_structured,
+    "linalg.fill": rule_structured,
+    "iree_linalg_ext.attention": rule_structured,
+    "tensor.expand_shape": rule_expand,
+    "tensor.collapse_shape": rule_collapse,
+    "linalg.transpose": rule_transpose,
+    "tensor.extract_slice": rule_extract_slice,
+    "tensor.cast": rule_same_as_operand,
+    "util.optimization_barrier": rule_same_as_operand,
+    "arith.constant": rule_replicated,
+    "tensor.empty": rule_replicated,
+    "tensor.dim": rule_dim,
+    "util.global.load": rule_global_load,
+    "iree_linalg_ext.gather": rule_gather,
+    "iree_linalg_ext.scatter": rule_scatter,
+}

@@ -1,0 +1,39 @@
+// RUN: %halo emit --model toy --layers 2 --tp 2 --bs-prefill 1 --bs-decode 1 --no-locations -o %t.mlir 2> %t.report
+// RUN: %FileCheck %s --input-file=%t.mlir
+// RUN: %FileCheck %s --input-file=%t.report --check-prefix=REPORT
+// RUN: %halo opt %t.mlir --verify-placement -o %t.verified.mlir
+// RUN: %iree-opt %t.mlir -o %t.iree.mlir
+// Tests that the toy model (8 kv heads, 2 layers) sharded over 2 devices splits q/k/v by
+// output rows and attn_output by input columns, keeps norms replicated (one global per
+// device, same parameter key), takes one cache argument per device holding 4 kv heads
+// (page_elems 65536 / 2) imported and aliased on its own device, scatters K/V blocks of 4
+// heads into that device's cache, and all-reduces twice per layer.
+
+// CHECK: util.global private @blk.0.attn_norm.weight$dev0 {stream.affinity = #hal.device.promise<@__device_0>} = #flow.parameter.named<"model"::"blk.0.attn_norm.weight"> : tensor<512xf16>
+// CHECK: util.global private @blk.0.attn_norm.weight$dev1 {stream.affinity = #hal.device.promise<@__device_1>} = #flow.parameter.named<"model"::"blk.0.attn_norm.weight"> : tensor<512xf16>
+// CHECK: util.global private @blk.0.attn_q.weight.shard.1 {stream.affinity = #hal.device.promise<@__device_1>} = #flow.parameter.named<"model"::"blk.0.attn_q.weight.shard.1"> : tensor<256x512xf16>
+// CHECK: util.global private @blk.0.attn_output.weight.shard.0 {stream.affinity = #hal.device.promise<@__device_0>} = #flow.parameter.named<"model"::"blk.0.attn_output.weight.shard.0"> : tensor<512x256xf16>
+// CHECK: util.global private @output.weight.shard.1 {{.+}} : tensor<512x512xf16>
+
+// CHECK-LABEL: util.func private @prefill_bs1$impl(
+// CHECK-SAME:    tensor<1x?xi64>, %{{.+}}: tensor<1xi64>, %{{.+}}: tensor<1x?xi64>, %{{.+}}: tensor<?x32768xf16>, %{{.+}}: tensor<?x32768xf16>)
+// CHECK-SAME:    -> (tensor<1x?x1024xf16>, tensor<?x32768xf16>, tensor<?x32768xf16>)
+// CHECK-SAME:    halo.arg_devices = array<i64: 0, 0, 0, 0, 1>
+// CHECK-SAME:    halo.inplace = array<i64: 3, 4>
+// CHECK:         iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<?x4x32x64xf16>, tensor<?x3xi64>) outs(%{{.+}} : tensor<?x2x2x4x32x64xf16>)
+
+// CHECK-LABEL: util.func public @prefill_bs1$async(
+// CHECK:         hal.tensor.import on(#hal.device.promise<@__device_0>) wait(%{{.+}}) => consume %arg3 : !hal.buffer_view -> tensor<?x32768xf16>
+// CHECK:         hal.tensor.import on(#hal.device.promise<@__device_1>) wait(%{{.+}}) => consume %arg4 : !hal.buffer_view -> tensor<?x32768xf16>
+// CHECK:         hal.tensor.alias on(#hal.device.promise<@__device_0>) wait(%{{.+}}) => %{{.+}} : tensor<?x32768xf16>{%{{.+}}} to %arg3
+// CHECK:         hal.tensor.alias on(#hal.device.promise<@__device_1>) wait(%{{.+}}) => %{{.+}} : tensor<?x32768xf16>{%{{.+}}} to %arg4
+// CHECK:         hal.tensor.export on(#hal.device.promise<@__device_0>)
+
+// CHECK-LABEL: util.func private @decode_bs1$impl(
+// CHECK-SAME:    %{{.+}}: tensor<?x32768xf16>, %{{.+}}: tensor<?x32768xf16>)
+// CHECK:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%{{.+}}, %{{.+}} : tensor<?x2x2x4x32x64xf16>, tensor<1x?x3xi64>)
+
+// 2 layers x 2 all-reduces x ring(2 devices) 4 transfers + 3 (or 4) replicated arguments
+// + 1 for the vocab-split logits.
+// REPORT: prefill_bs1: 20 transfers, 4 all-reduces (ring)
+// REPORT: decode_bs1: 21 transfers, 4 all-reduces (ring)
