@@ -73,7 +73,9 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
         idx = _page_indices(b, page, layer, kv)  # [N,1,3]
         block = b.gather(cache6, idx, b.empty([n, 1, kvh, stride, d], b.element_type(cache6)),
                          [0, 1, 2])
-        block = b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d])
+        # The barrier keeps the gather out of the merge's dispatch: fused, IREE 3.13's CPU
+        # backend vectorizes the pair over whole blocks and rejects the vectors as too large.
+        block = b.barrier(b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d]))
 
         def merge(old, new, pos, _):
             here = b.cmpi("eq", b.cast(b.linalg_index(2), "i64"), b.remsi(pos, stride_c))

@@ -22,7 +22,8 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:         %[[K_IDX:.+]] = linalg.generic {{.+}} ins(%[[ROW_PAGE]] : tensor<2x1xi64>) outs(%{{.+}} : tensor<2x1x3xi64>)
 # DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
 # DECODE:         %[[OLD:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[VIEW]], %[[K_IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x1x3xi64>) outs(%{{.+}} : tensor<2x1x2x8x16xf16>)
-# DECODE:         %[[OLD_B:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x1x2x8x16xf16> into tensor<2x2x8x16xf16>
+# DECODE:         %[[OLD_C:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x1x2x8x16xf16> into tensor<2x2x8x16xf16>
+# DECODE:         %[[OLD_B:.+]] = util.optimization_barrier %[[OLD_C]]
 # DECODE:         %[[NEW_K:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0], [1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<2x2x16xf16>
 # DECODE:         %[[MERGED:.+]] = linalg.generic {{.+}} ins(%[[OLD_B]], %[[NEW_K]], %[[POS]] : tensor<2x2x8x16xf16>, tensor<2x2x16xf16>, tensor<2xi64>)
 # DECODE:           arith.remsi %{{.+}}, %c8_i64
