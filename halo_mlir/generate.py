@@ -60,12 +60,14 @@ class Generator:
         if self.dtype is None:
             raise HaloError(f"kv_cache_dtype {kv['kv_cache_dtype']} is not supported here")
         self.max_len = files.config["max_seq_len"]
-        self.program = Program(files.vmfb, files.params, driver=driver)
-        self.cache = self.program.device_array(np.zeros((pages, self.page_elems), self.dtype))
+        self.tp = len(kv["paged_kv_block_size_elements_per_device"])
+        self.program = Program(files.vmfb, files.params, driver=driver, n_devices=self.tp)
+        self.caches = [self.program.device_array(np.zeros((pages, self.page_elems), self.dtype), i)
+                       for i in range(self.tp)]  # one per device, each its kv heads
         self.pages = PageAllocator(pages)
 
     def close(self):
-        del self.cache
+        del self.caches
         self.program.close()
 
     def _padded_ids(self, owned: list[int], blocks: int) -> np.ndarray:
@@ -77,7 +79,7 @@ class Generator:
         tokens = np.zeros((1, blocks * self.stride), np.int64)
         tokens[0, :len(ids)] = ids
         out = self.program.prefill(tokens, np.array([len(ids)], np.int64),
-                                   self._padded_ids(owned, blocks), [self.cache])
+                                   self._padded_ids(owned, blocks), self.caches)
         return out[0, :len(ids)].astype(np.float32)
 
     def generate(self, ids: list[int], max_tokens: int,
@@ -106,7 +108,7 @@ class Generator:
                     owned += self.pages.alloc(1)
                 out = self.program.decode(
                     np.array([[token]], np.int64), np.array([pos + 1], np.int64),
-                    np.array([pos], np.int64), np.array([owned], np.int64), [self.cache])
+                    np.array([pos], np.int64), np.array([owned], np.int64), self.caches)
                 logits = out[0, 0].astype(np.float32)
                 token = int(logits.argmax())
                 pos += 1

@@ -86,7 +86,7 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                     writer.add(key, _unpermute(g.rows_f32(key, 0, rows), permute).astype(np_dtype))
                 else:
                     blocks = _row_blocks(rows, shape[-1], lambda a, b: g.rows_f32(key, a, b))
-                    writer.add_chunks(key, (blk.reshape(-1).astype(np_dtype) for blk in blocks))
+                    writer.add_chunks(key, (blk.astype(np_dtype) for blk in blocks))
             progress(len(shapes), len(shapes), "")
             writer.commit()
             return writer.nbytes
