@@ -126,7 +126,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                       f, indent=2)
             f.write("\n")
     if report:
-        _print_report(report)
+        _print_report(report, cfg, opts)
     click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
                f"{time.perf_counter() - start:.2f} s", err=True)
 
@@ -207,11 +207,22 @@ def _declared_devices(module) -> int:
     return max(found) + 1 if found else 1
 
 
-def _print_report(report) -> None:
+def _print_report(report, cfg=None, opts=None) -> None:
+    """Transfers per entry; for decode, bytes per token per layer against the bound: an
+    all-reduce of S bytes must move at least 2(N-1)/N * S per device (ring meets it)."""
+    tp = report.tp
     for entry, n in report.transfers.items():
-        click.echo(f"{entry}: {n} transfers, {report.all_reduces[entry]} all-reduces "
-                   f"({report.allreduce}), {report.bytes[entry] / 1e6:.3f} MB moved "
-                   "(dynamic dims as 1)", err=True)
+        line = (f"{entry}: {n} transfers, {report.all_reduces[entry]} all-reduces "
+                f"({report.allreduce})")
+        if cfg is not None and entry.startswith("decode_bs"):
+            # All-reduces run on the f32 matmul accumulators (exact to TP1 up to order).
+            tokens, layers = int(entry[len("decode_bs"):]), cfg.n_layers
+            scale = tokens * layers
+            bound = 2 * (tp - 1) / tp * cfg.hidden_size * 4 * report.all_reduces[entry] / layers
+            line += (f"; per token per layer: {report.bytes[entry] / scale / 1e3:.1f} KB moved "
+                     f"in all, busiest device receives {report.busiest[entry] / scale / 1e3:.1f}"
+                     f" KB (ring bound 2(N-1)/N per all-reduce: {bound / 1e3:.1f} KB)")
+        click.echo(line, err=True)
 
 
 @main.command("import-params")

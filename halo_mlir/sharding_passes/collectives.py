@@ -28,6 +28,7 @@ class Stats:
     transfers: int = 0
     bytes: int = 0
     all_reduces: int = 0
+    received: dict = dataclasses.field(default_factory=dict)  # device -> bytes in
 
 
 def _bytes(v) -> int:
@@ -40,6 +41,7 @@ def transfer(b, v, device: int, stats: Stats):
     dims = [d for d in b.dims(v) if not isinstance(d, int)]
     stats.transfers += 1
     stats.bytes += _bytes(v)
+    stats.received[device] = stats.received.get(device, 0) + _bytes(v)
     return flow.tensor_transfer(v, dims, b.device(device))
 
 

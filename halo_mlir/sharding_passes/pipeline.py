@@ -24,6 +24,7 @@ class Report:
     transfers: dict  # entry name -> transfers in it
     bytes: dict  # entry name -> bytes moved (dynamic dims as 1)
     all_reduces: dict
+    busiest: dict  # entry name -> most bytes received by one device
 
 
 def _param_key(g) -> str | None:
@@ -133,7 +134,8 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
         "halo.result_devices": [0] * regular,
         **({"halo.divisors": divisors} if divisors else {}),
     })
-    s.report = (s.stats.transfers, s.stats.bytes, s.stats.all_reduces)
+    s.report = (s.stats.transfers, s.stats.bytes, s.stats.all_reduces,
+                max(s.stats.received.values(), default=0))
     fn.operation.erase()
     new_fn.attributes["sym_name"] = ir.StringAttr.get(name)
     s.env.clear()
@@ -166,7 +168,7 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
                         f"{', '.join(collectives.MODES)}")
     b = Builder(module.context)
     b.adopt(module)
-    report = Report(tp, allreduce, {}, {}, {})
+    report = Report(tp, allreduce, {}, {}, {}, {})
     with module.context, ir.Location.unknown():
         annotate(b, tp)
         old_globals = [op for op in module.body.operations if op.operation.name == "util.global"]
@@ -176,7 +178,8 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
             s = Sharder(b, tp, allreduce)
             s.device_globals = device_globals
             shard_function(b, s, fn)
-            report.transfers[name], report.bytes[name], report.all_reduces[name] = s.report
+            (report.transfers[name], report.bytes[name], report.all_reduces[name],
+             report.busiest[name]) = s.report
         for g in old_globals:  # every use now loads a per-device copy
             g.operation.erase()
         for fn in impl_functions(module):

@@ -67,6 +67,9 @@ class Sharder:
         self.env: dict = {}
         self.device_globals: dict[tuple[str, int], tuple[str, ir.Type]] = {}
         self.stats = collectives.Stats()
+        self.globals_by_name = {op.attributes["sym_name"].value: op
+                                for op in b.module.body.operations
+                                if op.operation.name == "util.global"}
 
     # ---- helpers -------------------------------------------------------------------
     def devices(self):
@@ -104,15 +107,34 @@ class Sharder:
         sizes[dim] = chunk
         return b.slice(v, offsets, sizes)
 
-    def clone(self, op, i: int, operands: list, result_types: list):
+    def captures(self, op) -> list:
+        """(nested op index path, operand index, captured value) for every value that the
+        regions of `op` use from outside it, found once per op."""
+        found = []
+        if not len(op.regions):
+            return found
+
+        def visit(inner):
+            for k, v in enumerate(inner.operands):
+                if v in self.env:
+                    found.append((inner, k, v))
+            return ir.WalkResult.ADVANCE
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    inner.operation.walk(visit)
+        return found
+
+    def clone(self, op, i: int, operands: list, result_types: list, captured: list):
         """Device i's copy of `op` with new operands and result types; values captured by
         its regions are remapped to device i's."""
         new = op.clone()
         for k, v in enumerate(operands):
             new.operands[k] = v
         for r, t in zip(new.results, result_types):
-            r.set_type(t)
-        if len(new.regions):
+            if r.type != t:
+                r.set_type(t)
+        if captured:
             def remap(inner):
                 for k, v in enumerate(inner.operands):
                     sv = self.env.get(v)
@@ -128,18 +150,19 @@ class Sharder:
     def per_device(self, op, operand_svs: list[SV], result_shardings: list,
                    operand_values: Callable[[int], list] | None = None) -> list[SV]:
         """Clone `op` per device; results get `result_shardings` and local types."""
+        types = []
+        for r, s in zip(op.results, result_shardings):
+            t = r.type
+            if isinstance(s, Split):
+                rt = ir.RankedTensorType(t)
+                t = ir.RankedTensorType.get(local_shape(list(rt.shape), s, self.tp),
+                                            rt.element_type)
+            types.append(t)
+        captured = self.captures(op)
         results = [[] for _ in op.results]
         for i in self.devices():
             operands = operand_values(i) if operand_values else [sv.values[i] for sv in operand_svs]
-            types = []
-            for r, s in zip(op.results, result_shardings):
-                t = r.type
-                if isinstance(s, Split):
-                    rt = ir.RankedTensorType(t)
-                    t = ir.RankedTensorType.get(local_shape(list(rt.shape), s, self.tp),
-                                                rt.element_type)
-                types.append(t)
-            new = self.clone(op, i, operands, types)
+            new = self.clone(op, i, operands, types, captured)
             for k, r in enumerate(new.results):
                 results[k].append(r)
         return [SV(s, vals) for s, vals in zip(result_shardings, results)]
@@ -352,7 +375,7 @@ def rule_dim(s: Sharder, op, svs: list[SV]) -> list[SV]:
 
 def rule_global_load(s: Sharder, op, svs: list[SV]) -> list[SV]:
     name = ir.FlatSymbolRefAttr(op.attributes["global"]).value
-    g = s.b.lookup_global(name)
+    g = s.globals_by_name[name]
     sharding = parse_split(g.attributes["halo.split"]) if "halo.split" in g.attributes \
         else REPLICATED
     values = []
