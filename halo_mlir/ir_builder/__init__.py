@@ -1,5 +1,5 @@
 """The only package that imports `iree.compiler.ir` and its dialects."""
 
-from halo_mlir.ir_builder.builder import DYN, Builder, Dim, Value
+from halo_mlir.ir_builder.builder import DYN, Builder, Dim, Value, walk_nested
 
-__all__ = ["Builder", "DYN", "Dim", "Value"]
+__all__ = ["Builder", "DYN", "Dim", "Value", "walk_nested"]

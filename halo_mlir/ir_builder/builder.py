@@ -503,3 +503,14 @@ def _groups(groups: Sequence[Sequence[int]]) -> ir.ArrayAttr:
     i64 = ir.IntegerType.get_signless(64)
     return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(i64, d) for d in g])
                              for g in groups])
+
+
+def walk_nested(op, visit: Callable) -> None:
+    """Call `visit(inner)` on every operation nested in `op`'s regions (not `op` itself)."""
+    def step(inner):
+        visit(inner)
+        return ir.WalkResult.ADVANCE
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                inner.operation.walk(step)

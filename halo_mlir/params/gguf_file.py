@@ -13,12 +13,13 @@ import numpy as np
 
 from halo_mlir.config import LLAMA3_ROPE_SCALING, LlamaConfig
 from halo_mlir.errors import HaloError
+from halo_mlir.params.fd_file import FdFile
 from halo_mlir.ops.rope import inv_freq
 
 SUPPORTED_ARCHS = ("llama",)
 
 
-class GgufFile:
+class GgufFile(FdFile):
     def __init__(self, path: str | Path):
         import gguf
 
@@ -38,16 +39,6 @@ class GgufFile:
                                 "file; the file is truncated, download it again")
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def close(self):
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.close()
 
     # ---- metadata --------------------------------------------------------------------
     def get(self, key: str, default=None):

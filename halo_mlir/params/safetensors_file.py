@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from halo_mlir.errors import HaloError
+from halo_mlir.params.fd_file import FdFile
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-class SafetensorsFile:
+class SafetensorsFile(FdFile):
     def __init__(self, path: str | Path):
         import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
@@ -66,13 +67,3 @@ class SafetensorsFile:
         data = os.pread(self._fd, (stop - start) * row, begin)
         return np.frombuffer(data, dtype).reshape((stop - start, *shape[1:]))
 
-    def close(self):
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.close()

@@ -20,7 +20,7 @@ from iree.compiler import ir
 from iree.compiler.dialects import flow, util
 
 from halo_mlir.errors import HaloError
-from halo_mlir.ir_builder import Builder
+from halo_mlir.ir_builder import Builder, walk_nested
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import PARTIAL, REPLICATED, Partial, Replicated, Split
 
@@ -115,14 +115,8 @@ class Sharder:
             return found
 
         def visit(inner):
-            for k, v in enumerate(inner.operands):
-                if v in self.env:
-                    found.append((inner, k, v))
-            return ir.WalkResult.ADVANCE
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    inner.operation.walk(visit)
+            found.extend((inner, k, v) for k, v in enumerate(inner.operands) if v in self.env)
+        walk_nested(op, visit)
         return found
 
     def clone(self, op, i: int, operands: list, result_types: list, captured: list):
@@ -140,11 +134,7 @@ class Sharder:
                     sv = self.env.get(v)
                     if sv is not None:
                         inner.operands[k] = sv.values[i]
-                return ir.WalkResult.ADVANCE
-            for region in new.regions:
-                for block in region.blocks:
-                    for inner in block.operations:
-                        inner.operation.walk(remap)
+            walk_nested(new, remap)
         return new
 
     def per_device(self, op, operand_svs: list[SV], result_shardings: list,
@@ -206,11 +196,7 @@ def _uses_index(op, dim: int) -> bool:
     def visit(inner):
         if inner.name == "linalg.index" and ir.IntegerAttr(inner.attributes["dim"]).value == dim:
             found.append(inner)
-        return ir.WalkResult.ADVANCE
-    for region in op.regions:
-        for block in region.blocks:
-            for inner in block.operations:
-                inner.operation.walk(visit)
+    walk_nested(op, visit)
     return bool(found)
 
 

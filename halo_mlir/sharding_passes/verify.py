@@ -18,6 +18,7 @@ import re
 from iree.compiler import ir
 
 from halo_mlir.errors import HaloError
+from halo_mlir.ir_builder import walk_nested
 from halo_mlir.model.entry import impl_functions
 
 _PROMISE = re.compile(r"#hal\.device\.promise<@(\w+)>")
@@ -102,11 +103,5 @@ def _operands(op) -> list:
     if not len(op.regions):
         return vals
 
-    def visit(inner):
-        vals.extend(inner.operands)
-        return ir.WalkResult.ADVANCE
-    for region in op.regions:
-        for blk in region.blocks:
-            for inner in blk.operations:
-                inner.operation.walk(visit)
+    walk_nested(op, lambda inner: vals.extend(inner.operands))
     return vals
