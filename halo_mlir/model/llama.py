@@ -77,14 +77,6 @@ class _Model:
             return quantized_linear(self.b, x, fmt, fields, shape[0], dtype=self.dt)
         return linear(self.b, x, self.w(key, shape), dtype=self.dt)
 
-    def block_linear(self, i: int, name: str, x: Value) -> Value:
-        template = f"blk.{{i}}.{name}.weight"
-        return self.linear(template.format(i=i), block_shapes(self.cfg)[template], x)
-
-    def block_w(self, i: int, name: str) -> Value:
-        template = f"blk.{{i}}.{name}.weight"
-        return self.w(template.format(i=i), block_shapes(self.cfg)[template])
-
     def embed(self, tokens: Value) -> Value:
         shape = (self.cfg.vocab_size, self.cfg.hidden_size)
         if "token_embd.weight" in self.formats:
@@ -93,15 +85,15 @@ class _Model:
         return embedding(self.b, self.w("token_embd.weight", shape), tokens)
 
     # ---- the decoder ---------------------------------------------------------------
-    def forward(self, tokens: Value, positions: Value, seq_lens: Value, kv) -> Value:
-        """tokens[N,S], positions[N,S] -> logits[N,S,V]; `kv` reads/writes the cache."""
+    def forward(self, tokens: Value, positions: Value, seq_lens: Value, kv: "_Stack") -> Value:
+        """tokens[N,S], positions[N,S] -> logits[N,S,V]; `kv` runs the blocks over the cache."""
         b, cfg = self.b, self.cfg
         with b.at("token_embd"):
             h = self.embed(tokens)
         with b.at("rope"):
             freqs = b.dense(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "f32")
         for i in range(cfg.n_layers):
-            h = self.block(i, h, positions, seq_lens, freqs, kv)
+            h = kv.call_layer(i, h, positions, seq_lens, freqs)
         with b.at("output_norm"):
             h = rmsnorm(b, h, self.w("output_norm.weight", (cfg.hidden_size,)),
                         eps=cfg.rms_eps, dtype=self.dt)
@@ -110,15 +102,23 @@ class _Model:
             return self.linear(key, (cfg.vocab_size, cfg.hidden_size), h)
 
     def block(self, i: int, h: Value, positions: Value, seq_lens: Value, freqs: Value,
-              kv) -> Value:
+              kv, weights) -> Value:
+        """One decoder block; `weights[name]` is a weight Value or (format, fields)."""
         b, cfg, dt = self.b, self.cfg, self.dt
+
+        def linear_(name, x):
+            w = weights[name]
+            if isinstance(w, tuple):
+                return quantized_linear(b, x, w[0], w[1], block_shapes(cfg)[
+                    f"blk.{{i}}.{name}.weight"][0], dtype=dt)
+            return linear(b, x, w, dtype=dt)
         with b.at(f"blk.{i}.attn_norm"):
-            x = rmsnorm(b, h, self.block_w(i, "attn_norm"), eps=cfg.rms_eps, dtype=dt)
+            x = rmsnorm(b, h, weights["attn_norm"], eps=cfg.rms_eps, dtype=dt)
         heads = {}
         for name, count in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads),
                             ("attn_v", cfg.n_kv_heads)):
             with b.at(f"blk.{i}.{name}"):
-                y = self.block_linear(i, name, x)
+                y = linear_(name, x)
                 n, s, _ = b.dims(y)
                 heads[name] = b.reshape(y, [[0], [1], [2, 3]], [n, s, count, cfg.head_dim])
         with b.at(f"blk.{i}.rope"):
@@ -135,13 +135,13 @@ class _Model:
             o = ATTENTION[self.opts.attention](b, q, k_all, v_all, positions, seq_lens, dtype=dt)
             o = b.reshape(o, [[0], [1], [2, 3, 4]], [n, s, cfg.n_heads * cfg.head_dim])
         with b.at(f"blk.{i}.attn_output"):
-            h = add(b, h, self.block_linear(i, "attn_output", o))
+            h = add(b, h, linear_("attn_output", o))
         with b.at(f"blk.{i}.ffn_norm"):
-            x = rmsnorm(b, h, self.block_w(i, "ffn_norm"), eps=cfg.rms_eps, dtype=dt)
+            x = rmsnorm(b, h, weights["ffn_norm"], eps=cfg.rms_eps, dtype=dt)
         with b.at(f"blk.{i}.ffn"):
-            gate = self.block_linear(i, "ffn_gate", x)
-            up = self.block_linear(i, "ffn_up", x)
-            y = self.block_linear(i, "ffn_down", silu_mul(b, gate, up, dtype=dt))
+            gate = linear_("ffn_gate", x)
+            up = linear_("ffn_up", x)
+            y = linear_("ffn_down", silu_mul(b, gate, up, dtype=dt))
             return add(b, h, y)
 
     # ---- entry points --------------------------------------------------------------
@@ -163,10 +163,6 @@ class _Model:
         return kv_cache.cache_view(self.b, cache, layers=cfg.n_layers, kv_heads=cfg.n_kv_heads,
                                    stride=self.opts.block_seq_stride, head_dim=cfg.head_dim)
 
-    def layer_index(self, i: int) -> Value:
-        # Opaque so the layer is a kernel operand, not a constant: one kernel for all layers.
-        return self.b.barrier(self.b.scalar(i, "i64"))
-
     def prefill(self, bs: int):
         b = self.b
         i64 = "i64"
@@ -179,20 +175,15 @@ class _Model:
             # S is a multiple of the page size (ABI.md): tell IREE (`util.assume.int`), so
             # prefill matmuls with their dynamic M get MFMA on gfx942.
             self.mark_entry(name, 3, divisors=(0, 1, self.opts.block_seq_stride))
+            impl = b.current_function
             with b.at("positions"):
                 n, s = b.dims(tokens)
                 positions = b.generic("->bs", [], [b.empty([n, s], i64)],
                                       lambda _: b.cast(b.linalg_index(1), i64))
-            state = {"cache": self.view(cache)}
-
-            def kv(i, k, v):
-                state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages,
-                                                       self.layer_index(i))
-                return k, v
-
-            logits = self.forward(tokens, positions, seq_lens, kv)
-            b.ret(logits, kv_cache.cache_flat(b, state["cache"]))
-        build_entry(b, b.current_function)
+            stack = _Stack(self, name, self.view(cache), pages)
+            logits = self.forward(tokens, positions, seq_lens, stack)
+            b.ret(logits, kv_cache.cache_flat(b, stack.cache))
+        build_entry(b, impl)
 
     def decode(self, bs: int):
         b = self.b
@@ -204,20 +195,84 @@ class _Model:
         with b.function(f"{name}$impl", args, [logits_t, args[4]], private=True) as (
                 tokens, seq_lens, start, pages, cache):
             self.mark_entry(name, 4)
+            impl = b.current_function
             with b.at("positions"):
                 positions = b.reshape(start, [[0, 1]], [bs, 1])
-            state = {"cache": self.view(cache)}
+            stack = _Stack(self, name, self.view(cache), pages, start)
+            logits = self.forward(tokens, positions, seq_lens, stack)
+            b.ret(logits, kv_cache.cache_flat(b, stack.cache))
+        build_entry(b, impl)
 
-            def kv(i, k, v):
-                layer = self.layer_index(i)
-                c = kv_cache.write_position(b, state["cache"], k, v, pages, start, layer)
-                state["cache"] = c
+
+BLOCK_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down")
+
+
+class _Stack:
+    """The decoder blocks of one entry point. Each layer is a call to a private layer
+    function (one per entry and weight-format signature; IREE inlines it), taking that
+    layer's weights and an opaque layer index: the IR has one block body per entry, passes
+    work on it once, and every layer shares its kernels."""
+
+    def __init__(self, m: "_Model", entry: str, cache6: Value, pages: Value,
+                 start: Value | None = None):
+        self.m, self.entry, self.cache, self.pages, self.start = m, entry, cache6, pages, start
+        self.functions: dict[tuple, str] = {}
+
+    def call_layer(self, i: int, h: Value, positions: Value, seq_lens: Value,
+                   freqs: Value) -> Value:
+        m, b = self.m, self.m.b
+        weights, formats = [], []
+        with b.at(f"blk.{i}"):
+            for name in BLOCK_WEIGHTS:
+                key = f"blk.{i}.{name}.weight"
+                shape = block_shapes(m.cfg)[f"blk.{{i}}.{name}.weight"]
+                if key in m.formats:
+                    fmt, fields = m.quantized_fields(key, shape)
+                    weights += fields
+                    formats.append(fmt)
+                else:
+                    weights.append(m.w(key, shape))
+                    formats.append(None)
+            # Opaque, so the layer is a kernel operand and not a constant once inlined.
+            layer = b.barrier(b.scalar(i, "i64"))
+            extra = [self.pages] + ([self.start] if self.start is not None else [])
+            args = [h, positions, seq_lens, freqs, *extra, self.cache, layer, *weights]
+            fn = self.functions.get(tuple(formats)) or self.define(tuple(formats), args)
+            h, self.cache = b.call(fn, args, [h.type, self.cache.type])
+        return h
+
+    def define(self, formats: tuple, args: list) -> str:
+        m, b = self.m, self.m.b
+        name = f"{self.entry}$layer{len(self.functions)}"
+        with b.function(name, [a.type for a in args], [args[0].type, self.cache.type],
+                        private=True) as params, b.at("blk"):
+            h, positions, seq_lens, freqs, pages = params[:5]
+            rest = params[5:]
+            start = None
+            if self.start is not None:
+                start, rest = rest[0], rest[1:]
+            cache, layer, rest = rest[0], rest[1], rest[2:]
+            weights = {}
+            for wname, fmt in zip(BLOCK_WEIGHTS, formats):
+                n = 1 if fmt is None else len(quant_format(fmt).fields)
+                weights[wname] = rest[0] if fmt is None else (fmt, rest[:n])
+                rest = rest[n:]
+            state = {"cache": cache}
+
+            def kv(_, k, v):
+                if start is None:  # prefill: the fresh K/V are the keys and values
+                    state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages, layer)
+                    return k, v
+                c = state["cache"] = kv_cache.write_position(b, state["cache"], k, v, pages,
+                                                             start, layer)
                 return (kv_cache.read_pages(b, c, pages, layer, 0),
                         kv_cache.read_pages(b, c, pages, layer, 1))
 
-            logits = self.forward(tokens, positions, seq_lens, kv)
-            b.ret(logits, kv_cache.cache_flat(b, state["cache"]))
-        build_entry(b, b.current_function)
+            h = m.block("*", h, positions, seq_lens, freqs, kv, weights)
+            b.ret(h, state["cache"])
+        self.functions[formats] = name
+        return name
 
 
 def emit_module(cfg: LlamaConfig, opts: EmitOptions = EmitOptions(), *, context=None):

@@ -30,6 +30,13 @@ class Stats:
     all_reduces: int = 0
     received: dict = dataclasses.field(default_factory=dict)  # device -> bytes in
 
+    def add(self, other: "Stats") -> None:
+        self.transfers += other.transfers
+        self.bytes += other.bytes
+        self.all_reduces += other.all_reduces
+        for d, n in other.received.items():
+            self.received[d] = self.received.get(d, 0) + n
+
 
 def _bytes(v) -> int:
     t = ir.RankedTensorType(v.type)

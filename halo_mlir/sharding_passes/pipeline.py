@@ -141,6 +141,57 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
     s.env.clear()
 
 
+def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
+    """Shard private function `name` for the given argument shardings into
+    `name.tpN.K`: one argument and one result per device for each original one.
+    Returns (new name, result shardings, flattened result types, its transfer stats)."""
+    fn = b.lookup(name)
+    if fn is None:
+        raise ShardError(f"util.call to @{name}, which is not in the module")
+    tp = parent.tp
+    ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+    inputs = []
+    for t, sh in zip(ftype.inputs, arg_shardings):
+        if isinstance(sh, Split):
+            rt = ir.RankedTensorType(t)
+            t = ir.RankedTensorType.get(local_shape(list(rt.shape), sh, tp), rt.element_type)
+        inputs += [t] * tp
+    s = Sharder(b, tp, parent.allreduce)
+    s.device_globals, s.globals_by_name = parent.device_globals, parent.globals_by_name
+    s.callees, s.shard_callee = parent.callees, parent.shard_callee
+    new_name = f"{name}.tp{tp}.{len(parent.callees)}"
+    outer = b.current_function
+    with b.function(new_name, inputs, [], private=True) as args:
+        new_fn = b.current_function
+        for k, (old, sh) in enumerate(zip(fn.regions[0].blocks[0].arguments, arg_shardings)):
+            s.env[old] = SV(sh, list(args[k * tp:(k + 1) * tp]))
+        result_shardings, values = [], []
+        for op in fn.regions[0].blocks[0].operations:
+            if op.operation.name == "util.return":
+                for v in op.operands:
+                    sv = s.get(v)
+                    if isinstance(sv.sharding, Partial):
+                        sv = s.materialize(sv)
+                    result_shardings.append(sv.sharding)
+                    values += sv.values
+                b.ret(*values)
+                continue
+            rule = RULES.get(op.operation.name)
+            if rule is None:
+                raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
+                                 f"(in {name})")
+            with op.location:
+                out = rule(s, op.operation, [s.get(v) for v in op.operands])
+            for r, sv in zip(op.results, out):
+                s.env[r] = sv
+    types = [v.type for v in values]
+    new_fn.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(inputs, types))
+    b.annotate(new_fn, **{"halo.arg_devices": list(range(tp)) * len(arg_shardings),
+                          "halo.result_devices": list(range(tp)) * len(result_shardings)})
+    b.current_function = outer
+    return new_name, result_shardings, types, s.stats
+
+
 def _return(b: Builder, s: Sharder, op, regular: int, inplace: list, splits: list) -> None:
     values = []
     for v in list(op.operands)[:regular]:
@@ -173,15 +224,24 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
         annotate(b, tp)
         old_globals = [op for op in module.body.operations if op.operation.name == "util.global"]
         device_globals: dict = {}  # shared: every entry loads the same per-device globals
+        callees: dict = {}  # shared: sharded private functions by argument shardings
+        originals = {op.attributes["sym_name"].value for op in module.body.operations
+                     if op.operation.name == "util.func"}
         for fn in impl_functions(module):
             name = fn.attributes["halo.entry"].value
             s = Sharder(b, tp, allreduce)
-            s.device_globals = device_globals
+            s.device_globals, s.callees = device_globals, callees
+            s.shard_callee = lambda name, shardings, parent=s: shard_callee(b, parent, name,
+                                                                            shardings)
             shard_function(b, s, fn)
             (report.transfers[name], report.bytes[name], report.all_reduces[name],
              report.busiest[name]) = s.report
         for g in old_globals:  # every use now loads a per-device copy
             g.operation.erase()
+        for key in callees:  # the TP1 callees are replaced by their sharded versions
+            op = b.lookup(key[0])
+            if op is not None and key[0] in originals:
+                op.operation.erase()
         for fn in impl_functions(module):
             name = fn.attributes["halo.entry"].value
             remove_entry(module, name)

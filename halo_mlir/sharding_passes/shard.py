@@ -70,6 +70,8 @@ class Sharder:
         self.globals_by_name = {op.attributes["sym_name"].value: op
                                 for op in b.module.body.operations
                                 if op.operation.name == "util.global"}
+        self.callees: dict = {}  # (callee, argument shardings) -> sharded function
+        self.shard_callee = None  # set by the pipeline (it owns function-level sharding)
 
     # ---- helpers -------------------------------------------------------------------
     def devices(self):
@@ -418,7 +420,23 @@ def rule_scatter(s: Sharder, op, svs: list[SV]) -> list[SV]:
     return s.per_device(op, svs, [original.sharding], operands)
 
 
+def rule_call(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """util.call: shard the callee once per signature of argument shardings (it takes and
+    returns one value per device for each original argument and result), then call it."""
+    callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
+    key = (callee, tuple(str(sv.sharding) for sv in svs))
+    if key not in s.callees:
+        s.callees[key] = s.shard_callee(callee, [sv.sharding for sv in svs])
+    name, result_shardings, result_types, stats = s.callees[key]
+    s.stats.add(stats)  # the callee's transfers run once per call
+    from iree.compiler.dialects import util as util_d
+    call = util_d.CallOp(result_types, name, [v for sv in svs for v in sv.values])
+    results = list(call.results)
+    return [SV(sh, results[k * s.tp:(k + 1) * s.tp]) for k, sh in enumerate(result_shardings)]
+
+
 RULES: dict[str, Callable] = {
+    "util.call": rule_call,
     "linalg.generic": rule_structured,
     "linalg.matmul": rule_structured,
     "linalg.fill": rule_structured,

@@ -6,7 +6,8 @@ Checks, per entry function:
 - every op's tensor operands (including values its regions capture) live on one device:
   placement flows from arguments (`halo.arg_devices`), per-device globals
   (`stream.affinity`) and `flow.tensor.transfer` targets;
-- the number of transfers is what the plan predicts: 2(N-1)N per ring all-reduce or
+- calls pass each argument on the device the (sharded) callee expects it;
+- the number of transfers executed (a callee's counted once per call) is what the plan predicts: 2(N-1)N per ring all-reduce or
   2(N-1) per star all-reduce (one all-reduce per row-split weight use), N-1 per replicated
   argument, N-1 for the vocab-split logits gathered to device 0.
 """
@@ -52,44 +53,72 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
             if "stream.affinity" in op.attributes:
                 global_device[sym] = _device(op.attributes["stream.affinity"])
             global_split[sym] = ".shard." in sym
-    counts = {}
-    for fn in impl_functions(module):
-        entry = fn.attributes["halo.entry"].value
+    functions = {op.attributes["sym_name"].value: op for op in module.body.operations
+                 if op.operation.name == "util.func" and "halo.arg_devices" in op.attributes}
+    executed: dict[str, int] = {}  # transfers one call of a function performs
+
+    def check(name: str) -> int:
+        if name in executed:
+            return executed[name]
+        fn = functions[name]
         where: dict = {}
         block = fn.regions[0].blocks[0]
         for arg, dev in zip(block.arguments, _ints(fn, "halo.arg_devices")):
             where[arg] = None if dev < 0 else dev
-        transfers = row_split_loads = 0
-        gathered_logits = False
+        transfers = 0
         for op in block.operations:
             o = op.operation
             if o.name == "flow.tensor.transfer":
                 transfers += 1
-                dev = _device(o.attributes["target"])
+                devs = [_device(o.attributes["target"])]
             elif o.name == "util.global.load":
                 sym = ir.FlatSymbolRefAttr(o.attributes["global"]).value
                 dev = global_device.get(sym)
                 if dev is None:
                     raise HaloError(f"{_where(o)}: global @{sym} has no device (stream.affinity)")
-                if ".shard." in sym and any(k in sym for k in ("attn_output", "ffn_down")):
-                    row_split_loads += 1
-                gathered_logits = gathered_logits or sym.startswith("output.weight.shard.")
+                devs = [dev]
             elif o.name == "util.return":  # results stay where they are (one per device)
                 continue
+            elif o.name == "util.call":
+                callee = ir.FlatSymbolRefAttr(o.attributes["callee"]).value
+                if callee not in functions:
+                    raise HaloError(f"{_where(o)}: calls @{callee}, which has no placement")
+                wanted = _ints(functions[callee], "halo.arg_devices")
+                for k, (v, want) in enumerate(zip(o.operands, wanted)):
+                    have = where.get(v)
+                    if have is not None and have != want:
+                        raise HaloError(f"{_where(o)}: argument {k} lives on device {have}, "
+                                        f"@{callee} expects device {want}")
+                transfers += check(callee)
+                devs = [None if d < 0 else d
+                        for d in _ints(functions[callee], "halo.result_devices")]
             else:
-                devs = {where.get(v) for v in _operands(o)} - {None}
-                if len(devs) > 1:
-                    raise HaloError(f"{_where(o)}: operands live on devices {sorted(devs)}; "
+                found = {where.get(v) for v in _operands(o)} - {None}
+                if len(found) > 1:
+                    raise HaloError(f"{_where(o)}: operands live on devices {sorted(found)}; "
                                     "a flow.tensor.transfer is missing")
-                dev = devs.pop() if devs else None
-            for r in o.results:
+                devs = [found.pop() if found else None] * len(o.results)
+            for r, dev in zip(o.results, devs):
                 where[r] = dev
+        executed[name] = transfers
+        return transfers
+
+    counts = {}
+    for fn in impl_functions(module):
+        entry = fn.attributes["halo.entry"].value
+        transfers = check(fn.attributes["sym_name"].value)
         if allreduce:
+            loads = [ir.FlatSymbolRefAttr(op.attributes["global"]).value
+                     for op in fn.regions[0].blocks[0].operations
+                     if op.operation.name == "util.global.load"]
+            row_split = sum(1 for sym in loads if ".shard." in sym and
+                            any(k in sym for k in ("attn_output", "ffn_down")))
+            gathered_logits = any(sym.startswith("output.weight.shard.") for sym in loads)
             per = 2 * (tp - 1) * tp if allreduce == "ring" else 2 * (tp - 1)
             devs = _ints(fn, "halo.arg_devices")
             groups = sum(1 for d in devs if d != 0) // max(tp - 1, 1)
             replicated_args = len(devs) - groups * tp
-            predicted = ((row_split_loads // tp) * per
+            predicted = ((row_split // tp) * per
                          + (replicated_args + int(gathered_logits)) * (tp - 1))
             if transfers != predicted:
                 raise HaloError(f"{entry}: {transfers} transfers, the plan predicts {predicted}")

@@ -7,7 +7,8 @@
 // output rows and attn_output by input columns, keeps norms replicated (one global per
 // device, same parameter key), takes one cache argument per device holding 4 kv heads
 // (page_elems 65536 / 2) imported and aliased on its own device, scatters K/V blocks of 4
-// heads into that device's cache, and all-reduces twice per layer.
+// heads into that device's cache, and all-reduces twice per layer. The layer body is a
+// function sharded once (per argument shardings) and called for every layer.
 
 // CHECK: util.global private @blk.0.attn_norm.weight$dev0 {stream.affinity = #hal.device.promise<@__device_0>} = #flow.parameter.named<"model"::"blk.0.attn_norm.weight"> : tensor<512xf16>
 // CHECK: util.global private @blk.0.attn_norm.weight$dev1 {stream.affinity = #hal.device.promise<@__device_1>} = #flow.parameter.named<"model"::"blk.0.attn_norm.weight"> : tensor<512xf16>
@@ -20,7 +21,7 @@
 // CHECK-SAME:    -> (tensor<1x?x1024xf16>, tensor<?x32768xf16>, tensor<?x32768xf16>)
 // CHECK-SAME:    halo.arg_devices = array<i64: 0, 0, 0, 0, 1>
 // CHECK-SAME:    halo.inplace = array<i64: 3, 4>
-// CHECK:         iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<?x4x32x64xf16>, tensor<?x3xi64>) outs(%{{.+}} : tensor<?x2x2x4x32x64xf16>)
+// CHECK-COUNT-2: util.call @prefill_bs1$layer0.tp2.0(
 
 // CHECK-LABEL: util.func public @prefill_bs1$async(
 // CHECK:         hal.tensor.import on(#hal.device.promise<@__device_0>) wait(%{{.+}}) => consume %arg3 : !hal.buffer_view -> tensor<?x32768xf16>
@@ -29,8 +30,15 @@
 // CHECK:         hal.tensor.alias on(#hal.device.promise<@__device_1>) wait(%{{.+}}) => %{{.+}} : tensor<?x32768xf16>{%{{.+}}} to %arg4
 // CHECK:         hal.tensor.export on(#hal.device.promise<@__device_0>)
 
+// The layer body, sharded once and called per layer: each device scatters its 4 heads.
+// CHECK-LABEL: util.func private @prefill_bs1$layer0.tp2.0(
+// CHECK-SAME:    halo.arg_devices = array<i64: 0, 1, 0, 1
+// CHECK-COUNT-4: iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<?x4x32x64xf16>, tensor<?x3xi64>) outs(%{{.+}} : tensor<?x2x2x4x32x64xf16>)
+
 // CHECK-LABEL: util.func private @decode_bs1$impl(
 // CHECK-SAME:    %{{.+}}: tensor<?x32768xf16>, %{{.+}}: tensor<?x32768xf16>)
+// CHECK-COUNT-2: util.call @decode_bs1$layer0.tp2.1(
+// CHECK-LABEL: util.func private @decode_bs1$layer0.tp2.1(
 // CHECK:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%{{.+}}, %{{.+}} : tensor<?x2x2x4x32x64xf16>, tensor<1x?x3xi64>)
 
 // 2 layers x 2 all-reduces x ring(2 devices) 4 transfers + 3 (or 4) replicated arguments

@@ -1,0 +1,621 @@
+"""Capacity planner: will a model fit, how much KV cache is left, and how fast could it run.
+
+Pure arithmetic over a `LlamaConfig`, a GPU spec and the serving knobs (`--tp`, `--dtype`,
+`--max-seq-len`, `--batch`); nothing is compiled or run. Every figure is PER DEVICE (one
+GPU, or one partition in CPX mode) because that is what runs out first. Units: bytes, FLOPs,
+seconds; "GB" in messages and tables means 1e9 bytes, as GPU vendors state capacity.
+
+The model, term by term (each term is one function below):
+
+- weights: the tensors of ABI.md's parameter list, sharded like `sharding_passes/plan.py`
+  (q/k/v/gate/up/attn_output/down and lm_head split by `tp`, norms and the token embedding
+  replicated; tied embeddings have no separate lm_head). Element widths by `--dtype`:
+  f32 4 bytes, f16/bf16 2; fp8 stores the block matmul weights in 1 byte and keeps norms,
+  the token embedding and lm_head in f16 (as Meta's and AMD Quark's FP8 Llama checkpoints
+  do: lm_head stays unquantized), and computes activations in f16 (ABI.md: logits are f16
+  when the model computes in fp8).
+- KV cache: `batch` sequences of `max_seq_len` tokens, each rounded up to whole pages of
+  `block_seq_stride` tokens; a page holds `page_elems = layers*2*(kv_heads/tp)*stride*
+  head_dim` elements per device (ABI.md). The cache dtype defaults to the activation dtype
+  (that is what `cache_state: DT[...]` means in ABI.md), and to fp8 for fp8 models.
+- activations: the peak of live buffers inside one transformer block (buffers are reused
+  block to block), plus the logits, for the larger of the two calls: a prefill of `batch`
+  rows of `prefill_len` tokens, and a decode step of `batch` tokens at `max_seq_len`.
+  See `activation_terms`.
+- workspace: a flat `workspace_fraction` of the device memory (default 5%) for the HIP/IREE
+  runtime, kernel scratch and allocator fragmentation.
+- roofline: time = max(bytes read / HBM bandwidth, FLOPs / peak matrix rate) + all-reduce
+  time (2 per block: after attn_output and after ffn_down). See `roofline_decode`,
+  `roofline_prefill` and `allreduce_seconds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from halo_mlir.config import LlamaConfig
+from halo_mlir.errors import HaloError
+from halo_mlir.sharding_passes.plan import Split, check_divisible, weight_sharding
+
+GB = 1e9
+
+# ---------------------------------------------------------------------------------------
+# GPUs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """One device as the planner sees it. Rates are peak (datasheet) figures."""
+    name: str
+    memory_bytes: float          # usable HBM, bytes
+    hbm_bytes_per_s: float       # HBM bandwidth, bytes/s
+    peak_flops: dict             # compute dtype -> dense matrix FLOP/s
+    links: int                   # Infinity Fabric links to peer GPUs
+    link_bytes_per_s: float      # per link, per direction, bytes/s
+    transfer_latency_s: float    # fixed cost of one device-to-device transfer, s
+    description: str
+
+
+# AMD Instinct MI300X (SPX, NPS1: one device per package). Sources:
+# - 192 GB HBM3, 5.3 TB/s, FP16/BF16 dense matrix 1307.4 TFLOPS, FP8 2614.9 TFLOPS, 750 W:
+#   AMD's MI300X datasheet figures as quoted in github.com/alpharomercoma/MI300X-vs-H200
+#   (METHODOLOGY.md, REPORT.md); 192 GB / 5.3 TB/s also in docs.vultr.com/inference-cookbook/
+#   rocm/getting-started/hardware-requirements and in MLCommons inference v4.1 system
+#   descriptions ("AMD Instinct MI300X-NPS1-SPX-192GB-750W", HBM3). FP32 matrix 163.4 TFLOPS
+#   is the same datasheet's figure.
+# - Infinity Fabric: 7 links per GPU, x16 at 32 Gb/s per lane = 128 GB/s bidirectional, i.e.
+#   64 GB/s per direction per link, 448 GB/s aggregate per direction (wheelersnetwork.com
+#   2024/01, "AMD Looks to Infinity for AI Interconnects").
+# - Transfer latency 10 us: an assumption (one cross-device copy with its launch and
+#   synchronisation in HIP/IREE; small-message RCCL all-reduce steps on MI300X are of this
+#   order), not a datasheet figure.
+_MI300X_PEAK = {"f16": 1307.4e12, "bf16": 1307.4e12, "fp8": 2614.9e12, "f32": 163.4e12}
+_MI300X = GpuSpec(
+    name="mi300x", memory_bytes=192e9, hbm_bytes_per_s=5.3e12, peak_flops=_MI300X_PEAK,
+    links=7, link_bytes_per_s=64e9, transfer_latency_s=10e-6,
+    description="AMD Instinct MI300X, SPX: 192 GB HBM3, 5.3 TB/s, 1307.4 TFLOPS f16")
+
+# CPX: each of the 8 XCDs (38 CUs) is its own device (instinct.docs.amd.com, "AMD Instinct
+# MI300X GPU Partitioning Overview"); with NPS4 memory (4 partitions of 48 GB) two CPX
+# devices share a quadrant, so each gets 24 GB. We model a partition as 1/8 of the package:
+# memory, HBM bandwidth and compute. Peer traffic keeps the xGMI link figures, an upper bound
+# on its time (partitions on one package talk over the faster on-package fabric).
+_CPX = 8
+GPUS: dict[str, GpuSpec] = {
+    "mi300x": _MI300X,
+    "mi300x-cpx": dataclasses.replace(
+        _MI300X, name="mi300x-cpx", memory_bytes=_MI300X.memory_bytes / _CPX,
+        hbm_bytes_per_s=_MI300X.hbm_bytes_per_s / _CPX,
+        peak_flops={k: v / _CPX for k, v in _MI300X_PEAK.items()},
+        description="AMD Instinct MI300X, one CPX partition (1/8): 24 GB, 662.5 GB/s"),
+}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The GpuSpec called `name`; HaloError listing the known names otherwise."""
+    try:
+        return GPUS[name]
+    except KeyError:
+        raise HaloError(f"unknown GPU {name!r}: choose one of {', '.join(GPUS)}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Dtypes
+# ---------------------------------------------------------------------------------------
+
+ELEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "fp8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeSpec:
+    """What `--dtype X` means for storage and compute."""
+    matmul_weight: str   # dtype of the block matmul weights (q/k/v/o/gate/up/down)
+    other_weight: str    # norms, token embedding, lm_head
+    activation: str      # activations, logits, and the peak-rate column for non-block work
+    kv_default: str      # KV-cache dtype when --kv-dtype is not given
+
+
+DTYPES = {
+    "f32": DtypeSpec("f32", "f32", "f32", "f32"),
+    "f16": DtypeSpec("f16", "f16", "f16", "f16"),
+    "bf16": DtypeSpec("bf16", "bf16", "bf16", "bf16"),
+    "fp8": DtypeSpec("fp8", "f16", "f16", "fp8"),
+}
+
+
+def _dtype_spec(dtype: str) -> DtypeSpec:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise HaloError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One parameter: ABI key, [out, in] shape, and kind ("matmul", "head", "embed", "norm")."""
+    key: str
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def weight_inventory(cfg: LlamaConfig) -> list[Tensor]:
+    """Every parameter tensor of the model, under its ABI.md key."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
+    block = [("attn_norm.weight", (h,), "norm"), ("attn_q.weight", (q, h), "matmul"),
+             ("attn_k.weight", (kv, h), "matmul"), ("attn_v.weight", (kv, h), "matmul"),
+             ("attn_output.weight", (h, q), "matmul"), ("ffn_norm.weight", (h,), "norm"),
+             ("ffn_gate.weight", (cfg.ffn_dim, h), "matmul"),
+             ("ffn_up.weight", (cfg.ffn_dim, h), "matmul"),
+             ("ffn_down.weight", (h, cfg.ffn_dim), "matmul")]
+    out = [Tensor("token_embd.weight", (cfg.vocab_size, h), "embed")]
+    out += [Tensor(f"blk.{i}.{name}", shape, kind)
+            for i in range(cfg.n_layers) for name, shape, kind in block]
+    out.append(Tensor("output_norm.weight", (h,), "norm"))
+    if not cfg.tie_embeddings:
+        out.append(Tensor("output.weight", (cfg.vocab_size, h), "head"))
+    return out
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    """Parameters of the whole model (a tied embedding counts once)."""
+    return sum(t.numel for t in weight_inventory(cfg))
+
+
+def shard_numel(t: Tensor, tp: int) -> int:
+    """Elements of `t` on one device: split tensors hold 1/tp, replicated ones all of it."""
+    return t.numel // tp if isinstance(weight_sharding(t.key, t.shape, tp), Split) else t.numel
+
+
+def _weight_dtype(t: Tensor, spec: DtypeSpec) -> str:
+    return spec.matmul_weight if t.kind == "matmul" else spec.other_weight
+
+
+def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16") -> int:
+    """Bytes of parameters one device holds under the TP plan."""
+    spec = _dtype_spec(dtype)
+    return sum(shard_numel(t, tp) * ELEM_BYTES[_weight_dtype(t, spec)]
+               for t in weight_inventory(cfg))
+
+
+def _weights_by_kind(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> dict[str, tuple[int, int]]:
+    """kind -> (elements, bytes) on one device."""
+    out: dict[str, tuple[int, int]] = {}
+    for t in weight_inventory(cfg):
+        n = shard_numel(t, tp)
+        e, b = out.get(t.kind, (0, 0))
+        out[t.kind] = (e + n, b + n * ELEM_BYTES[_weight_dtype(t, spec)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------
+
+
+def page_elems(cfg: LlamaConfig, tp: int = 1, stride: int = 32) -> int:
+    """Elements of one KV page on one device: layers * 2 * (kv_heads/tp) * stride * head_dim."""
+    return cfg.n_layers * 2 * (cfg.n_kv_heads // tp) * stride * cfg.head_dim
+
+
+def kv_bytes_per_token(cfg: LlamaConfig, tp: int = 1, kv_dtype: str = "f16") -> int:
+    """KV-cache bytes one token occupies on one device (K and V of every layer)."""
+    return page_elems(cfg, tp, 1) * ELEM_BYTES[kv_dtype]
+
+
+def pages_for(batch: int, seq_len: int, stride: int) -> int:
+    """Pages that hold `batch` sequences of `seq_len` tokens (each rounded up to a page)."""
+    return batch * -(-seq_len // stride)
+
+
+# ---------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------
+
+ATTENTION = ("fused", "decomposed")
+
+
+def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q_len: int,
+                     kv_len: int, attention: str = "fused") -> dict[str, int]:
+    """Live buffers (bytes, one device) of one call: `batch` rows of `q_len` new tokens
+    attending to `kv_len` positions. T = batch * q_len tokens.
+
+    - hidden: the residual stream and its normed copy, 2 * T * hidden;
+    - qkv: this device's q, k and v heads, T * (heads + 2*kv_heads)/tp * head_dim;
+    - kv_gathered: K and V read back from the pages for attention, 2 * batch * kv_heads/tp *
+      kv_len * head_dim;
+    - attn_out: T * heads/tp * head_dim;
+    - scores: fused attention (iree_linalg_ext.attention) keeps only its [batch, q_len,
+      kv_len] mask (i1, stored as 1 byte); decomposed attention holds f32 scores and
+      probabilities [batch, heads/tp, q_len, kv_len] for one block;
+    - ffn: gate and up (silu(gate)*up is fused into their consumer), 2 * T * ffn/tp;
+    - logits: T * vocab; the vocab-split logits are gathered on device 0, so that device
+      holds all of them.
+    All in the activation dtype except the mask and decomposed scores. Matmul accumulators
+    (f32) and dtype casts are fused by the compiler and not counted.
+    """
+    if attention not in ATTENTION:
+        raise HaloError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+    t, a, d = batch * q_len, act_bytes, cfg.head_dim
+    heads, kvh = cfg.n_heads // tp, cfg.n_kv_heads // tp
+    scores = (batch * q_len * kv_len if attention == "fused"
+              else 2 * batch * heads * q_len * kv_len * 4)
+    return {
+        "hidden": 2 * t * cfg.hidden_size * a,
+        "qkv": t * (heads + 2 * kvh) * d * a,
+        "kv_gathered": 2 * batch * kvh * kv_len * d * a,
+        "attn_out": t * heads * d * a,
+        "scores": scores,
+        "ffn": 2 * t * (cfg.ffn_dim // tp) * a,
+        "logits": t * cfg.vocab_size * a,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Roofline
+# ---------------------------------------------------------------------------------------
+
+ALLREDUCE = ("ring", "star")
+
+
+def allreduce_seconds(tokens: int, hidden: int, act_bytes: int, tp: int, gpu: GpuSpec,
+                      algorithm: str = "ring") -> float:
+    """Seconds for one all-reduce of a [tokens, hidden] activation across `tp` devices.
+
+    ring: reduce-scatter + all-gather, 2*(tp-1) sequential steps each moving 1/tp of the
+    tensor over one link: 2*(tp-1)/tp * bytes / link_bw + 2*(tp-1) * latency. One link is
+    what halo_mlir's emitted ring uses (each device sends to its neighbour); RCCL's
+    multi-ring collectives spread over all 7 links and can be up to 7x faster on bandwidth.
+    star: everyone sends its partial sum to device 0 over its own link (in parallel), device
+    0 sends the sum back: 2 * bytes / link_bw + 2 * latency.
+    """
+    if tp == 1:
+        return 0.0
+    size = tokens * hidden * act_bytes
+    if algorithm == "ring":
+        steps = 2 * (tp - 1)
+        return steps / tp * size / gpu.link_bytes_per_s + steps * gpu.transfer_latency_s
+    if algorithm == "star":
+        return 2 * size / gpu.link_bytes_per_s + 2 * gpu.transfer_latency_s
+    raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """One call's time on one device. bytes_read: HBM bytes; flops: FLOPs; times in s."""
+    tokens: int
+    bytes_read: int
+    flops: int
+    memory_s: float
+    compute_s: float
+    comm_s: float
+
+    @property
+    def seconds(self) -> float:
+        """max(memory, compute) + communication, s."""
+        return max(self.memory_s, self.compute_s) + self.comm_s
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_s >= self.compute_s else "compute"
+
+
+def attention_flops(cfg: LlamaConfig, tp: int, pairs: int) -> int:
+    """FLOPs of QK^T and PV on one device for `pairs` (query, key) pairs:
+    2 matmuls * 2 FLOPs * heads/tp * head_dim per pair per block."""
+    return 4 * cfg.n_layers * (cfg.n_heads // tp) * cfg.head_dim * pairs
+
+
+def _roofline(cfg, tp, spec, gpu, *, tokens, pairs, bytes_read, algorithm) -> Roofline:
+    """Matmul weights run at the `--dtype` peak; lm_head and attention at the activation
+    dtype's peak (fp8 models keep lm_head in f16). The token embedding is a lookup."""
+    kinds = _weights_by_kind(cfg, tp, spec)
+    matmul = 2 * tokens * kinds["matmul"][0]
+    other = 2 * tokens * kinds.get("head", (0, 0))[0] + attention_flops(cfg, tp, pairs)
+    if cfg.tie_embeddings:  # the embedding is also the lm_head (replicated)
+        other += 2 * tokens * kinds["embed"][0]
+    compute_s = (matmul / gpu.peak_flops[spec.matmul_weight]
+                 + other / gpu.peak_flops[spec.activation])
+    comm_s = 2 * cfg.n_layers * allreduce_seconds(
+        tokens, cfg.hidden_size, ELEM_BYTES[spec.activation], tp, gpu, algorithm)
+    return Roofline(tokens=tokens, bytes_read=bytes_read, flops=matmul + other,
+                    memory_s=bytes_read / gpu.hbm_bytes_per_s, compute_s=compute_s,
+                    comm_s=comm_s)
+
+
+def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> int:
+    """Weight bytes a forward pass streams from HBM: all but the token embedding, which is
+    only looked up (unless tied, when it is also the lm_head)."""
+    kinds = _weights_by_kind(cfg, tp, spec)
+    skip = 0 if cfg.tie_embeddings else kinds["embed"][1]
+    return sum(b for _, b in kinds.values()) - skip
+
+
+def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
+                    algorithm="ring") -> Roofline:
+    """One decode step: `batch` tokens, each at position seq_len-1 attending to seq_len keys.
+    Reads the weights once and every sequence's KV (seq_len tokens)."""
+    read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
+    return _roofline(cfg, tp, spec, gpu, tokens=batch, pairs=batch * seq_len,
+                     bytes_read=read, algorithm=algorithm)
+
+
+def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
+                     algorithm="ring") -> Roofline:
+    """One prefill of `batch` rows of `seq_len` tokens with causal attention
+    (seq_len*(seq_len+1)/2 pairs a row). Reads the weights, writes the KV."""
+    read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
+    return _roofline(cfg, tp, spec, gpu, tokens=batch * seq_len,
+                     pairs=batch * seq_len * (seq_len + 1) // 2, bytes_read=read,
+                     algorithm=algorithm)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Memory and speed of one configuration, per device. Bytes unless named otherwise."""
+    cfg: LlamaConfig = dataclasses.field(repr=False, compare=False)
+    gpu: GpuSpec = dataclasses.field(repr=False)
+    tp: int
+    dtype: str
+    kv_dtype: str
+    act_dtype: str
+    batch: int
+    max_seq_len: int
+    prefill_len: int
+    prefill_batch: int
+    block_seq_stride: int
+    attention: str
+    allreduce: str
+    workspace_fraction: float
+    params: int                    # whole model
+    weight_bytes: int
+    page_bytes: int                # one KV page on one device
+    kv_pages: int
+    activation_terms: dict         # name -> bytes of the peak call
+    activation_phase: str          # "prefill" or "decode": which call sets the peak
+    workspace_bytes: int
+    decode: Roofline
+    prefill: Roofline
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_pages * self.page_bytes
+
+    @property
+    def kv_token_bytes(self) -> int:
+        return self.page_bytes // self.block_seq_stride
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(self.activation_terms.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self.gpu.memory_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.capacity_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """How far over capacity the plan is (0 when it fits)."""
+        return max(0, self.total_bytes - self.capacity_bytes)
+
+    @property
+    def free_for_kv_bytes(self) -> int:
+        """Memory left for KV pages after weights, activations and workspace (may be < 0)."""
+        return (self.capacity_bytes - self.weight_bytes - self.activation_bytes
+                - self.workspace_bytes)
+
+    @property
+    def max_pages(self) -> int:
+        """The most KV pages (device_block_count) that fit next to everything else."""
+        return max(0, self.free_for_kv_bytes // self.page_bytes)
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the largest cache holds, over all sequences."""
+        return self.max_pages * self.block_seq_stride
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch / self.decode.seconds
+
+    def to_json(self) -> dict:
+        """Plain-JSON summary for `--json` (bytes, seconds, FLOPs)."""
+        def roof(r: Roofline) -> dict:
+            return {**dataclasses.asdict(r), "seconds": r.seconds, "bound": r.bound}
+        return {
+            "model": self.cfg.name, "gpu": self.gpu.name, "tp": self.tp, "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype, "activation_dtype": self.act_dtype,
+            "batch": self.batch, "max_seq_len": self.max_seq_len,
+            "prefill_len": self.prefill_len, "prefill_batch": self.prefill_batch,
+            "block_seq_stride": self.block_seq_stride,
+            "attention": self.attention, "allreduce": self.allreduce,
+            "params": self.params,
+            "per_device": {
+                "weight_bytes": self.weight_bytes,
+                "kv_pages": self.kv_pages, "page_bytes": self.page_bytes,
+                "kv_bytes": self.kv_bytes, "kv_bytes_per_token": self.kv_token_bytes,
+                "activation_bytes": self.activation_bytes,
+                "activation_phase": self.activation_phase,
+                "activation_terms": dict(self.activation_terms),
+                "workspace_bytes": self.workspace_bytes,
+                "workspace_fraction": self.workspace_fraction,
+                "total_bytes": self.total_bytes, "capacity_bytes": self.capacity_bytes,
+                "fits": self.fits, "shortfall_bytes": self.shortfall_bytes,
+                "max_pages": self.max_pages, "max_tokens": self.max_tokens,
+            },
+            "decode": {**roof(self.decode), "tokens_per_s": self.decode_tokens_per_s},
+            "prefill": roof(self.prefill),
+        }
+
+
+def _check_knobs(tp, batch, max_seq_len, prefill_len, prefill_batch, stride,
+                 workspace_fraction) -> None:
+    for flag, value in (("--tp", tp), ("--batch", batch), ("--max-seq-len", max_seq_len),
+                        ("--prefill-len", prefill_len), ("--prefill-batch", prefill_batch),
+                        ("--block-seq-stride", stride)):
+        if value < 1:
+            raise HaloError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= workspace_fraction < 1:
+        raise HaloError(f"workspace fraction must be in [0, 1), got {workspace_fraction}")
+
+
+def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | None = None,
+         max_seq_len: int | None = None, batch: int = 1, gpu: str = "mi300x",
+         block_seq_stride: int = 32, workspace_fraction: float = 0.05,
+         prefill_len: int | None = None, prefill_batch: int | None = None,
+         attention: str = "fused", allreduce: str = "ring") -> Plan:
+    """Plan `batch` sequences of up to `max_seq_len` tokens (default: the model's) on `tp`
+    devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
+    them. The prefill call counted for activations and timed takes `prefill_batch` rows
+    (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
+    of the stride as ABI.md requires)."""
+    spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
+    kv_dtype = kv_dtype or spec.kv_default
+    if kv_dtype not in ELEM_BYTES:
+        raise HaloError(f"unknown --kv-dtype {kv_dtype!r}: choose one of {', '.join(ELEM_BYTES)}")
+    if allreduce not in ALLREDUCE:
+        raise HaloError(f"unknown --allreduce {allreduce!r}: choose one of {', '.join(ALLREDUCE)}")
+    max_seq_len = max_seq_len or cfg.max_seq_len
+    prefill_len = prefill_len or max_seq_len
+    prefill_batch = prefill_batch or batch
+    _check_knobs(tp, batch, max_seq_len, prefill_len, prefill_batch, block_seq_stride,
+                 workspace_fraction)
+    check_divisible(cfg, tp)
+
+    act = ELEM_BYTES[spec.activation]
+    page_bytes = page_elems(cfg, tp, block_seq_stride) * ELEM_BYTES[kv_dtype]
+    token_kv = kv_bytes_per_token(cfg, tp, kv_dtype)
+    padded = -(-prefill_len // block_seq_stride) * block_seq_stride
+    phases = {
+        "prefill": activation_terms(cfg, tp=tp, act_bytes=act, batch=prefill_batch,
+                                    q_len=padded, kv_len=padded, attention=attention),
+        "decode": activation_terms(cfg, tp=tp, act_bytes=act, batch=batch, q_len=1,
+                                   kv_len=max_seq_len, attention=attention),
+    }
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return Plan(
+        cfg=cfg, gpu=dev, tp=tp, dtype=dtype, kv_dtype=kv_dtype, act_dtype=spec.activation,
+        batch=batch, max_seq_len=max_seq_len, prefill_len=prefill_len,
+        prefill_batch=prefill_batch, block_seq_stride=block_seq_stride, attention=attention,
+        allreduce=allreduce,
+        workspace_fraction=workspace_fraction, params=param_count(cfg),
+        weight_bytes=weight_bytes(cfg, tp, dtype), page_bytes=page_bytes,
+        kv_pages=pages_for(batch, max_seq_len, block_seq_stride),
+        activation_terms=phases[phase], activation_phase=phase,
+        workspace_bytes=int(workspace_fraction * dev.memory_bytes),
+        decode=roofline_decode(cfg, tp, spec, dev, batch=batch, seq_len=max_seq_len,
+                               kv_token_bytes=token_kv, algorithm=allreduce),
+        prefill=roofline_prefill(cfg, tp, spec, dev, batch=prefill_batch,
+                                 seq_len=prefill_len, kv_token_bytes=token_kv,
+                                 algorithm=allreduce),
+    )
+
+
+def _replan(p: Plan, **changes) -> Plan:
+    knobs = dict(tp=p.tp, dtype=p.dtype, kv_dtype=None, max_seq_len=p.max_seq_len,
+                 batch=p.batch, gpu=p.gpu.name, block_seq_stride=p.block_seq_stride,
+                 workspace_fraction=p.workspace_fraction, prefill_len=p.prefill_len,
+                 prefill_batch=p.prefill_batch, attention=p.attention, allreduce=p.allreduce)
+    if p.kv_dtype != DTYPES[p.dtype].kv_default:  # keep an explicit --kv-dtype
+        knobs["kv_dtype"] = p.kv_dtype
+    knobs.update(changes)
+    return plan(p.cfg, **knobs)
+
+
+def _suggestion(p: Plan) -> str:
+    """The cheapest change that makes `p` fit: a larger --tp, then fp8, then both."""
+    larger = [t for t in range(p.tp + 1, p.cfg.n_kv_heads + 1) if p.cfg.n_kv_heads % t == 0
+              and not any(s % t for s in (p.cfg.n_heads, p.cfg.ffn_dim, p.cfg.hidden_size))]
+    tries = [dict(tp=t) for t in larger]
+    if p.dtype != "fp8":
+        tries += [dict(dtype="fp8")] + [dict(tp=t, dtype="fp8") for t in larger]
+    for change in tries:
+        if _replan(p, **change).fits:
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in change.items())
+            return f"use {flags} (fits), or lower --max-seq-len/--batch"
+    best = _replan(p, tp=max([p.tp, *larger]), dtype="fp8")
+    return (f"a larger --tp or --dtype fp8 alone is not enough (--tp {best.tp} --dtype fp8 "
+            f"still needs {best.total_bytes / GB:,.1f} GB per device); also lower "
+            "--max-seq-len or --batch")
+
+
+def require_fit(p: Plan) -> Plan:
+    """`p` if it fits; otherwise HaloError saying what is over by how much and what to change."""
+    if p.fits:
+        return p
+    parts = {"weights": p.weight_bytes, "KV cache": p.kv_bytes,
+             f"{p.activation_phase} activations": p.activation_bytes,
+             "workspace": p.workspace_bytes}
+    biggest = ", ".join(f"{k} {v / GB:,.1f}" for k, v in
+                        sorted(parts.items(), key=lambda kv: -kv[1]))
+    raise HaloError(
+        f"{p.cfg.name} ({p.dtype}, --tp {p.tp}, --batch {p.batch}, --max-seq-len "
+        f"{p.max_seq_len}) does not fit on {p.gpu.name}: needs {p.total_bytes / GB:,.1f} GB "
+        f"per device of {p.capacity_bytes / GB:,.1f} GB, {p.shortfall_bytes / GB:,.1f} GB "
+        f"short ({biggest} GB); {_suggestion(p)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.2f} GB"
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e3:,.3f} ms" if s < 1 else f"{s:,.3f} s"
+
+
+def format_table(p: Plan) -> str:
+    """A two-column text table of `p` (per device)."""
+    d, f = p.decode, p.prefill
+    rows = [
+        ("model", f"{p.cfg.name} ({p.params:,} params), {p.dtype} weights, {p.kv_dtype} KV"),
+        ("devices", f"{p.tp} x {p.gpu.name}"),
+        ("request", f"batch {p.batch} x {p.max_seq_len:,} tokens, prefill {p.prefill_batch} x "
+                    f"{p.prefill_len:,}, stride {p.block_seq_stride}"),
+        ("weights", _gb(p.weight_bytes)),
+        ("KV cache", f"{_gb(p.kv_bytes)} ({p.kv_pages:,} pages x {p.page_bytes:,} B)"),
+        ("activations", f"{_gb(p.activation_bytes)} (peak: {p.activation_phase})"),
+        ("workspace", f"{_gb(p.workspace_bytes)} ({p.workspace_fraction:.0%} of capacity)"),
+        ("total", _gb(p.total_bytes)),
+        ("capacity", _gb(p.capacity_bytes)),
+        ("fits?", "yes" if p.fits else f"NO: {_gb(p.shortfall_bytes)} short"),
+        ("max pages", f"{p.max_pages:,} ({p.max_tokens:,} tokens, "
+                      f"{p.max_pages // pages_for(1, p.max_seq_len, p.block_seq_stride):,} "
+                      f"sequences of {p.max_seq_len:,})"),
+        ("decode step", f"{_time(d.seconds)} ({d.bound}-bound, comm {_time(d.comm_s)}), "
+                        f"{p.decode_tokens_per_s:,.1f} tokens/s"),
+        ("prefill", f"{_time(f.seconds)} ({f.bound}-bound, comm {_time(f.comm_s)}) for "
+                    f"{f.tokens:,} tokens"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"Capacity plan, per device ({p.gpu.description})"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
