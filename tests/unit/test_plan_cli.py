@@ -1,0 +1,26 @@
+"""`halo-mlir plan` on the command line: table, JSON, and the does-not-fit error."""
+
+import json
+
+from conftest import halo
+from test_cli_errors import assert_one_line_error
+
+
+def test_plan_table_and_json():
+    out = halo("plan", "--model", "8b", "--max-seq-len", "8192").stdout
+    assert "16.06 GB" in out and "fits?        yes" in out
+    data = json.loads(halo("plan", "--model", "405b", "--tp", "8", "--json").stdout)
+    assert data["per_device"]["fits"] is True
+
+
+def test_plan_does_not_fit_names_the_shortfall():
+    proc = halo("plan", "--model", "70b", "--max-seq-len", "131072", "--batch", "64",
+                "--require-fit", check=False)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "does not fit on mi300x", "short", "KV cache")
+
+
+def test_plan_bad_input():
+    assert_one_line_error(halo("plan", "--gpu", "h100", check=False), "unknown GPU")
+    assert_one_line_error(halo("plan", "--model", "8b", "--tp", "3", check=False),
+                          "does not divide the kv heads")
