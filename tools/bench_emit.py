@@ -63,7 +63,7 @@ def bench_compile(model: str, layer_counts, target: str, out: Path):
     from halo_mlir.compile import target_flags
 
     flags = target_flags(target)
-    print(f"\n| model | layers | target | iree-compile wall (s) | peak RSS (MB) | distinct kernels |")
+    print("\n| model | layers | target | iree-compile wall (s) | peak RSS (MB) | distinct kernels |")
     print("|---|---|---|---|---|---|")
     for layers in layer_counts:
         mlir = out / f"{model}-{layers}.mlir"

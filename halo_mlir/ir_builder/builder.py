@@ -14,9 +14,11 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from iree.compiler import ir
-from iree.compiler.dialects import arith, hal, linalg, math, tensor, util
+from iree.compiler.dialects import arith, linalg, math, tensor, util
 
 from halo_mlir.errors import HaloError
+from halo_mlir.ir_builder.entry_points import EntryPoints
+from halo_mlir.ir_builder.linalg_ext import LinalgExtOps
 
 Value = ir.Value
 Dim = Union[int, ir.Value]  # a static size or an `index` SSA value
@@ -39,8 +41,9 @@ _ELEMENT_TYPES: dict[str, Callable[[], ir.Type]] = {
 _EINSUM = re.compile(r"^([a-z]*(?:,[a-z]*)*)->([a-z]*)$")
 
 
-class Builder:
-    """Types, constants, structured ops, functions and parameter globals.
+class Builder(LinalgExtOps, EntryPoints):
+    """Types, constants, structured ops, functions and parameter globals (plus
+    iree_linalg_ext ops and the coarse-fences entry points from the mixins).
 
     Works in a caller's `ir.Context` (it must have IREE's dialects registered, as every
     `iree.compiler.ir.Context` does) or makes its own.
@@ -179,79 +182,6 @@ class Builder:
     def call(self, name: str, args: Sequence[Value], result_types: Sequence[ir.Type]) -> list:
         op = util.CallOp(list(result_types), name, list(args))
         return list(op.results)
-
-    def coarse_fences_entry(self, name: str, impl: str, arg_types: Sequence[ir.RankedTensorType],
-                            result_types: Sequence[ir.RankedTensorType], inplace: Sequence[int],
-                            divisors: dict[tuple[int, int], int] | None = None,
-                            arg_devices: Sequence[int | None] | None = None,
-                            result_devices: Sequence[int | None] | None = None):
-        """Public `@name$async` (coarse-fences ABI) and sync `@name` around `@impl`.
-
-        `@impl(args...) -> (results..., new_arg for arg in inplace)`; each such new value
-        is aliased onto the caller's buffer of that argument, so the caller sees it updated
-        in place (the ABI's `cache_state`). `divisors[(arg, dim)] = k` promises that the
-        dynamic size is a multiple of k (`util.assume.int`): gfx942 matmuls with a dynamic M
-        get MFMA only with such a hint. `arg_devices`/`result_devices` place each argument
-        and result on a device (`#hal.device.promise<@__device_i>`) in multi-device modules.
-        """
-        with self.at(name):
-            self._coarse_fences_entry(name, impl, arg_types, result_types, inplace,
-                                      divisors or {}, arg_devices or [None] * len(arg_types),
-                                      result_devices or [None] * len(result_types))
-
-    @staticmethod
-    def device(i: int | None) -> ir.Attribute | None:
-        return None if i is None else ir.Attribute.parse(f"#hal.device.promise<@__device_{i}>")
-
-    def _coarse_fences_entry(self, name, impl, arg_types, result_types, inplace, divisors,
-                             arg_devices, result_devices):
-        bv = ir.Type.parse("!hal.buffer_view")
-        fence = ir.Type.parse("!hal.fence")
-        n_args = len(arg_types)
-        with self.function(f"{name}$async", [bv] * n_args + [fence, fence],
-                           [bv] * len(result_types)) as args:
-            fn = args[0].owner.owner
-            fn.attributes["iree.abi.model"] = ir.StringAttr.get("coarse-fences")
-            fn.attributes["iree.abi.stub"] = ir.UnitAttr.get()
-            fn.attributes["inlining_policy"] = ir.Attribute.parse("#util.inline.never")
-            # Lets iree-run-module and other reflective callers see the fence arguments.
-            fn.attributes["iree.reflection"] = ir.Attribute.parse(
-                '{iree.abi.model = "coarse-fences"}')
-            wait, signal = args[n_args:]
-            tensors, dims = [], []
-            for n, (a, t) in enumerate(zip(args, arg_types)):
-                d = [self.assume_divisible(hal.buffer_view_dim(a, i), divisors.get((n, i)))
-                     for i, s in enumerate(t.shape) if s == DYN]
-                # `consume` on in-place arguments: without it IREE 3.13 clones the whole
-                # updated cache into a dead buffer on every call.
-                tensors.append(hal.tensor_import(t, a, ir.TypeAttr.get(t), d, wait_fence=wait,
-                                                 consume=True if n in inplace else None,
-                                                 affinity=self.device(arg_devices[n])))
-                dims.append(d)
-            outs = self.call(impl, tensors, [*result_types, *(arg_types[i] for i in inplace)])
-            results, updated = outs[:len(result_types)], outs[len(result_types):]
-            live = [hal.tensor_alias(u, dims[i], args[i], wait_fence=wait,
-                                     affinity=self.device(arg_devices[i]))
-                    for u, i in zip(updated, inplace)]
-            ready = hal.tensor_barrier([v.type for v in live + results], live + results, signal)
-            ready = [ready] if isinstance(ready, ir.Value) else list(ready)
-            exported = []
-            for r, dev in zip(ready[len(live):], result_devices):
-                t = ir.RankedTensorType(r.type)
-                d = [tensor.dim(r, self.index(i)) for i, s in enumerate(t.shape) if s == DYN]
-                exported.append(hal.tensor_export(bv, r, ir.TypeAttr.get(t), d,
-                                                  affinity=self.device(dev)))
-            self.ret(*exported)
-        with self.function(name, [bv] * n_args, [bv] * len(result_types)) as args:
-            args[0].owner.owner.attributes["iree.abi.stub"] = ir.UnitAttr.get()
-            device = hal.devices_get(self.index(0), results=[ir.Type.parse("!hal.device")])
-            done = hal.fence_create(device, ir.IntegerAttr.get(self.type("i64"), 0),
-                                    results=[fence])
-            res = self.call(f"{name}$async", [*args, util.null(fence), done],
-                            [bv] * len(result_types))
-            hal.fence_await(self.scalar(-1, "i32"), ir.IntegerAttr.get(self.type("i64"), 0),
-                            [done], results=[self.type("i32")])
-            self.ret(*res)
 
     def add_text_once(self, symbol: str, text: str) -> None:
         """Parse MLIR `text` (e.g. a rendered kernel template) and move its top-level ops
@@ -403,42 +333,6 @@ class Builder:
         return tensor.extract_slice(t, v, [o for o in offsets if not isinstance(o, int)],
                                     [s for s in sizes if not isinstance(s, int)], [],
                                     static_off, static_sz, [1] * len(sizes))
-
-    def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
-                  out: Value) -> Value:
-        """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
-        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32."""
-        maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
-        op = ir.Operation.create(
-            "iree_linalg_ext.attention", results=[out.type],
-            operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},
-            regions=1)
-        block = op.regions[0].blocks.append(self.type("f32"))
-        with ir.InsertionPoint(block):
-            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
-        return op.results[0]
-
-    def gather(self, source: Value, indices: Value, out: Value, dims: Sequence[int]) -> Value:
-        """iree_linalg_ext.gather: out[batch..., slice...] = source[indices[batch..., :], slice...];
-        `dims` are the source dims the last index dimension addresses (leading ones)."""
-        op = ir.Operation.create(
-            "iree_linalg_ext.gather", results=[out.type], operands=[source, indices, out],
-            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims))})
-        return op.results[0]
-
-    def scatter(self, updates: Value, indices: Value, original: Value, dims: Sequence[int]) -> Value:
-        """iree_linalg_ext.scatter: original[indices[i, :], slice...] = updates[i, slice...];
-        indices are unique (pages are never shared between rows)."""
-        op = ir.Operation.create(
-            "iree_linalg_ext.scatter", results=[original.type],
-            operands=[updates, indices, original],
-            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims)),
-                        "unique_indices": ir.BoolAttr.get(True)}, regions=1)
-        et = self.element_type(original)
-        block = op.regions[0].blocks.append(et, et)
-        with ir.InsertionPoint(block):
-            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
-        return op.results[0]
 
     def _affine_maps(self, dims: str, operands: Sequence[str]) -> ir.ArrayAttr:
         key = dims + ":" + ",".join(operands)

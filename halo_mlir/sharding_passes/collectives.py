@@ -15,7 +15,7 @@ import dataclasses
 import math
 
 from iree.compiler import ir
-from iree.compiler.dialects import flow, tensor
+from iree.compiler.dialects import flow
 
 from halo_mlir.errors import HaloError
 

@@ -112,18 +112,8 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
                                                    for i in range(1, s.tp)])
             else:
                 s.env[old] = SV(sp, [args[j] for j in slots[k]])
-        for op in fn.regions[0].blocks[0].operations:
-            if op.operation.name == "util.return":
-                _return(b, s, op, regular, inplace, splits)
-                continue
-            rule = RULES.get(op.operation.name)
-            if rule is None:
-                raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
-                                 f"(in {name})")
-            with op.location:
-                out = rule(s, op.operation, [s.get(v) for v in op.operands])
-            for r, sv in zip(op.results, out):
-                s.env[r] = sv
+        ret = _shard_body(s, fn, name)
+        _return(b, s, ret, regular, inplace, splits)
     divisors = _ints(fn, "halo.divisors")
     for i in range(0, len(divisors), 3):
         divisors[i] = slots[divisors[i]][0]
@@ -139,6 +129,22 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
     fn.operation.erase()
     new_fn.attributes["sym_name"] = ir.StringAttr.get(name)
     s.env.clear()
+
+
+def _shard_body(s: Sharder, fn, name: str):
+    """Apply the rules to every op of `fn`'s body in order; returns its util.return."""
+    for op in fn.regions[0].blocks[0].operations:
+        if op.operation.name == "util.return":
+            return op
+        rule = RULES.get(op.operation.name)
+        if rule is None:
+            raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
+                             f"(in {name})")
+        with op.location:
+            out = rule(s, op.operation, [s.get(v) for v in op.operands])
+        for r, sv in zip(op.results, out):
+            s.env[r] = sv
+    raise ShardError(f"{name} has no util.return")
 
 
 def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
@@ -166,24 +172,13 @@ def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
         for k, (old, sh) in enumerate(zip(fn.regions[0].blocks[0].arguments, arg_shardings)):
             s.env[old] = SV(sh, list(args[k * tp:(k + 1) * tp]))
         result_shardings, values = [], []
-        for op in fn.regions[0].blocks[0].operations:
-            if op.operation.name == "util.return":
-                for v in op.operands:
-                    sv = s.get(v)
-                    if isinstance(sv.sharding, Partial):
-                        sv = s.materialize(sv)
-                    result_shardings.append(sv.sharding)
-                    values += sv.values
-                b.ret(*values)
-                continue
-            rule = RULES.get(op.operation.name)
-            if rule is None:
-                raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
-                                 f"(in {name})")
-            with op.location:
-                out = rule(s, op.operation, [s.get(v) for v in op.operands])
-            for r, sv in zip(op.results, out):
-                s.env[r] = sv
+        for v in _shard_body(s, fn, name).operands:
+            sv = s.get(v)
+            if isinstance(sv.sharding, Partial):
+                sv = s.materialize(sv)
+            result_shardings.append(sv.sharding)
+            values += sv.values
+        b.ret(*values)
     types = [v.type for v in values]
     new_fn.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(inputs, types))
     b.annotate(new_fn, **{"halo.arg_devices": list(range(tp)) * len(arg_shardings),

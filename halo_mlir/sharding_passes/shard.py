@@ -17,7 +17,7 @@ import dataclasses
 from typing import Callable
 
 from iree.compiler import ir
-from iree.compiler.dialects import flow, util
+from iree.compiler.dialects import util
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, walk_nested

@@ -4,7 +4,7 @@ import json
 import os
 
 import numpy as np
-import pytest
+
 
 from conftest import halo
 from test_config import LLAMA31_8B

@@ -1,7 +1,7 @@
 # RUN: %python %s | %FileCheck %s
 # Tests that RoPE splits each head in halves (HF rotate_half), rotates in f32 with
 # angle = position * inv_freq, and keeps the llama3-scaled frequencies as a constant.
-import numpy as np
+
 from lit_util import print_op
 from halo_mlir.ops.rope import inv_freq, rope
 

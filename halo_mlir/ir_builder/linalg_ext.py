@@ -1,0 +1,48 @@
+"""iree_linalg_ext ops (attention, gather, scatter): no Python op classes exist for them,
+so they are created generically. A mixin of `Builder`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from iree.compiler import ir
+
+Value = ir.Value
+
+
+class LinalgExtOps:
+    def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
+                  out: Value) -> Value:
+        """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
+        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32."""
+        maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
+        op = ir.Operation.create(
+            "iree_linalg_ext.attention", results=[out.type],
+            operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},
+            regions=1)
+        block = op.regions[0].blocks.append(self.type("f32"))
+        with ir.InsertionPoint(block):
+            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
+        return op.results[0]
+
+    def gather(self, source: Value, indices: Value, out: Value, dims: Sequence[int]) -> Value:
+        """iree_linalg_ext.gather: out[batch..., slice...] = source[indices[batch..., :], slice...];
+        `dims` are the source dims the last index dimension addresses (leading ones)."""
+        op = ir.Operation.create(
+            "iree_linalg_ext.gather", results=[out.type], operands=[source, indices, out],
+            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims))})
+        return op.results[0]
+
+    def scatter(self, updates: Value, indices: Value, original: Value, dims: Sequence[int]) -> Value:
+        """iree_linalg_ext.scatter: original[indices[i, :], slice...] = updates[i, slice...];
+        indices are unique (pages are never shared between rows)."""
+        op = ir.Operation.create(
+            "iree_linalg_ext.scatter", results=[original.type],
+            operands=[updates, indices, original],
+            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims)),
+                        "unique_indices": ir.BoolAttr.get(True)}, regions=1)
+        et = self.element_type(original)
+        block = op.regions[0].blocks.append(et, et)
+        with ir.InsertionPoint(block):
+            ir.Operation.create("iree_linalg_ext.yield", operands=[block.arguments[0]])
+        return op.results[0]
