@@ -128,3 +128,17 @@ def test_sharded_checkpoint_index(tmp_path):
     got = np.frombuffer(entries["blk.1.attn_k.weight"].file_view, np.float32)
     np.testing.assert_array_equal(got.reshape(16, 32),
                                   tensors["model.layers.1.self_attn.k_proj.weight"])
+
+
+def test_opt_and_compile_bad_files(tmp_path):
+    bad = tmp_path / "bad.mlir"
+    bad.write_text("util.func @broken(")
+    assert_one_line_error(halo("opt", bad, "--shard", "tp=2", "-o", tmp_path / "o.mlir",
+                               check=False), "not valid MLIR")
+    assert_one_line_error(halo("opt", tmp_path / "absent.mlir", "-o", tmp_path / "o.mlir",
+                               check=False), "cannot read")
+    assert_one_line_error(halo("compile", tmp_path / "absent.mlir", "-o", tmp_path / "x.vmfb",
+                               check=False), "no such file")
+    assert_one_line_error(halo("compile", bad, "--target", "tpu", "-o", tmp_path / "x.vmfb",
+                               check=False), "unknown target 'tpu'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mlir"]
