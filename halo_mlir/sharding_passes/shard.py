@@ -246,10 +246,8 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
                     v = s.slice_local(v, dims.index(chosen), i)
             vals.append(v)
         return vals
-    if isinstance(result, Partial):
-        # The init must be zero on all but... every device accumulates its own partial sum
-        # into its own zero-filled init, which is what linalg does: fine for sums.
-        pass
+    # A reduction over the split dim leaves partial sums: each device accumulates into its
+    # own (zero-filled) init; the consumer all-reduces them.
     return s.per_device(op, svs, [result] * n_out, operands)
 
 
@@ -354,10 +352,7 @@ def rule_replicated(s: Sharder, op, svs: list[SV]) -> list[SV]:
 
 
 def rule_dim(s: Sharder, op, svs: list[SV]) -> list[SV]:
-    src = svs[0]
-    if isinstance(src.sharding, Split):
-        # Only dynamic (never split) dims are queried; a static one would fold anyway.
-        pass
+    """tensor.dim: the emitter queries only dynamic dims, which are never split."""
     return s.per_device(op, svs, [REPLICATED])
 
 
