@@ -8,12 +8,15 @@ block-seq-stride 32, f16), and the script measures:
 
   * export/emit wall time (s) and peak RSS (MB) of the exporting process (os.wait4),
   * size of the exported text MLIR (MB),
-  * number of lines holding `flow.tensor.transfer` (as `grep -c` counts them),
+  * number of lines holding `flow.tensor.transfer` (as `grep -c` counts them), and the
+    transfers one prefill/decode call executes (halo-mlir emits one layer function per
+    entry and calls it L times, so its grep count is flat in depth),
   * gfx942 iree-compile wall time (s) and peak RSS, or the failure and its first error.
 
 sharktank side:
-  1. a random-weight IRPA dataset is written in-process by `make-dataset` (sharktank's own
-     `make_random_llama_theta`, the helper its toy_llama uses), in a child process;
+  1. a random-weight IRPA dataset is written by this script's `make-dataset` subcommand,
+     in a child process, with sharktank's own `make_random_llama_theta` (the helper its
+     toy_llama uses);
   2. for tp > 1 it is sharded with `python -m sharktank.examples.sharding.shard_llm_dataset`;
   3. `python -m sharktank.examples.export_paged_llm_v1` exports it (timed as "export");
   4. iree-compile with `--iree-hal-target-device=hip[i]` for i < tp and
@@ -23,15 +26,21 @@ Steps 1-2 are timed too and reported as "prep" (not counted in export).
 halo-mlir side: `halo-mlir emit --model toy --layers L --tp N` and
 `halo-mlir compile X --target gfx942 --tp N` (which runs the same iree-compile flags).
 
+Both MLIR files are compiled by the SAME iree-compile (by default the one next to the
+halo-mlir executable, i.e. halo's IREE 3.13). The peer venv needs its own IREE 3.6 Python
+bindings for the export: iree-turbine 3.6 calls `IntegerType.isinstance`, which the 3.13
+bindings no longer have (export dies with AttributeError).
+
 This script must run in its OWN virtualenv holding torch + sharktank; it only calls
 halo-mlir as an external program and is never imported by halo_mlir. Set-up that works
-(torch first: it resolves to a local CPU wheel; other torch specs pull CUDA wheels):
+(torch first: it resolves to a local CPU wheel; other torch specs pull CUDA wheels; the
+constraint stops pip from swapping it):
 
     python3 -m venv venv
     venv/bin/pip install 'torch==2.13.0'
     echo 'torch==2.13.0+cpu' > constraints.txt
     venv/bin/pip install -c constraints.txt sharktank==3.6.0 iree-turbine==3.6.0 \\
-        iree-base-compiler==3.13.0 iree-base-runtime==3.13.0
+        iree-base-compiler==3.6.0 iree-base-runtime==3.6.0
 
 Example:
 
@@ -333,13 +342,14 @@ def main(argv=None) -> int:
     p.add_argument("--halo-mlir", default=shutil.which("halo-mlir") or "halo-mlir",
                    help="halo-mlir executable (from halo's own venv)")
     p.add_argument("--iree-compile",
-                   default=str(Path(sys.executable).with_name("iree-compile")),
-                   help="iree-compile used for sharktank's MLIR (use the one halo-mlir uses)")
+                   help="iree-compile for sharktank's MLIR [default: the one next to "
+                        "--halo-mlir, so both tools compile with the same IREE]")
     p.add_argument("--work-dir", type=Path, default=Path("peer_bench_out"))
     p.add_argument("--timeout", type=float, default=1800, help="per export step, s")
     p.add_argument("--compile-timeout", type=float, default=1800, help="per compile, s")
     p.add_argument("--no-compile", action="store_true", help="skip iree-compile")
-    p.add_argument("--json", type=Path, help="append each finished row to this JSON file")
+    p.add_argument("--json", type=Path,
+                   help="results JSON: rows already there are kept, re-measured ones replaced")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: re-read --json, recount the MLIR files still in "
@@ -350,6 +360,9 @@ def main(argv=None) -> int:
         make_dataset(args.layers, args.out, args.seed)
         return 0
 
+    if args.iree_compile is None:
+        sibling = Path(args.halo_mlir).with_name("iree-compile")
+        args.iree_compile = str(sibling) if sibling.exists() else "iree-compile"
     tools = args.tools.split(",")
     bad = set(tools) - {"sharktank", "halo-mlir"}
     if bad:
