@@ -368,8 +368,14 @@ def rule_global_load(s: Sharder, op, svs: list[SV]) -> list[SV]:
     return [SV(sharding, values)]
 
 
-def _slice_dims_offset(op):
-    return len(list(ir.DenseI64ArrayAttr(op.attributes["dimension_map"])))
+def _split_slice_dim(op, d: int) -> int:
+    """gather/scatter: a split dim `d` of the source/original must be a slice dim (not
+    indexed); returns the matching dim of the gathered result / scattered updates."""
+    depth = len(list(ir.DenseI64ArrayAttr(op.attributes["dimension_map"])))
+    if d < depth:
+        raise ShardError(f"{op.name}: the indexed dimension is split")
+    batch = len(ir.RankedTensorType(op.operands[1].type).shape) - 1
+    return batch + d - depth
 
 
 def rule_gather(s: Sharder, op, svs: list[SV]) -> list[SV]:
@@ -377,12 +383,7 @@ def rule_gather(s: Sharder, op, svs: list[SV]) -> list[SV]:
     source, indices, init = svs
     if not isinstance(source.sharding, Split):
         return s.per_device(op, svs, [REPLICATED])
-    depth = _slice_dims_offset(op)
-    d = source.sharding.dim
-    if d < depth:
-        raise ShardError("iree_linalg_ext.gather: the indexed dimension is split")
-    batch = len(ir.RankedTensorType(op.operands[1].type).shape) - 1
-    result = Split(batch + d - depth)
+    result = Split(_split_slice_dim(op, source.sharding.dim))
 
     def operands(i):
         out = init.values[i] if isinstance(init.sharding, Split) else \
@@ -398,12 +399,7 @@ def rule_scatter(s: Sharder, op, svs: list[SV]) -> list[SV]:
         if isinstance(updates.sharding, Split):
             updates = svs[0] = s.materialize(updates)
         return s.per_device(op, svs, [REPLICATED])
-    depth = _slice_dims_offset(op)
-    d = original.sharding.dim
-    if d < depth:
-        raise ShardError("iree_linalg_ext.scatter: the indexed dimension is split")
-    batch = len(ir.RankedTensorType(op.operands[1].type).shape) - 1
-    want = batch + d - depth
+    want = _split_slice_dim(op, original.sharding.dim)
     if isinstance(updates.sharding, Split) and updates.sharding.dim != want:
         raise ShardError(f"iree_linalg_ext.scatter: updates are {updates.sharding}, the cache "
                          f"needs split(dim={want})")
