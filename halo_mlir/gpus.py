@@ -1,0 +1,64 @@
+"""GPU specifications for the capacity planner (data, with the sources of each figure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from halo_mlir.errors import HaloError
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """One device as the planner sees it. Rates are peak (datasheet) figures."""
+    name: str
+    memory_bytes: float          # usable HBM, bytes
+    hbm_bytes_per_s: float       # HBM bandwidth, bytes/s
+    peak_flops: dict             # compute dtype -> dense matrix FLOP/s
+    links: int                   # Infinity Fabric links to peer GPUs
+    link_bytes_per_s: float      # per link, per direction, bytes/s
+    transfer_latency_s: float    # fixed cost of one device-to-device transfer, s
+    description: str
+
+
+# AMD Instinct MI300X (SPX, NPS1: one device per package). Sources:
+# - 192 GB HBM3, 5.3 TB/s, FP16/BF16 dense matrix 1307.4 TFLOPS, FP8 2614.9 TFLOPS, 750 W:
+#   AMD's MI300X datasheet figures as quoted in github.com/alpharomercoma/MI300X-vs-H200
+#   (METHODOLOGY.md, REPORT.md); 192 GB / 5.3 TB/s also in docs.vultr.com/inference-cookbook/
+#   rocm/getting-started/hardware-requirements and in MLCommons inference v4.1 system
+#   descriptions ("AMD Instinct MI300X-NPS1-SPX-192GB-750W", HBM3). FP32 matrix 163.4 TFLOPS
+#   is the same datasheet's figure.
+# - Infinity Fabric: 7 links per GPU, x16 at 32 Gb/s per lane = 128 GB/s bidirectional, i.e.
+#   64 GB/s per direction per link, 448 GB/s aggregate per direction (wheelersnetwork.com
+#   2024/01, "AMD Looks to Infinity for AI Interconnects").
+# - Transfer latency 10 us: an assumption (one cross-device copy with its launch and
+#   synchronisation in HIP/IREE; small-message RCCL all-reduce steps on MI300X are of this
+#   order), not a datasheet figure.
+_MI300X_PEAK = {"f16": 1307.4e12, "bf16": 1307.4e12, "fp8": 2614.9e12, "f32": 163.4e12}
+_MI300X = GpuSpec(
+    name="mi300x", memory_bytes=192e9, hbm_bytes_per_s=5.3e12, peak_flops=_MI300X_PEAK,
+    links=7, link_bytes_per_s=64e9, transfer_latency_s=10e-6,
+    description="AMD Instinct MI300X, SPX: 192 GB HBM3, 5.3 TB/s, 1307.4 TFLOPS f16")
+
+# CPX: each of the 8 XCDs (38 CUs) is its own device (instinct.docs.amd.com, "AMD Instinct
+# MI300X GPU Partitioning Overview"); with NPS4 memory (4 partitions of 48 GB) two CPX
+# devices share a quadrant, so each gets 24 GB. We model a partition as 1/8 of the package:
+# memory, HBM bandwidth and compute. Peer traffic keeps the xGMI link figures, an upper bound
+# on its time (partitions on one package talk over the faster on-package fabric).
+_CPX = 8
+GPUS: dict[str, GpuSpec] = {
+    "mi300x": _MI300X,
+    "mi300x-cpx": dataclasses.replace(
+        _MI300X, name="mi300x-cpx", memory_bytes=_MI300X.memory_bytes / _CPX,
+        hbm_bytes_per_s=_MI300X.hbm_bytes_per_s / _CPX,
+        peak_flops={k: v / _CPX for k, v in _MI300X_PEAK.items()},
+        description="AMD Instinct MI300X, one CPX partition (1/8): 24 GB, 662.5 GB/s"),
+}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The GpuSpec called `name`; HaloError listing the known names otherwise."""
+    try:
+        return GPUS[name]
+    except KeyError:
+        raise HaloError(f"unknown GPU {name!r}: choose one of {', '.join(GPUS)}") from None
+
+
