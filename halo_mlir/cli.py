@@ -88,6 +88,9 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
 @click.option("--attention", default="fused", show_default=True,
               type=click.Choice(["fused", "decomposed"]))
+@click.option("--layer-loop", is_flag=True,
+              help="The decoder stack as one scf.for over stacked weights: IR and compile "
+                   "time flat in depth (import the parameters with --layout stacked).")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Tensor-parallel degree: run the sharding pass over N devices.")
 @click.option("--allreduce", default="ring", show_default=True, type=click.Choice(["ring", "star"]),
@@ -102,8 +105,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, attention, tp, allreduce, device_block_count, locations,
-         output, output_config):
+         block_seq_stride, dtype, attention, layer_loop, tp, allreduce, device_block_count,
+         locations, output, output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
     from halo_mlir.model.llama import EmitOptions
@@ -114,7 +117,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
-                       weight_formats=formats)
+                       weight_formats=formats, layer_loop=layer_loop)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
@@ -237,9 +240,13 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="With --gguf: keep Q8_0/Q4_1 matrices in their block format.")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
+@click.option("--layout", default="per-layer", show_default=True,
+              type=click.Choice(["per-layer", "stacked"]),
+              help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
+                   "modules emitted with --layer-loop.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
 @_reports_errors
-def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, output):
+def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, output):
     """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
@@ -254,7 +261,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, output):
             from halo_mlir.params.gguf_import import import_gguf
 
             n = import_gguf(gguf, output, dtype=dtype, keep_quantized=keep_quantized,
-                            progress=progress, tp=tp)
+                            progress=progress, tp=tp, layout=layout)
         else:
             from halo_mlir import config
             from halo_mlir.params.safetensors_import import import_safetensors
@@ -263,7 +270,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, output):
             cfg_path = Path(hf_config) if hf_config else \
                 (src if src.is_dir() else src.parent) / "config.json"
             n = import_safetensors(src, config.from_hf_config(cfg_path), output, dtype=dtype,
-                                   progress=progress, tp=tp)
+                                   progress=progress, tp=tp, layout=layout)
     finally:
         progress.close()
     from halo_mlir.params.irpa import rank_paths

@@ -58,9 +58,7 @@ class Program:
             msg = str(e)
             key = re.search(r"no parameter found in index with key '([^']+)'", msg)
             if key:
-                raise HaloError(f"parameter {key.group(1)} is in none of the given files; pass "
-                                "every NAME.rank{i}.irpa of the import that matches this "
-                                "module") from None
+                raise HaloError(self._missing(key.group(1))) from None
             device = re.search(r"HAL device `(\w+)` not found", msg)
             if device:
                 raise HaloError(f"the module was compiled for more devices than the "
@@ -68,6 +66,20 @@ class Program:
                                 "--tp/n_devices equal to the compile's") from None
             raise
         self._invokers: dict[str, object] = {}
+
+    def _missing(self, key: str) -> str:
+        """Why a parameter the module reads is not in the files: a layout mismatch
+        (`--layer-loop` modules read `blk.NAME.stacked`), else a missing file."""
+        stacked_files = any(".stacked" in k for k, _ in self.index.items())
+        if ".stacked" in key and not stacked_files:
+            return (f"the module reads stacked parameters ({key}: emitted with --layer-loop) "
+                    "but the files hold the per-layer layout; import them with "
+                    "`halo-mlir import-params --layout stacked`")
+        if key.startswith("blk.") and ".stacked" not in key and stacked_files:
+            return (f"the module reads per-layer parameters ({key}) but the files hold the "
+                    "stacked layout; emit with --layer-loop, or import with --layout per-layer")
+        return (f"parameter {key} is in none of the given files; pass every NAME.rank{{i}}.irpa "
+                "of the import that matches this module")
 
     @property
     def device(self):

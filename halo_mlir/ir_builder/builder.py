@@ -14,7 +14,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from iree.compiler import ir
-from iree.compiler.dialects import arith, linalg, math, tensor, util
+from iree.compiler.dialects import arith, flow, linalg, math, scf, tensor, util
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder.entry_points import EntryPoints
@@ -347,6 +347,33 @@ class Builder(LinalgExtOps, EntryPoints):
         """util.optimization_barrier: keep `v` opaque (e.g. a per-layer index kept out of
         kernels so every layer reuses the same ones)."""
         return util.optimization_barrier([v.type], [v])
+
+    def pin(self, v: Value, device: int = 0) -> Value:
+        """`flow.tensor.barrier` on a device: a loop-carried tensor stays in one place
+        (without it IREE copies the carried value, e.g. the whole KV cache, every
+        iteration)."""
+        dyn = [d for d in self.dims(v) if not isinstance(d, int)]
+        return flow.tensor_barrier(v, dyn, self.device(device))
+
+    @contextlib.contextmanager
+    def loop(self, count: int, carried: Sequence[Value]):
+        """`scf.for %i = 0 to count` carrying `carried`; yields (the op, %i, the carried
+        block arguments). The body must end with `end_loop(values)`; the op's results are
+        the final values."""
+        op = scf.ForOp(self.index(0), self.index(count), self.index(1), list(carried))
+        with ir.InsertionPoint(op.body):
+            yield op, op.induction_variable, list(op.inner_iter_args)
+
+    @staticmethod
+    def end_loop(values: Sequence[Value]) -> None:
+        scf.yield_(list(values))
+
+    def layer_slice(self, stacked: Value, i: Value) -> Value:
+        """Entry `i` of a stacked tensor [L, ...] -> [...]."""
+        shape = self.shape(stacked)
+        piece = self.slice(stacked, [i] + [0] * (len(shape) - 1), [1, *shape[1:]])
+        groups = [[0, 1]] + [[d] for d in range(2, len(shape))]
+        return self.reshape(piece, groups, shape[1:])
 
     # ---- scalar arithmetic inside bodies ---------------------------------------------
     def cast(self, x: Value, dtype: str) -> Value:

@@ -21,7 +21,7 @@ from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
 from halo_mlir.ops.rope import inv_freq, rope
-from halo_mlir.params.names import block_shapes
+from halo_mlir.params.names import block_shapes, stacked_key
 from halo_mlir.quant import quant_format
 
 DTYPES = ("f16", "bf16", "f32")
@@ -36,6 +36,8 @@ class EmitOptions:
     attention: str = "fused"
     # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quant).
     weight_formats: tuple[tuple[str, str], ...] = ()
+    # The decoder stack as one `scf.for` over stacked weights (parameter layout `stacked`).
+    layer_loop: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -61,6 +63,14 @@ class _Model:
     def __init__(self, b: Builder, cfg: LlamaConfig, opts: EmitOptions):
         self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.dtype
         self.formats = dict(opts.weight_formats)
+        if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
+            for name in BLOCK_WEIGHTS:
+                found = {self.formats.get(f"blk.{i}.{name}.weight") for i in range(cfg.n_layers)}
+                if len(found) > 1:
+                    shown = ", ".join(sorted(str(f or cfg.name and "float") for f in found))
+                    raise HaloError(f"--layer-loop needs every layer's {name} weight in one "
+                                    f"format, found {shown}; import dequantized (no "
+                                    "--keep-quantized) or emit without --layer-loop")
 
     def w(self, key: str, shape: Sequence[int]) -> Value:
         return self.b.param(key, shape, self.dt)
@@ -92,8 +102,7 @@ class _Model:
             h = self.embed(tokens)
         with b.at("rope"):
             freqs = b.dense(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "f32")
-        for i in range(cfg.n_layers):
-            h = kv.call_layer(i, h, positions, seq_lens, freqs)
+        h = kv.run(h, positions, seq_lens, freqs)
         with b.at("output_norm"):
             h = rmsnorm(b, h, self.w("output_norm.weight", (cfg.hidden_size,)),
                         eps=cfg.rms_eps, dtype=self.dt)
@@ -212,55 +221,124 @@ class _Stack:
     """The decoder blocks of one entry point. Each layer is a call to a private layer
     function (one per entry and weight-format signature; IREE inlines it), taking that
     layer's weights and an opaque layer index: the IR has one block body per entry, passes
-    work on it once, and every layer shares its kernels."""
+    work on it once, and every layer shares its kernels.
+
+    Unrolled, each layer writes its K/V into the cache. As a loop (`layer_loop`) the cache
+    is read-only inside the loop and the layers' K/V go to a loop-carried accumulator
+    written once after it (see `kv_cache`: a cache carried through the loop gets copied)."""
 
     def __init__(self, m: "_Model", entry: str, cache6: Value, pages: Value,
                  start: Value | None = None):
         self.m, self.entry, self.cache, self.pages, self.start = m, entry, cache6, pages, start
+        self.acc: Value | None = None  # the loop's K/V accumulator
         self.functions: dict[tuple, str] = {}
 
-    def call_layer(self, i: int, h: Value, positions: Value, seq_lens: Value,
-                   freqs: Value) -> Value:
+    def run(self, h: Value, positions: Value, seq_lens: Value, freqs: Value) -> Value:
+        """Every decoder block: one call per layer, or one `scf.for` (`layer_loop`)."""
+        if self.m.opts.layer_loop:
+            return self.loop(h, positions, seq_lens, freqs)
+        b = self.m.b
+        for i in range(self.m.cfg.n_layers):
+            with b.at(f"blk.{i}"):
+                weights, formats = self.weights(lambda key, shape: (key, shape),
+                                                f"blk.{i}.{{}}.weight")
+                # Opaque, so the layer is a kernel operand and not a constant once inlined.
+                layer = b.barrier(b.scalar(i, "i64"))
+                h = self.call(h, positions, seq_lens, freqs, layer, weights, formats)
+        return h
+
+    def loop(self, h: Value, positions: Value, seq_lens: Value, freqs: Value) -> Value:
+        """`scf.for %l` over the layers: layer %l's weights are slices of the stacked
+        globals; the carried values are pinned to the device at the top of the body
+        (IREE_FACTS.md: otherwise IREE copies them every iteration)."""
         m, b = self.m, self.m.b
-        weights, formats = [], []
-        with b.at(f"blk.{i}"):
-            for name in BLOCK_WEIGHTS:
-                key = f"blk.{i}.{name}.weight"
-                shape = block_shapes(m.cfg)[f"blk.{{i}}.{name}.weight"]
-                if key in m.formats:
-                    fmt, fields = m.quantized_fields(key, shape)
-                    weights += fields
-                    formats.append(fmt)
-                else:
-                    weights.append(m.w(key, shape))
-                    formats.append(None)
-            # Opaque, so the layer is a kernel operand and not a constant once inlined.
-            layer = b.barrier(b.scalar(i, "i64"))
-            extra = [self.pages] + ([self.start] if self.start is not None else [])
-            args = [h, positions, seq_lens, freqs, *extra, self.cache, layer, *weights]
-            fn = self.functions.get(tuple(formats)) or self.define(tuple(formats), args)
-            h, self.cache = b.call(fn, args, [h.type, self.cache.type])
+        n = m.cfg.n_layers
+        with b.at("blk"):
+            stacked, formats = self.weights(lambda key, shape: (stacked_key(key), (n, *shape)),
+                                            "blk.0.{}.weight")
+            if self.start is None:
+                acc = kv_cache.prefill_accumulator(b, self.cache, self.pages)
+            else:
+                acc = kv_cache.decode_accumulator(b, self.cache, b.shape(self.pages)[0])
+            with b.loop(n, [h, acc]) as (op, l, (h_in, acc_in)):
+                self.acc = b.pin(acc_in)
+                weights = [b.layer_slice(w, l) for w in stacked]
+                h_out = self.call(b.pin(h_in), positions, seq_lens, freqs, b.cast(l, "i64"),
+                                  weights, formats)
+                b.end_loop([h_out, self.acc])
+            h, acc = op.results
+        with b.at("kv_cache"):
+            if self.start is None:
+                self.cache = kv_cache.prefill_write(b, self.cache, acc, self.pages)
+            else:
+                self.cache = kv_cache.decode_write(b, self.cache, acc, self.pages, self.start)
+        return h
+
+    def weights(self, place, template: str) -> tuple[list[Value], tuple]:
+        """One layer's weights (or their stacks) as call arguments, with their formats:
+        `place(key, shape)` -> the (key, shape) of the global to load."""
+        m = self.m
+        values, formats = [], []
+        for name in BLOCK_WEIGHTS:
+            layer_key = template.format(name)
+            key, shape = place(layer_key, block_shapes(m.cfg)[f"blk.{{i}}.{name}.weight"])
+            fmt = m.formats.get(layer_key)
+            if fmt is not None:
+                lead = tuple(shape[:-2])
+                fields = quant_format(fmt).field_shapes(*shape[-2:])
+                values += [m.b.param(f"{key}:{field}", (*lead, *fshape), fdtype)
+                           for field, (fshape, fdtype) in fields.items()]
+            else:
+                values.append(m.w(key, shape))
+            formats.append(fmt)
+        return values, tuple(formats)
+
+    def call(self, h, positions, seq_lens, freqs, layer, weights, formats) -> Value:
+        """Call the layer function; updates the cache (unrolled) or the accumulator."""
+        extra = [self.pages] + ([self.start] if self.start is not None else [])
+        state = [self.cache] + ([self.acc] if self.acc is not None else [])
+        args = [h, positions, seq_lens, freqs, *extra, *state, layer, *weights]
+        fn = self.functions.get(formats) or self.define(formats, args)
+        h, updated = self.m.b.call(fn, args, [h.type, state[-1].type])
+        if self.acc is not None:
+            self.acc = updated
+        else:
+            self.cache = updated
         return h
 
     def define(self, formats: tuple, args: list) -> str:
         m, b = self.m, self.m.b
         name = f"{self.entry}$layer{len(self.functions)}"
-        with b.function(name, [a.type for a in args], [args[0].type, self.cache.type],
+        looped = self.acc is not None
+        state_t = (self.acc if looped else self.cache).type
+        with b.function(name, [a.type for a in args], [args[0].type, state_t],
                         private=True) as params, b.at("blk"):
             h, positions, seq_lens, freqs, pages = params[:5]
             rest = params[5:]
             start = None
             if self.start is not None:
                 start, rest = rest[0], rest[1:]
-            cache, layer, rest = rest[0], rest[1], rest[2:]
+            cache, rest = rest[0], rest[1:]
+            acc = None
+            if looped:
+                acc, rest = rest[0], rest[1:]
+            layer, rest = rest[0], rest[1:]
             weights = {}
             for wname, fmt in zip(BLOCK_WEIGHTS, formats):
                 n = 1 if fmt is None else len(quant_format(fmt).fields)
                 weights[wname] = rest[0] if fmt is None else (fmt, rest[:n])
                 rest = rest[n:]
-            state = {"cache": cache}
+            state = {"cache": cache, "acc": acc}
 
             def kv(_, k, v):
+                if looped and start is None:  # prefill: fresh K/V, kept for the write
+                    state["acc"] = kv_cache.prefill_accumulate(b, state["acc"], k, v, layer)
+                    return k, v
+                if looped:  # decode: the cache's pages with this token's K/V in place
+                    state["acc"] = kv_cache.decode_accumulate(b, state["acc"], k, v, layer)
+                    return tuple(kv_cache.with_position(
+                        b, kv_cache.read_pages(b, cache, pages, layer, which), x, start)
+                        for which, x in ((0, k), (1, v)))
                 if start is None:  # prefill: the fresh K/V are the keys and values
                     state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages, layer)
                     return k, v
@@ -270,7 +348,7 @@ class _Stack:
                         kv_cache.read_pages(b, c, pages, layer, 1))
 
             h = m.block("*", h, positions, seq_lens, freqs, kv, weights)
-            b.ret(h, state["cache"])
+            b.ret(h, state["acc"] if looped else state["cache"])
         self.functions[formats] = name
         return name
 

@@ -97,3 +97,95 @@ def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -
     blocks = b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
     blocks = b.transpose(blocks, [0, 2, 1, 3, 4])  # [N,KVH,B,stride,D]
     return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])
+
+
+# ---- the layer loop (`--layer-loop`): the stack reads the cache, one write after it ----
+# Carrying the cache through an `scf.for` leaves IREE 3.13 unable to see that the loop's
+# result is the caller's buffer: it adds a whole-cache self-copy before the in-place alias
+# (which the runtime rejects as overlapping). So inside the loop the cache is read-only;
+# each layer's new K/V go into a small loop-carried accumulator, written to the pages once
+# after the loop (a page holds every layer, so one scatter covers all of them).
+
+def prefill_accumulator(b: Builder, cache6: Value, pages: Value) -> Value:
+    """[N, B, layers, 2, KVH, stride, D]: the prompt's K/V, page-shaped, every layer."""
+    _, layers, _, kvh, stride, d = b.shape(cache6)
+    n, nb = b.dims(pages)
+    return b.empty([n, nb, layers, 2, kvh, stride, d], b.element_type(cache6))
+
+
+def prefill_accumulate(b: Builder, acc: Value, k: Value, v: Value, layer: Value) -> Value:
+    """Layer `layer`'s k/v[N,KVH,S,D] into the accumulator."""
+    n, nb, _, _, kvh, stride, d = b.dims(acc)
+    at = b.cast(layer, "index")
+    for kv, x in ((0, k), (1, v)):
+        blocks = b.reshape(x, [[0], [1], [2, 3], [4]], [n, kvh, nb, stride, d])
+        blocks = b.transpose(blocks, [0, 2, 1, 3, 4])  # [N,B,KVH,stride,D]
+        blocks = b.reshape(blocks, [[0], [1], [2, 3, 4], [5], [6]], [n, nb, 1, 1, kvh, stride, d])
+        acc = b.insert(blocks, acc, [0, 0, at, kv, 0, 0, 0], [n, nb, 1, 1, kvh, stride, d])
+    return acc
+
+
+def prefill_write(b: Builder, cache6: Value, acc: Value, pages: Value) -> Value:
+    """Every layer's prompt K/V into pages[N,B] (whole pages)."""
+    shape = b.shape(acc)
+    blocks = b.reshape(acc, [[0, 1], [2], [3], [4], [5], [6]], [None, *shape[2:]])
+    idx = b.reshape(pages, [[0, 1]], [None])
+    idx = b.reshape(idx, [[0, 1]], [b.dims(idx)[0], 1])
+    return b.scatter(blocks, idx, cache6, [0])
+
+
+def decode_accumulator(b: Builder, cache6: Value, n: int) -> Value:
+    """[N, layers, 2, KVH, D]: the new token's K/V, every layer."""
+    _, layers, _, kvh, _, d = b.shape(cache6)
+    return b.empty([n, layers, 2, kvh, d], b.element_type(cache6))
+
+
+def decode_accumulate(b: Builder, acc: Value, k: Value, v: Value, layer: Value) -> Value:
+    """Layer `layer`'s k/v[N,KVH,1,D] into the accumulator."""
+    n, _, _, kvh, d = b.dims(acc)
+    at = b.cast(layer, "index")
+    for kv, x in ((0, k), (1, v)):
+        rows = b.reshape(x, [[0], [1, 2], [3]], [n, kvh, d])  # drop S = 1
+        rows = b.reshape(rows, [[0, 1, 2], [3], [4]], [n, 1, 1, kvh, d])  # add layer, k/v
+        acc = b.insert(rows, acc, [0, at, kv, 0, 0], [n, 1, 1, kvh, d])
+    return acc
+
+
+def with_position(b: Builder, old: Value, new: Value, positions: Value) -> Value:
+    """Gathered k or v [N,KVH,T,D] with position positions[n] replaced by new[N,KVH,1,D]:
+    what attention would read after writing the token (the cache itself is written later)."""
+    n, kvh, t, d = b.dims(old)
+    rows = b.reshape(new, [[0], [1, 2], [3]], [n, kvh, d])
+
+    def merge(o, x, pos, _):
+        here = b.cmpi("eq", b.cast(b.linalg_index(2), "i64"), pos)
+        return b.select(here, x, o)
+
+    return b.generic("bhtd,bhd,b->bhtd", [old, rows, positions],
+                     [b.empty([n, kvh, t, d], b.element_type(old))], merge)
+
+
+def decode_write(b: Builder, cache6: Value, acc: Value, pages: Value,
+                 positions: Value) -> Value:
+    """Every layer's new K/V into slot positions[n] % stride of page
+    pages[n, positions[n] // stride]: read-modify-write of each row's page."""
+    _, layers, _, kvh, stride, d = b.shape(cache6)
+    n = b.dims(acc)[0]
+    stride_c = b.scalar(stride, "i64")
+
+    def page_of(pos, _):
+        return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
+
+    page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
+    idx = b.reshape(page, [[0, 1]], [n, 1])
+    et = b.element_type(cache6)
+    block = b.gather(cache6, idx, b.empty([n, layers, 2, kvh, stride, d], et), [0])
+    block = b.barrier(block)  # see write_position
+
+    def merge(old, new, pos, _):
+        here = b.cmpi("eq", b.cast(b.linalg_index(4), "i64"), b.remsi(pos, stride_c))
+        return b.select(here, new, old)
+
+    block = b.generic("blchsd,blchd,b->blchsd", [block, acc, positions],
+                      [b.empty([n, layers, 2, kvh, stride, d], et)], merge)
+    return b.scatter(block, idx, cache6, [0])

@@ -55,7 +55,7 @@ def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized: bool = False,
                 progress: Callable[[int, int, str], None] = lambda *_: None,
-                tp: int = 1) -> int:
+                tp: int = 1, layout: str = "per-layer") -> int:
     """Write every parameter of the GGUF model to `out`. Returns the bytes written."""
     np_dtype = numpy_dtype(dtype)
     with GgufFile(path) as g:
@@ -71,7 +71,7 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
-        with irpa.writer(out, tp) as writer:
+        with irpa.writer(out, tp, layout) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)
                 rows = shape[0] if len(shape) > 1 else 1

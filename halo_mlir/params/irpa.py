@@ -19,16 +19,34 @@ from halo_mlir.errors import HaloError
 _ALIGN = 64
 
 
+def _temp(directory: Path, path: Path):
+    try:
+        return tempfile.TemporaryFile(dir=directory, prefix=".halo-staging-")
+    except OSError as e:
+        raise HaloError(f"{path}: cannot write there ({e.strerror})") from None
+
+
+def _write(f, chunks: Iterable[np.ndarray]) -> int:
+    length = 0
+    for chunk in chunks:
+        data = np.ascontiguousarray(chunk)
+        f.write(memoryview(data.reshape(-1).view(np.uint8)))
+        length += data.nbytes
+    return length
+
+
 class IrpaWriter:
+    """Entries in the order added. `append(key, ...)` grows an entry that other entries may
+    come between (a stacked weight gets one layer at a time, as an importer walks the
+    checkpoint layer by layer); each such entry is staged in a file of its own."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise HaloError(f"{self.path}: directory {self.path.parent} does not exist")
-        try:
-            self._staging = tempfile.TemporaryFile(dir=self.path.parent, prefix=".halo-staging-")
-        except OSError as e:
-            raise HaloError(f"{self.path}: cannot write there ({e.strerror})") from None
-        self._entries: list[tuple[str, int, int]] = []
+        self._staging = _temp(self.path.parent, self.path)
+        self._entries: list[tuple[str, object, int, int]] = []  # key, file, offset, length
+        self._growing: dict[str, list] = {}  # key -> [file, length]
         self.nbytes = 0
 
     def add(self, key: str, array: np.ndarray) -> None:
@@ -42,22 +60,31 @@ class IrpaWriter:
         if pad:
             self._staging.write(b"\0" * pad)
             offset += pad
-        length = 0
-        for chunk in chunks:
-            data = np.ascontiguousarray(chunk)
-            self._staging.write(memoryview(data.reshape(-1).view(np.uint8)))
-            length += data.nbytes
-        self._entries.append((key, offset, length))
+        length = _write(self._staging, chunks)
+        self._entries.append((key, self._staging, offset, length))
         self.nbytes += length
+
+    def append(self, key: str, chunks: Iterable[np.ndarray]) -> None:
+        """Add `chunks` at the end of entry `key` (created on first use)."""
+        grow = self._growing.get(key)
+        if grow is None:
+            grow = self._growing[key] = [_temp(self.path.parent, self.path), 0]
+            self._entries.append((key, grow[0], 0, None))
+        n = _write(grow[0], chunks)
+        grow[1] += n
+        self.nbytes += n
 
     def commit(self) -> None:
         from iree import runtime as rt
 
-        self._staging.flush()
         index = rt.ParameterIndex()
-        handle = rt.FileHandle.wrap_fd(self._staging.fileno())
-        for key, offset, length in self._entries:
-            index.add_from_file_handle(key, handle, length, offset)
+        handles = {}
+        for key, f, offset, length in self._entries:
+            if id(f) not in handles:
+                f.flush()
+                handles[id(f)] = rt.FileHandle.wrap_fd(f.fileno())
+            length = self._growing[key][1] if length is None else length
+            index.add_from_file_handle(key, handles[id(f)], length, offset)
         tmp = self.path.with_name(f".{self.path.name}.partial")
         try:
             index.create_archive_file(str(tmp))
@@ -70,6 +97,8 @@ class IrpaWriter:
 
     def close(self) -> None:
         self._staging.close()
+        for f, _ in self._growing.values():
+            f.close()
 
     def __enter__(self):
         return self
@@ -117,6 +146,21 @@ class ShardedIrpaWriter:
             self.writers[i].add(f"{key}.shard.{i}", piece)
             self.nbytes += piece.nbytes
 
+    def append(self, key: str, chunks: Iterable[np.ndarray], *, split_as: str) -> None:
+        """Add one layer (`chunks`) to the stacked entry `key`, split like the per-layer
+        key `split_as`: rank i's `KEY.shard.i` is [layers, ...] of its pieces."""
+        from halo_mlir.sharding_passes.plan import Split
+
+        array = np.concatenate([np.asarray(c) for c in chunks], axis=0)
+        s = self.sharding_of(split_as, array.shape, self.tp)
+        if not isinstance(s, Split):
+            self.writers[0].append(key, [array])
+            self.nbytes += array.nbytes
+            return
+        for i, piece in enumerate(np.split(array, self.tp, axis=s.dim)):
+            self.writers[i].append(f"{key}.shard.{i}", [piece])
+            self.nbytes += piece.nbytes
+
     def commit(self) -> None:
         try:
             for w in self.writers:
@@ -138,10 +182,62 @@ class ShardedIrpaWriter:
             self.close()
 
 
-def writer(path: str | Path, tp: int = 1):
-    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan."""
-    if tp == 1:
-        return IrpaWriter(path)
-    from halo_mlir.sharding_passes.plan import weight_sharding
+class StackedLayout:
+    """Puts per-layer keys (`blk.{i}.NAME`) into stacked entries (`blk.NAME.stacked`,
+    [layers, ...]) of the wrapped writer, one layer at a time, in layer order."""
 
-    return ShardedIrpaWriter(path, tp, weight_sharding)
+    def __init__(self, inner):
+        self.inner = inner
+        self.next_layer: dict[str, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        self.add_chunks(key, [array])
+
+    def add_chunks(self, key: str, chunks: Iterable[np.ndarray]) -> None:
+        from halo_mlir.params.names import layer_of, stacked_key
+
+        stacked = stacked_key(key)
+        if stacked is None:
+            return self.inner.add_chunks(key, chunks)
+        want = self.next_layer.get(stacked, 0)
+        if layer_of(key) != want:
+            raise HaloError(f"internal error: {key} arrived out of layer order (expected "
+                            f"layer {want})")
+        self.next_layer[stacked] = want + 1
+        if isinstance(self.inner, ShardedIrpaWriter):
+            self.inner.append(stacked, chunks, split_as=key)
+        else:
+            self.inner.append(stacked, chunks)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.close()
+
+
+def writer(path: str | Path, tp: int = 1, layout: str = "per-layer"):
+    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan; with layout
+    `stacked`, block weights go into stacked entries."""
+    from halo_mlir.params.names import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise HaloError(f"unknown --layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if tp == 1:
+        w = IrpaWriter(path)
+    else:
+        from halo_mlir.sharding_passes.plan import weight_sharding
+
+        w = ShardedIrpaWriter(path, tp, weight_sharding)
+    return StackedLayout(w) if layout == "stacked" else w

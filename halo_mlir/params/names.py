@@ -52,6 +52,26 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.*)$")
 
+# Parameter layouts: `per-layer` (ABI.md, the default: `blk.{i}.attn_q.weight`) or `stacked`
+# (one entry per weight kind holding every layer, `[layers, ...]`, for `--layer-loop`).
+LAYOUTS = ("per-layer", "stacked")
+STACKED_SUFFIX = ".stacked"
+
+
+def stacked_key(key: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `blk.attn_q.weight.stacked` (a `:field` suffix of a
+    quantized entry stays last: `blk.attn_q.weight.stacked:qs`); None for non-block keys."""
+    m = _LAYER.match(key)
+    if not m:
+        return None
+    base, sep, field = m.group(2).partition(":")
+    return f"blk.{base}{STACKED_SUFFIX}{sep}{field}"
+
+
+def layer_of(key: str) -> int | None:
+    m = _LAYER.match(key)
+    return int(m.group(1)) if m else None
+
 
 def hf_name(key: str) -> str:
     """The HF checkpoint name of an ABI key (`blk.3.attn_q.weight` -> `model.layers.3...`)."""

@@ -58,7 +58,7 @@ def _row_blocks(f: SafetensorsFile, name: str, dtype: np.dtype):
 
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
                        progress: Callable[[int, int, str], None] = lambda *_: None,
-                       tp: int = 1) -> int:
+                       tp: int = 1, layout: str = "per-layer") -> int:
     """Write every parameter of `cfg` from the checkpoint at `path` into `out`, converted
     to `dtype`, in row blocks: memory stays bounded whatever the checkpoint's size.
     Returns the bytes written."""
@@ -88,7 +88,7 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
                 raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
                                 f"config expects {list(shape)}")
             f.dtype(name)
-        writer = stack.enter_context(irpa.writer(out, tp))
+        writer = stack.enter_context(irpa.writer(out, tp, layout))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
             name = hf_name(key)

@@ -30,12 +30,12 @@ class Stats:
     all_reduces: int = 0
     received: dict = dataclasses.field(default_factory=dict)  # device -> bytes in
 
-    def add(self, other: "Stats") -> None:
-        self.transfers += other.transfers
-        self.bytes += other.bytes
-        self.all_reduces += other.all_reduces
+    def add(self, other: "Stats", times: int = 1) -> None:
+        self.transfers += other.transfers * times
+        self.bytes += other.bytes * times
+        self.all_reduces += other.all_reduces * times
         for d, n in other.received.items():
-            self.received[d] = self.received.get(d, 0) + n
+            self.received[d] = self.received.get(d, 0) + n * times
 
 
 def _bytes(v) -> int:

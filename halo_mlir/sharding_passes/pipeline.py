@@ -12,8 +12,8 @@ from halo_mlir.ir_builder import Builder
 from halo_mlir.model.entry import build_entry, impl_functions, remove_entry
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import REPLICATED, Split, weight_sharding
-from halo_mlir.sharding_passes.shard import (RULES, SV, Partial, Sharder, ShardError,
-                                             local_shape, parse_split, split_attr)
+from halo_mlir.sharding_passes.shard import (SV, Partial, Sharder, ShardError, local_shape,
+                                             parse_split, split_attr)
 from halo_mlir.sharding_passes.verify import verify_placement
 
 
@@ -133,18 +133,7 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
 
 def _shard_body(s: Sharder, fn, name: str):
     """Apply the rules to every op of `fn`'s body in order; returns its util.return."""
-    for op in fn.regions[0].blocks[0].operations:
-        if op.operation.name == "util.return":
-            return op
-        rule = RULES.get(op.operation.name)
-        if rule is None:
-            raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
-                             f"(in {name})")
-        with op.location:
-            out = rule(s, op.operation, [s.get(v) for v in op.operands])
-        for r, sv in zip(op.results, out):
-            s.env[r] = sv
-    raise ShardError(f"{name} has no util.return")
+    return s.shard_block(fn.regions[0].blocks[0], name, "util.return")
 
 
 def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
@@ -207,6 +196,20 @@ def _return(b: Builder, s: Sharder, op, regular: int, inplace: list, splits: lis
     b.ret(*values)
 
 
+def _erase_uncalled(module, names: set) -> None:
+    """Sharded callees that no call uses (a loop sharded twice leaves its first try's)."""
+    called = set()
+
+    def visit(op):
+        if op.name == "util.call":
+            called.add(ir.FlatSymbolRefAttr(op.attributes["callee"]).value)
+        return ir.WalkResult.ADVANCE
+    module.operation.walk(visit)
+    for op in list(module.body.operations):
+        if "sym_name" in op.attributes and op.attributes["sym_name"].value in names - called:
+            op.operation.erase()
+
+
 def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = True) -> Report:
     """Shard every entry of `module` (emitted by halo_mlir, TP1) over `tp` devices."""
     if allreduce not in collectives.MODES:
@@ -237,6 +240,7 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
             op = b.lookup(key[0])
             if op is not None and key[0] in originals:
                 op.operation.erase()
+        _erase_uncalled(module, {v[0] for v in callees.values()})
         for fn in impl_functions(module):
             name = fn.attributes["halo.entry"].value
             remove_entry(module, name)

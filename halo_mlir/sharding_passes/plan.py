@@ -57,11 +57,16 @@ WEIGHT_STYLES = {
     "output.weight": Split(0),
 }
 _BLOCK = re.compile(r"^blk\.\d+\.(.+)$")
+_STACKED = re.compile(r"^blk\.(.+)\.stacked$")  # [layers, ...]: split one dim further in
 
 
 def weight_sharding(key: str, shape=None, tp: int | None = None):
     """How `key` splits. lm_head (`output.weight`) stays replicated when tp does not divide
     the vocabulary (every device then computes all logits)."""
+    m = _STACKED.match(key)
+    if m:
+        s = WEIGHT_STYLES.get(m.group(1), REPLICATED)
+        return Split(s.dim + 1) if isinstance(s, Split) else s
     m = _BLOCK.match(key)
     s = WEIGHT_STYLES.get(m.group(1) if m else key, REPLICATED)
     if key == "output.weight" and shape is not None and tp and shape[0] % tp:

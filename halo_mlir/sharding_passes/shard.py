@@ -159,6 +159,30 @@ class Sharder:
                 results[k].append(r)
         return [SV(s, vals) for s, vals in zip(result_shardings, results)]
 
+    def shard_block(self, block, name: str, terminator: str):
+        """Apply the rules to every op of `block` in order; returns its terminator."""
+        for op in block.operations:
+            if op.operation.name == terminator:
+                return op
+            rule = RULES.get(op.operation.name)
+            if rule is None:
+                raise ShardError(f"the sharding pass has no rule for {op.operation.name} "
+                                 f"(in {name})")
+            with op.location:
+                out = rule(self, op.operation, [self.get(v) for v in op.operands])
+            for r, sv in zip(op.results, out):
+                self.env[r] = sv
+        raise ShardError(f"{name}: a block without {terminator}")
+
+    def reshard(self, sv: SV, want) -> SV:
+        """`sv` laid out as `want` (replicated or a plain split)."""
+        if sv.sharding == want:
+            return sv
+        full = self.materialize(sv)
+        if isinstance(want, Split):
+            return SV(want, [self.slice_local(v, want.dim, i) for i, v in enumerate(full.values)])
+        return full
+
     # ---- globals -------------------------------------------------------------------
     def device_global(self, op_global, i: int, sharding) -> tuple[str, ir.Type]:
         """Device i's copy of a parameter global: `KEY.shard.i` for splits, the same key
@@ -338,6 +362,84 @@ def rule_extract_slice(s: Sharder, op, svs: list[SV]) -> list[SV]:
     return out
 
 
+def rule_insert_slice(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """tensor.insert_slice (same rank): a split piece goes into its device's slice of the
+    destination; a replicated destination is cut into per-device slices to receive it."""
+    piece, dest = svs[0], svs[1]
+    if isinstance(piece.sharding, Partial):
+        piece = svs[0] = s.materialize(piece)
+    if isinstance(dest.sharding, Partial):
+        dest = svs[1] = s.materialize(dest)
+    split = dest.sharding if isinstance(dest.sharding, Split) else piece.sharding
+    if not isinstance(split, Split):
+        return s.per_device(op, svs, [REPLICATED])
+    d = split.dim
+    if not is_plain(split):
+        raise ShardError(f"tensor.insert_slice: cannot insert into a {split} value")
+    offsets = list(ir.DenseI64ArrayAttr(op.attributes["static_offsets"]))
+    sizes = list(ir.DenseI64ArrayAttr(op.attributes["static_sizes"]))
+    full = ir.RankedTensorType(op.operands[1].type).shape[d]
+    if offsets[d] != 0 or sizes[d] != full:
+        raise ShardError("tensor.insert_slice: inserts part of a split dimension")
+    piece = svs[0] = s.reshard(piece, split)
+    if not isinstance(dest.sharding, Split):
+        dest = svs[1] = SV(split, [s.slice_local(v, d, i) for i, v in enumerate(dest.values)])
+    sizes[d] //= s.tp
+    out = s.per_device(op, svs, [split])
+    for v in out[0].values:
+        v.owner.attributes["static_sizes"] = ir.DenseI64ArrayAttr.get(sizes)
+    return out
+
+
+def rule_pin(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """flow.tensor.barrier: device i's copy is pinned to device i."""
+    out = s.per_device(op, svs, [svs[0].sharding])
+    for i, v in enumerate(out[0].values):
+        v.owner.attributes["target"] = s.b.device(i)
+    return out
+
+
+def rule_for(s: Sharder, op, svs: list[SV]) -> list[SV]:
+    """scf.for: one loop carrying one value per device for each carried value. A carried
+    value's layout is where the body leaves it: shard the body with the initial layouts,
+    and if it yields others, start over from those (at most twice)."""
+    from iree.compiler.dialects import scf
+
+    bounds = [sv.values[0] for sv in svs[:3]]
+    inits = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs[3:]]
+    trips = _constant(op.operands[1]) - _constant(op.operands[0])
+    body = op.regions[0].blocks[0]
+    for _ in range(3):
+        stats, s.stats = s.stats, collectives.Stats()
+        new = scf.ForOp(*bounds, [v for sv in inits for v in sv.values])
+        args = list(new.inner_iter_args)
+        s.env[body.arguments[0]] = SV(REPLICATED, [new.induction_variable] * s.tp)
+        for k, (old, sv) in enumerate(zip(body.arguments[1:], inits)):
+            s.env[old] = SV(sv.sharding, args[k * s.tp:(k + 1) * s.tp])
+        with ir.InsertionPoint(new.body):
+            yielded = [s.get(v) for v in s.shard_block(body, "scf.for", "scf.yield").operands]
+            yielded = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv
+                       for sv in yielded]
+            if [sv.sharding for sv in yielded] == [sv.sharding for sv in inits]:
+                scf.yield_([v for sv in yielded for v in sv.values])
+                stats.add(s.stats, trips)  # the body's transfers run once per iteration
+                s.stats = stats
+                results = list(new.results)
+                return [SV(sv.sharding, results[k * s.tp:(k + 1) * s.tp])
+                        for k, sv in enumerate(inits)]
+        new.operation.erase()
+        s.stats = stats
+        inits = [s.reshard(sv, y.sharding) for sv, y in zip(inits, yielded)]
+    raise ShardError("scf.for: the carried values' layouts do not settle")
+
+
+def _constant(v) -> int:
+    owner = v.owner
+    if owner.name != "arith.constant":
+        raise ShardError("scf.for: the sharding pass needs constant loop bounds")
+    return ir.IntegerAttr(owner.attributes["value"]).value
+
+
 def rule_same_as_operand(s: Sharder, op, svs: list[SV]) -> list[SV]:
     """tensor.cast, util.optimization_barrier: results shard like operand 0."""
     return s.per_device(op, svs, [svs[0].sharding] * len(op.results))
@@ -436,6 +538,10 @@ RULES: dict[str, Callable] = {
     "tensor.collapse_shape": rule_collapse,
     "linalg.transpose": rule_transpose,
     "tensor.extract_slice": rule_extract_slice,
+    "tensor.insert_slice": rule_insert_slice,
+    "flow.tensor.barrier": rule_pin,
+    "scf.for": rule_for,
+    "arith.index_cast": rule_replicated,
     "tensor.cast": rule_same_as_operand,
     "util.optimization_barrier": rule_same_as_operand,
     "arith.constant": rule_replicated,

@@ -47,12 +47,16 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
                             f"(__device_0..{tp - 1}) are declared")
     global_device = {}
     global_split = {}
+    global_layers = {}
     for op in module.body.operations:
         if op.operation.name == "util.global":
             sym = op.attributes["sym_name"].value
             if "stream.affinity" in op.attributes:
                 global_device[sym] = _device(op.attributes["stream.affinity"])
             global_split[sym] = ".shard." in sym
+            if ".stacked" in sym:
+                global_layers[sym] = ir.RankedTensorType(
+                    ir.TypeAttr(op.attributes["type"]).value).shape[0]
     functions = {op.attributes["sym_name"].value: op for op in module.body.operations
                  if op.operation.name == "util.func" and "halo.arg_devices" in op.attributes}
     executed: dict[str, int] = {}  # transfers one call of a function performs
@@ -65,20 +69,47 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
         block = fn.regions[0].blocks[0]
         for arg, dev in zip(block.arguments, _ints(fn, "halo.arg_devices")):
             where[arg] = None if dev < 0 else dev
+        executed[name] = run(block, where)
+        return executed[name]
+
+    def run(block, where: dict) -> int:
+        """Place every value of `block`; returns the transfers one pass over it executes."""
         transfers = 0
         for op in block.operations:
             o = op.operation
             if o.name == "flow.tensor.transfer":
                 transfers += 1
                 devs = [_device(o.attributes["target"])]
+            elif o.name == "flow.tensor.barrier":
+                have, want = where.get(o.operands[0]), _device(o.attributes["target"])
+                if have is not None and have != want:
+                    raise HaloError(f"{_where(o)}: pins to device {want} a value that lives "
+                                    f"on device {have}")
+                devs = [want]
             elif o.name == "util.global.load":
                 sym = ir.FlatSymbolRefAttr(o.attributes["global"]).value
                 dev = global_device.get(sym)
                 if dev is None:
                     raise HaloError(f"{_where(o)}: global @{sym} has no device (stream.affinity)")
                 devs = [dev]
-            elif o.name == "util.return":  # results stay where they are (one per device)
+            elif o.name in ("util.return", "scf.yield"):  # results stay where they are
                 continue
+            elif o.name == "scf.for":  # carried values keep their device through the body
+                body = o.regions[0].blocks[0]
+                inits = list(o.operands)[3:]
+                where[body.arguments[0]] = None
+                for arg, v in zip(list(body.arguments)[1:], inits):
+                    where[arg] = where.get(v)
+                trips = _constant(o.operands[1]) - _constant(o.operands[0])
+                transfers += trips * run(body, where)
+                yielded = list(body.operations)[-1].operands
+                devs = []
+                for k, (v, init) in enumerate(zip(yielded, inits)):
+                    have, back = where.get(init), where.get(v)
+                    if None not in (have, back) and have != back:
+                        raise HaloError(f"{_where(o)}: carried value {k} enters on device "
+                                        f"{have} and comes back on {back}")
+                    devs.append(back if have is None else have)
             elif o.name == "util.call":
                 callee = ir.FlatSymbolRefAttr(o.attributes["callee"]).value
                 if callee not in functions:
@@ -100,7 +131,6 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
                 devs = [found.pop() if found else None] * len(o.results)
             for r, dev in zip(o.results, devs):
                 where[r] = dev
-        executed[name] = transfers
         return transfers
 
     counts = {}
@@ -111,7 +141,8 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
             loads = [ir.FlatSymbolRefAttr(op.attributes["global"]).value
                      for op in fn.regions[0].blocks[0].operations
                      if op.operation.name == "util.global.load"]
-            row_split = sum(1 for sym in loads if ".shard." in sym and
+            # A stacked weight [layers, ...] is used once per layer.
+            row_split = sum(global_layers.get(sym, 1) for sym in loads if ".shard." in sym and
                             any(k in sym for k in ("attn_output", "ffn_down")))
             gathered_logits = any(sym.startswith("output.weight.shard.") for sym in loads)
             per = 2 * (tp - 1) * tp if allreduce == "ring" else 2 * (tp - 1)
@@ -124,6 +155,12 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
                 raise HaloError(f"{entry}: {transfers} transfers, the plan predicts {predicted}")
         counts[entry] = transfers
     return counts
+
+
+def _constant(v) -> int:
+    if v.owner.name != "arith.constant":
+        raise HaloError(f"scf.for at {v.owner.location}: loop bounds must be constants")
+    return ir.IntegerAttr(v.owner.attributes["value"]).value
 
 
 def _operands(op) -> list:
