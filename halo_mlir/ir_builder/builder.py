@@ -435,3 +435,16 @@ def walk_nested(op, visit: Callable) -> None:
         for block in region.blocks:
             for inner in block.operations:
                 inner.operation.walk(step)
+
+
+def is_empty_tensor(v) -> bool:
+    """`v` is an empty tensor or a slice of one."""
+    op = v.owner
+    while isinstance(op, ir.Operation) or hasattr(op, "operation"):
+        op = op.operation
+        if op.name == "tensor.empty":
+            return True
+        if op.name != "tensor.extract_slice":
+            return False
+        op = op.operands[0].owner
+    return False

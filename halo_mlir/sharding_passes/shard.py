@@ -17,10 +17,10 @@ import dataclasses
 from typing import Callable
 
 from iree.compiler import ir
-from iree.compiler.dialects import util
+from iree.compiler.dialects import flow, util
 
 from halo_mlir.errors import HaloError
-from halo_mlir.ir_builder import Builder, walk_nested
+from halo_mlir.ir_builder import Builder, is_empty_tensor, walk_nested
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import PARTIAL, REPLICATED, Partial, Replicated, Split
 
@@ -411,7 +411,8 @@ def rule_for(s: Sharder, op, svs: list[SV]) -> list[SV]:
     body = op.regions[0].blocks[0]
     for _ in range(3):
         stats, s.stats = s.stats, collectives.Stats()
-        new = scf.ForOp(*bounds, [v for sv in inits for v in sv.values])
+        new = scf.ForOp(*bounds, [_placed_init(s, v, i) for sv in inits
+                                  for i, v in enumerate(sv.values)])
         args = list(new.inner_iter_args)
         s.env[body.arguments[0]] = SV(REPLICATED, [new.induction_variable] * s.tp)
         for k, (old, sv) in enumerate(zip(body.arguments[1:], inits)):
@@ -431,6 +432,17 @@ def rule_for(s: Sharder, op, svs: list[SV]) -> list[SV]:
         s.stats = stats
         inits = [s.reshard(sv, y.sharding) for sv, y in zip(inits, yielded)]
     raise ShardError("scf.for: the carried values' layouts do not settle")
+
+
+def _placed_init(s: Sharder, v, i: int):
+    """Device i's initial loop value. An empty tensor (an accumulator) is one value after
+    CSE whatever the device; entering several devices' loops it has no single affinity and
+    IREE fails to place it, so each device gets it by a transfer (of no data: IREE
+    re-creates the empty tensor on the target)."""
+    if not is_empty_tensor(v):
+        return v
+    dims = [d for d in s.b.dims(v) if not isinstance(d, int)]
+    return flow.tensor_transfer(v, dims, s.b.device(i))
 
 
 def _constant(v) -> int:

@@ -19,7 +19,7 @@ import re
 from iree.compiler import ir
 
 from halo_mlir.errors import HaloError
-from halo_mlir.ir_builder import walk_nested
+from halo_mlir.ir_builder import is_empty_tensor, walk_nested
 from halo_mlir.model.entry import impl_functions
 
 _PROMISE = re.compile(r"#hal\.device\.promise<@(\w+)>")
@@ -78,7 +78,8 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
         for op in block.operations:
             o = op.operation
             if o.name == "flow.tensor.transfer":
-                transfers += 1
+                # an empty tensor (a loop accumulator's start) moves no data
+                transfers += not is_empty_tensor(o.operands[0])
                 devs = [_device(o.attributes["target"])]
             elif o.name == "flow.tensor.barrier":
                 have, want = where.get(o.operands[0]), _device(o.attributes["target"])

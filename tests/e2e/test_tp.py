@@ -13,11 +13,15 @@ from test_llama_vs_hf import BLOCK_IDS, LENS, PAGES, PREFILL_LEN, STRIDE
 DECODE_STEPS = 4
 
 
-def build(d, tp: int):
-    suffix = f"tp{tp}"
+def build(d, tp: int, layer_loop: bool = False):
+    """Import, emit and compile (f32) for `tp` devices; `layer_loop`: the stack as a loop
+    over stacked parameters."""
+    suffix = f"tp{tp}" + ("_loop" if layer_loop else "")
     irpa = d / f"w_{suffix}.irpa"
-    halo("import-params", "--safetensors", d, "--dtype", "f32", "--tp", tp, "-o", irpa)
+    layout = ["--layout", "stacked"] if layer_loop else []
+    halo("import-params", "--safetensors", d, "--dtype", "f32", "--tp", tp, *layout, "-o", irpa)
     halo("emit", "--hf-config", d / "config.json", "--dtype", "f32", "--tp", tp,
+         *(["--layer-loop"] if layer_loop else []),
          "--bs-prefill", 2, "--bs-decode", 2, "--block-seq-stride", STRIDE,
          "-o", d / f"m_{suffix}.mlir")
     halo("compile", d / f"m_{suffix}.mlir", "--tp", tp, "-o", d / f"m_{suffix}.vmfb")
