@@ -1,19 +1,36 @@
-"""The benchmark runner in its quick form, so it cannot rot."""
+"""The benchmark runner in its quick form (tiny sizes), so it cannot rot."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-TOOLS = Path(__file__).parents[2] / "tools"
+RUNNER = Path(__file__).parents[2] / "tools" / "bench" / "run.py"
 
 
-def test_bench_emit_quick():
-    proc = subprocess.run([sys.executable, str(TOOLS / "bench_emit.py"), "--quick"],
+def test_bench_runner_quick(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nhand-written notes stay\n")
+    proc = subprocess.run([sys.executable, str(RUNNER), "--quick", "-o", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| (toy|405b) \|", line)]
-    assert len(rows) == 4, proc.stdout
-    # emit rows: wall and RSS are positive numbers; compile rows: same kernel count per depth
-    kernels = [int(r.split("|")[-2]) for r in rows if "| cpu |" in r]
-    assert len(kernels) == 2 and kernels[0] == kernels[1] > 0, proc.stdout
+    text = out.read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| toy |")]
+    emit = [r for r in rows if len(r) == 7]
+    assert len(emit) == 4 and all(float(r[4]) > 0 and float(r[5]) > 0 for r in emit), text
+    # compile rows: the distinct kernel count is flat in depth for each (tp, form)
+    kernels: dict = {}
+    for r in (r for r in rows if len(r) == 8):
+        kernels.setdefault((r[2], r[3]), set()).add(int(r[7]))
+    assert len(kernels) == 4 and all(len(k) == 1 for k in kernels.values()), kernels
+    decode = [r for r in rows if len(r) == 5]
+    assert len(decode) == 1 and all(float(decode[0][k].split()[0]) > 0 for k in (2, 3)), text
+    assert re.search(r"iree-base-compiler \d+\.\d+", text)
+
+    # a second run replaces the generated block and keeps the rest
+    proc = subprocess.run([sys.executable, str(RUNNER), "--quick", "--only", "emit", "-o",
+                           str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = out.read_text()
+    assert again.count("<!-- bench:begin -->") == 1 and "hand-written notes stay" in again
+    assert "CPU decode step" not in again

