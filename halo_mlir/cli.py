@@ -334,13 +334,15 @@ def _model_options(fn):
         click.option("--keep-quantized", is_flag=True,
                      help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
+        click.option("--layer-loop", is_flag=True,
+                     help="With --gguf: build the program with the decoder stack as a loop."),
     ]):
         fn = decorator(fn)
     return fn
 
 
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
-                pages):
+                pages, layer_loop):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
     from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
@@ -372,6 +374,7 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         if not vmfb:
             files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
                                     keep_quantized=keep_quantized, device=device,
+                                    layer_loop=layer_loop,
                                     echo=lambda m: click.echo(m, err=True))
     finally:
         if g:

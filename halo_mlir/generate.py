@@ -144,7 +144,7 @@ def file_digest(path: Path) -> str:
 
 
 def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
-                    echo=print) -> ModelFiles:
+                    layer_loop: bool = False, echo=print) -> ModelFiles:
     """Import, emit and compile (bs 1) what `Generator` needs from the open GgufFile `g`;
     reuse cached results."""
     from iree.compiler import version as iree_version
@@ -160,7 +160,9 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     target, _ = DEVICES[device]
     gguf = g.path
     digest = file_digest(gguf)
-    params_key = hashlib.sha256(f"{digest}:{dtype}:{keep_quantized}:{__version__}".encode())
+    layout = "stacked" if layer_loop else "per-layer"
+    params_key = hashlib.sha256(
+        f"{digest}:{dtype}:{keep_quantized}:{layout}:{__version__}".encode())
     params = cache_dir() / "params" / f"{params_key.hexdigest()[:24]}.irpa"
     if not params.exists():
         params.parent.mkdir(parents=True, exist_ok=True)
@@ -168,12 +170,13 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         progress = Progress("importing")
         try:
             import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
-                        progress=progress)
+                        progress=progress, layout=layout)
         finally:
             progress.close()
     cfg = g.config()
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
-    opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats)
+    opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
+                       layer_loop=layer_loop)
     module = emit_module(cfg, opts)
     with module.context:
         text = module.operation.get_asm(enable_debug_info=False)

@@ -59,10 +59,10 @@ def ours(tmp_path_factory):
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.tokenizer import GgufTokenizer
 
-    def make(keep_quantized: bool):
+    def make(keep_quantized: bool, layer_loop: bool = False):
         with GgufFile(gguf_path()) as g:
             files = build_from_gguf(g, dtype="f32", keep_quantized=keep_quantized,
-                                    device="cpu", echo=lambda m: None)
+                                    device="cpu", layer_loop=layer_loop, echo=lambda m: None)
             return Generator(files, pages=16), GgufTokenizer(g)
 
     return make
@@ -81,10 +81,11 @@ def test_tokenizer_matches_transformers(hf, ours):
     assert tok.eos_id == hf_tok.eos_token_id
 
 
-@pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "q4_1-native"])
-def test_greedy_generation_matches_transformers(hf, ours, keep_quantized):
+@pytest.mark.parametrize("keep_quantized,layer_loop", [(False, False), (True, False), (True, True)],
+                         ids=["dequantized", "q4_1-native", "q4_1-native-layer-loop"])
+def test_greedy_generation_matches_transformers(hf, ours, keep_quantized, layer_loop):
     model, hf_tok = hf
-    gen, tok = ours(keep_quantized)
+    gen, tok = ours(keep_quantized, layer_loop)
     worst = 0.0
     try:
         for prompt in PROMPTS:
@@ -96,7 +97,8 @@ def test_greedy_generation_matches_transformers(hf, ours, keep_quantized):
             worst = max(worst, float(np.abs(np.stack(logits) - want_logits).max()))
     finally:
         gen.close()
-    print(f"keep_quantized={keep_quantized}: {len(PROMPTS)}x{NEW_TOKENS} greedy tokens equal; "
+    print(f"keep_quantized={keep_quantized} layer_loop={layer_loop}: "
+          f"{len(PROMPTS)}x{NEW_TOKENS} greedy tokens equal; "
           f"max |logit error| {worst:.3g}")
     assert worst < 2e-2  # logits reach ~30; f32 on both sides
 

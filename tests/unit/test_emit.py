@@ -6,10 +6,11 @@ from conftest import FULL, halo
 from halo_mlir import EmitOptions, emit_module, preset
 
 
-def test_same_inputs_give_byte_identical_ir(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--layer-loop", "--tp", "2"]], ids=["unrolled", "loop-tp2"])
+def test_same_inputs_give_byte_identical_ir(tmp_path, extra):
     a, b = tmp_path / "a.mlir", tmp_path / "b.mlir"
     for out in (a, b):
-        halo("emit", "--model", "8b", "--layers", "2", "--bs-prefill", "1,4", "-o", out)
+        halo("emit", "--model", "8b", "--layers", "2", "--bs-prefill", "1,4", *extra, "-o", out)
     assert a.read_bytes() == b.read_bytes()
 
 
