@@ -37,6 +37,18 @@ def _page_indices(b: Builder, pages: Value, layer: Value, kv: int) -> Value:
     return b.generic("bi->bic", [pages], [b.empty([n, nb, 3], "i64")], body)
 
 
+def current_page(b: Builder, pages: Value, positions: Value, stride: int) -> Value:
+    """[N,1] i64: the page holding position positions[n] of row n, pages[n, pos // stride]."""
+    n = b.dims(positions)[0]
+    stride_c = b.scalar(stride, "i64")
+
+    def page_of(pos, _):
+        return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
+
+    page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
+    return b.reshape(page, [[0, 1]], [n, 1])
+
+
 def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
                  layer: Value) -> Value:
     """Prefill: k/v[N,KVH,S,D] (S = B*stride) into pages[N,B] of `layer`."""
@@ -63,12 +75,7 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     n, kvh, _, d = b.dims(k)
     stride = b.shape(cache6)[4]
     stride_c = b.scalar(stride, "i64")
-
-    def page_of(pos, _):
-        return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
-
-    page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
-    page = b.reshape(page, [[0, 1]], [n, 1])
+    page = current_page(b, pages, positions, stride)  # [N,1]
     for kv, x in ((0, k), (1, v)):
         idx = _page_indices(b, page, layer, kv)  # [N,1,3]
         block = b.gather(cache6, idx, b.empty([n, 1, kvh, stride, d], b.element_type(cache6)),
@@ -172,12 +179,7 @@ def decode_write(b: Builder, cache6: Value, acc: Value, pages: Value,
     _, layers, _, kvh, stride, d = b.shape(cache6)
     n = b.dims(acc)[0]
     stride_c = b.scalar(stride, "i64")
-
-    def page_of(pos, _):
-        return b.extract(pages, [b.linalg_index(0), b.cast(b.divsi(pos, stride_c), "index")])
-
-    page = b.generic("b->b", [positions], [b.empty([n], "i64")], page_of)
-    idx = b.reshape(page, [[0, 1]], [n, 1])
+    idx = current_page(b, pages, positions, stride)
     et = b.element_type(cache6)
     block = b.gather(cache6, idx, b.empty([n, layers, 2, kvh, stride, d], et), [0])
     block = b.barrier(block)  # see write_position
