@@ -75,6 +75,12 @@ print(usage.ru_maxrss / 1024)
 """
 
 
+def progress(line: str) -> str:
+    """Show a table row as soon as it is measured (long sections take hours)."""
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def halo(*args) -> list:
     return [sys.executable, "-m", "halo_mlir", *args]
 
@@ -113,8 +119,8 @@ def emit_section(quick: bool, out: Path, repeats: int) -> list[str]:
             args = ["emit", "--model", model, "--tp", str(tp), *extra, *flag, "-o", path]
             wall, rss = min((run_rss(halo(*args)) for _ in range(repeats)),
                             key=lambda r: r[0])
-            lines.append(f"| {model} | {tp} | {' '.join(extra) or 'bs 4'} | {form} | "
-                         f"{wall:.2f} | {rss:.0f} | {path.stat().st_size / 1e6:.1f} |")
+            lines.append(progress(f"| {model} | {tp} | {' '.join(extra) or 'bs 4'} | {form} | "
+                                  f"{wall:.2f} | {rss:.0f} | {path.stat().st_size / 1e6:.1f} |"))
             path.unlink()
     return lines
 
@@ -154,7 +160,8 @@ def compile_section(quick: bool, out: Path, timeout: float) -> list[str]:
              "counted as `hal.executable private` in `--compile-to=executable-sources`:", "",
              *_COMPILE_HEAD]
     for model, layers, tp, target in cases:
-        lines.append(_compile_row(model, layers, tp, "unrolled", target, out, timeout))
+        lines.append(progress(_compile_row(model, layers, tp, "unrolled", target, out,
+                                           timeout)))
     return lines
 
 
@@ -168,7 +175,7 @@ def loop_section(quick: bool, out: Path, timeout: float) -> list[str]:
              "globals):", "", *_COMPILE_HEAD]
     for model, layers, tp, target in cases:
         for form in ("loop", "unrolled"):
-            lines.append(_compile_row(model, layers, tp, form, target, out, timeout))
+            lines.append(progress(_compile_row(model, layers, tp, form, target, out, timeout)))
     return lines
 
 
@@ -199,9 +206,10 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
             times[form] = float(result["median_ms"])
             times[form + "_min"] = float(result["min_ms"])
             n_layers = result["layers"]
-        lines.append(f"| {name} | {n_layers} | {times['unrolled']:.2f} "
-                     f"({times['unrolled_min']:.2f}) | {times['loop']:.2f} "
-                     f"({times['loop_min']:.2f}) | {times['loop'] / times['unrolled']:.3f} |")
+        lines.append(progress(f"| {name} | {n_layers} | {times['unrolled']:.2f} "
+                              f"({times['unrolled_min']:.2f}) | {times['loop']:.2f} "
+                              f"({times['loop_min']:.2f}) | "
+                              f"{times['loop'] / times['unrolled']:.3f} |"))
     return lines
 
 
@@ -265,7 +273,6 @@ def main():
                 section = loop_section(args.quick, out, args.compile_timeout)
             else:
                 section = decode_section(args.quick, out, 5 if args.quick else args.steps)
-            print("\n".join(section), file=sys.stderr, flush=True)
             sections[name] = section
     write(Path(args.output), header(args), sections)
     print(f"[bench] wrote {args.output}", file=sys.stderr)
