@@ -11,8 +11,8 @@ from pathlib import Path
 from halo_mlir.errors import HaloError
 
 TARGET_FLAGS: dict[str, list[str]] = {
-    # MI300X. IREE 3.13 spells the chip flag --iree-rocm-target (3.6-3.9: --iree-hip-target).
-    "gfx942": ["--iree-hal-target-device=hip", "--iree-rocm-target=gfx942"],
+    # MI300X. The chip flag's name depends on the IREE release (compat.py): {rocm_target}.
+    "gfx942": ["--iree-hal-target-device=hip", "{rocm_target}=gfx942"],
     # This machine's CPU; numerics tests run here.
     "cpu": ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
             "--iree-llvmcpu-target-cpu=host"],
@@ -25,12 +25,19 @@ TARGET_FLAGS: dict[str, list[str]] = {
 }
 
 
-def target_flags(target: str) -> list[str]:
+def target_flags(target: str, iree=None) -> list[str]:
+    """Flags for `target` under the IREE release `iree` (a compat row; default: the
+    installed one)."""
+    from halo_mlir import compat
+
     try:
-        return list(TARGET_FLAGS[target])
+        flags = TARGET_FLAGS[target]
     except KeyError:
         raise HaloError(f"unknown target {target!r}: choose one of {', '.join(TARGET_FLAGS)}") \
             from None
+    iree = iree or compat.current()
+    return [f.format(rocm_target=iree.rocm_target_flag) for f in flags] + \
+        list(iree.extra_flags.get(target, ()))
 
 
 def iree_compile_binary() -> str:
