@@ -153,6 +153,28 @@ def _param_files(params: Path, tp: int) -> list[Path]:
     return files
 
 
+def check_params_dtype(files: list[Path], cfg, dtype: str) -> None:
+    """`output_norm.weight` (replicated: in every rank file) holds hidden_size values of
+    the import's dtype; a mismatch with --dtype would only show when shortfin loads it."""
+    import iree.runtime as rt
+
+    sizes = {"f32": 4, "f16": 2, "bf16": 2}
+    idx = rt.ParameterIndex()
+    try:
+        idx.load(str(files[0]))
+    except (RuntimeError, ValueError) as e:
+        raise HaloError(f"{files[0]}: not an IRPA file ({e})") from None
+    entry = dict(idx.items()).get("output_norm.weight")
+    if entry is None:
+        raise HaloError(f"{files[0]}: no output_norm.weight; pass the IRPA that "
+                        "`halo-mlir import-params` wrote for this model")
+    got = entry.length // cfg.hidden_size
+    if got != sizes[dtype]:
+        named = [d for d, n in sizes.items() if n == got] or [f"{got}-byte"]
+        raise HaloError(f"{files[0]} holds {'/'.join(named)} parameters but --dtype is "
+                        f"{dtype}; pass --dtype {named[0]} (or import with --dtype {dtype})")
+
+
 def _place(src: Path, dst: Path) -> None:
     """A hard link when on the same file system (parameters can be huge), else a copy."""
     try:
@@ -189,7 +211,6 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
         raise HaloError(f"--tp must be >= 1, got {tp}")
     dtype = dtype or TARGETS[target][1]
     prepare_out(out, force)
-    check_release()
 
     g = None
     try:
@@ -205,6 +226,7 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
         else:
             cfg = config_mod.from_hf_config(hf_config)
             param_sources = _param_files(Path(params), tp)
+            check_params_dtype(param_sources, cfg, dtype)
             tokenizer = tokenizer or _beside(hf_config, "tokenizer.json")
         write_tokenizer, _ = _tokenizer_files(g, Path(tokenizer) if tokenizer else None)
         if tp > 1:
@@ -217,10 +239,14 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
                            weight_formats=tuple(sorted(formats.items())))
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
+        check_release()
         names = [f"model.rank{i}.irpa" for i in range(tp)] if tp > 1 else ["model.irpa"]
 
         # Everything checked: build in a temporary directory beside `out`.
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
         try:
             module = emit_module(cfg, opts)
             if tp > 1:
