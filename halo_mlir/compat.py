@@ -31,8 +31,16 @@ class IreeCompat:
     gather_scatter_segments: bool
     # The PyPI shortfin release whose runtime loads this release's modules (None: none does).
     shortfin: str | None
+    # Targets on which this release cannot compile the fused iree_linalg_ext.attention with
+    # our i1 mask (3.9 gfx942 crashes in the online-attention masking interface,
+    # FloatType::getFloatSemantics on i1); `--attention decomposed` compiles there.
+    no_fused_attention: tuple[str, ...] = ()
     # Extra iree-compile flags per target.
     extra_flags: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def attention_for(self, target: str) -> str:
+        """The attention form that compiles for `target` under this release."""
+        return "decomposed" if target in self.no_fused_attention else "fused"
 
 
 TABLE: dict[str, IreeCompat] = {
@@ -41,6 +49,7 @@ TABLE: dict[str, IreeCompat] = {
         rocm_target_flag="--iree-hip-target",
         gather_scatter_segments=True,
         shortfin="3.9.0",
+        no_fused_attention=("gfx942",),
     ),
     "3.13": IreeCompat(
         release="3.13",

@@ -57,12 +57,27 @@ def device_flags(target: str, tp: int) -> list[str]:
     return [f"--iree-hal-target-device={name}[{i}]" for i in range(tp)] + rest
 
 
+def _check_attention(src: Path, target: str) -> None:
+    """A fused attention op that the installed release crashes on for `target` (compat.py):
+    say so instead of iree-compile's crash dump."""
+    from halo_mlir import compat
+
+    iree = compat.current()
+    if iree.attention_for(target) == "fused" or src.suffix == ".mlirbc":
+        return
+    with open(src, errors="replace") as f:
+        if any("iree_linalg_ext.attention" in line for line in f):
+            raise HaloError(f"{src}: IREE {iree.release} cannot compile the fused attention op "
+                            f"for {target}; emit with --attention decomposed")
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaloError(f"{src}: no such file")
+    _check_attention(src, target)
     cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")

@@ -235,7 +235,10 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
             if formats:
                 raise HaloError("--keep-quantized with --tp is not supported yet")
             check_divisible(cfg, tp)
+        from halo_mlir import compat
+
         opts = EmitOptions(bs_prefill=tuple(bs), bs_decode=tuple(bs), dtype=dtype,
+                           attention=compat.current().attention_for(target),
                            weight_formats=tuple(sorted(formats.items())))
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
