@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -116,6 +117,7 @@ def main():
     first, rate = generate_rate(a.python, list(map(str, files)), a.tokens, a.repeat)
     print(f"halo-mlir generate (IREE 3.9, the exported module): first token {first * 1e3:.0f} "
           f"ms, decode {rate:.1f} tokens/s")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
