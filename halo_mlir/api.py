@@ -10,14 +10,22 @@ from halo_mlir.io_utils import atomic_write
 from halo_mlir.model.llama import EmitOptions, emit_module
 
 __all__ = ["EmitOptions", "LlamaConfig", "emit_module", "emit_to_file", "from_hf_config",
-           "preset", "write_module"]
+           "module_text", "preset", "write_module"]
+
+
+def module_text(module, *, locations: bool = True) -> str:
+    """Text MLIR that every IREE release in `compat.TABLE` parses (the same text whichever
+    of them is installed)."""
+    from halo_mlir.compat import portable_asm
+
+    return portable_asm(module.operation.get_asm(enable_debug_info=locations))
 
 
 def write_module(module, path: str | Path, *, locations: bool = True) -> int:
-    """Write text MLIR (or bytecode for `.mlirbc`) atomically; returns the byte count.
-    `-` prints text to stdout."""
+    """Write text MLIR (or bytecode for `.mlirbc`, which only the installed IREE release
+    reads) atomically; returns the byte count. `-` prints text to stdout."""
     if str(path) == "-":
-        text = module.operation.get_asm(enable_debug_info=locations)
+        text = module_text(module, locations=locations)
         sys.stdout.write(text)
         return len(text)
     path = Path(path)
@@ -26,7 +34,7 @@ def write_module(module, path: str | Path, *, locations: bool = True) -> int:
             module.operation.write_bytecode(f)
             return f.tell()
     with atomic_write(path, "w") as f:
-        module.operation.print(file=f, enable_debug_info=locations)
+        f.write(module_text(module, locations=locations))
         return f.tell()
 
 

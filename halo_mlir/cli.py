@@ -163,7 +163,7 @@ def compile_cmd(source, target, output, tp, extra):
 @_reports_errors
 def opt(source, shard, allreduce, verify_placement, split_input_file, output):
     """Run halo_mlir passes on an MLIR file (for lit tests and experiments)."""
-    from halo_mlir.api import parse_module, read_module, write_module
+    from halo_mlir.api import module_text, parse_module, read_module, write_module
     from halo_mlir.io_utils import atomic_write
 
     tp = None
@@ -183,7 +183,7 @@ def opt(source, shard, allreduce, verify_placement, split_input_file, output):
         module = parse_module(text, f"{source} part {i + 1}")
         with module.context:
             _run_passes(module, tp, allreduce, verify_placement)
-            parts.append(module.operation.get_asm())
+            parts.append(module_text(module, locations=False))
     text = "\n// -----\n".join(parts)
     if output == "-":
         click.echo(text)
@@ -301,6 +301,43 @@ def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, requ
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
     if require_fit:
         capacity.require_fit(p)
+
+
+@main.command("export-shortfin")
+@click.option("--gguf", type=click.Path(), help="A llama GGUF (weights, config and tokenizer).")
+@click.option("--hf-config", type=click.Path(), help="An HF config.json (with --params).")
+@click.option("--params", type=click.Path(),
+              help="With --hf-config: NAME.irpa from import-params (--tp N: its rank files).")
+@click.option("--tokenizer", type=click.Path(),
+              help="tokenizer.json (default: the GGUF's, or the one beside --hf-config); "
+                   "eos_token comes from the tokenizer_config.json beside it.")
+@click.option("--out", required=True, type=click.Path(), help="The directory to write.")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "gfx942"]))
+@click.option("--tp", default=1, show_default=True, type=int, help="Tensor-parallel devices.")
+@click.option("--bs", default="1,4", show_default=True, callback=_int_list,
+              help="Batch sizes compiled for prefill and decode.")
+@click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]),
+              help="Activations and KV cache (default: f32 on cpu, f16 on gfx942); with "
+                   "--params, the dtype they were imported with.")
+@click.option("--keep-quantized", is_flag=True, help="With --gguf: run Q8_0/Q4_1 natively.")
+@click.option("--device-block-count", default=256, show_default=True, type=int,
+              help="KV-cache pages shortfin allocates.")
+@click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out.")
+@_reports_errors
+def export_shortfin_cmd(gguf, hf_config, params, tokenizer, out, target, tp, bs, dtype,
+                        keep_quantized, device_block_count, force):
+    """Write a directory shortfin serves, and print the command that serves it."""
+    from halo_mlir.export import export_shortfin
+
+    start = time.perf_counter()
+    result = export_shortfin(out, gguf=gguf, hf_config=hf_config, params=params,
+                             tokenizer=tokenizer, target=target, tp=tp, bs=bs, dtype=dtype,
+                             keep_quantized=keep_quantized,
+                             device_block_count=device_block_count, force=force,
+                             echo=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {', '.join(f.name for f in result.files)} to {result.out} in "
+               f"{time.perf_counter() - start:.1f} s; serve it with:", err=True)
+    click.echo(result.command_line())
 
 
 def _default_gguf() -> str | None:

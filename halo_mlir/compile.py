@@ -11,8 +11,8 @@ from pathlib import Path
 from halo_mlir.errors import HaloError
 
 TARGET_FLAGS: dict[str, list[str]] = {
-    # MI300X. IREE 3.13 spells the chip flag --iree-rocm-target (3.6-3.9: --iree-hip-target).
-    "gfx942": ["--iree-hal-target-device=hip", "--iree-rocm-target=gfx942"],
+    # MI300X. The chip flag's name depends on the IREE release (compat.py): {rocm_target}.
+    "gfx942": ["--iree-hal-target-device=hip", "{rocm_target}=gfx942"],
     # This machine's CPU; numerics tests run here.
     "cpu": ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
             "--iree-llvmcpu-target-cpu=host"],
@@ -25,12 +25,19 @@ TARGET_FLAGS: dict[str, list[str]] = {
 }
 
 
-def target_flags(target: str) -> list[str]:
+def target_flags(target: str, iree=None) -> list[str]:
+    """Flags for `target` under the IREE release `iree` (a compat row; default: the
+    installed one)."""
+    from halo_mlir import compat
+
     try:
-        return list(TARGET_FLAGS[target])
+        flags = TARGET_FLAGS[target]
     except KeyError:
         raise HaloError(f"unknown target {target!r}: choose one of {', '.join(TARGET_FLAGS)}") \
             from None
+    iree = iree or compat.current()
+    return [f.format(rocm_target=iree.rocm_target_flag) for f in flags] + \
+        list(iree.extra_flags.get(target, ()))
 
 
 def iree_compile_binary() -> str:
@@ -50,12 +57,27 @@ def device_flags(target: str, tp: int) -> list[str]:
     return [f"--iree-hal-target-device={name}[{i}]" for i in range(tp)] + rest
 
 
+def _check_attention(src: Path, target: str) -> None:
+    """A fused attention op that the installed release crashes on for `target` (compat.py):
+    say so instead of iree-compile's crash dump."""
+    from halo_mlir import compat
+
+    iree = compat.current()
+    if iree.attention_for(target) == "fused" or src.suffix == ".mlirbc":
+        return
+    with open(src, errors="replace") as f:
+        if any("iree_linalg_ext.attention" in line for line in f):
+            raise HaloError(f"{src}: IREE {iree.release} cannot compile the fused attention op "
+                            f"for {target}; emit with --attention decomposed")
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaloError(f"{src}: no such file")
+    _check_attention(src, target)
     cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")

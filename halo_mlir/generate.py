@@ -150,7 +150,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     from iree.compiler import version as iree_version
 
     from halo_mlir import __version__
-    from halo_mlir.api import write_module
+    from halo_mlir.api import module_text, write_module
     from halo_mlir.compile import compile_file
     from halo_mlir.model.llama import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
@@ -179,7 +179,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                        layer_loop=layer_loop)
     module = emit_module(cfg, opts)
     with module.context:
-        text = module.operation.get_asm(enable_debug_info=False)
+        text = module_text(module, locations=False)
     vmfb_key = hashlib.sha256(f"{text}:{target}:{iree_version.VERSION}".encode()).hexdigest()
     out = cache_dir() / "modules" / vmfb_key[:24]
     vmfb = out / "model.vmfb"

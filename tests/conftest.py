@@ -18,3 +18,32 @@ def halo(*args, check=True):
     if check and proc.returncode != 0:
         pytest.fail(f"halo-mlir {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc
+
+
+# ---- the IREE 3.9 + shortfin environment ---------------------------------------------
+# shortfin 3.9.0 loads only modules compiled by IREE 3.9, so it lives in its own virtualenv
+# (`.venv-shortfin`, made by .ci/run with `pip install -e '.[shortfin]'`). Tests that need
+# it find its python here, or at $HALO_SHORTFIN_PYTHON; they skip when it is absent, except
+# under HALO_REQUIRE_SHORTFIN=1 (CI), where its absence is a failure.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shortfin_python() -> str:
+    path = os.environ.get("HALO_SHORTFIN_PYTHON") or os.path.join(REPO, ".venv-shortfin", "bin",
+                                                                  "python")
+    if not os.path.exists(path):
+        msg = (f"no IREE 3.9 + shortfin environment at {path} (python -m venv .venv-shortfin && "
+               ".venv-shortfin/bin/pip install -e '.[shortfin]'; or set HALO_SHORTFIN_PYTHON)")
+        if os.environ.get("HALO_REQUIRE_SHORTFIN") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def halo_in(python: str, *args, check=True, env=None):
+    """`halo-mlir ARGS` run by another environment's python."""
+    proc = subprocess.run([python, "-m", "halo_mlir", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        pytest.fail(f"halo-mlir {' '.join(map(str, args))} ({python}) failed:\n{proc.stderr}")
+    return proc

@@ -318,8 +318,9 @@ class Builder(LinalgExtOps, EntryPoints):
         t = self.tensor_type(shape, self.element_type(v))
         return v if v.type == t else tensor.cast(t, v)
 
-    def transpose(self, v: Value, perm: Sequence[int]) -> Value:
-        dims = self.dims(v)
+    def transpose(self, v: Value, perm: Sequence[int], dims: Sequence[Dim] | None = None) -> Value:
+        """`dims`: the sizes of `v` when known (spares `tensor.dim` ops on `v`)."""
+        dims = list(dims) if dims is not None else self.dims(v)
         out = self.empty([dims[p] for p in perm], self.element_type(v))
         op = linalg.transpose(v, outs=[out], permutation=list(perm))
         return op if isinstance(op, ir.Value) else op.results[0]
@@ -347,6 +348,15 @@ class Builder(LinalgExtOps, EntryPoints):
         """util.optimization_barrier: keep `v` opaque (e.g. a per-layer index kept out of
         kernels so every layer reuses the same ones)."""
         return util.optimization_barrier([v.type], [v])
+
+    def fusion_barrier(self, v: Value, dims: Sequence[Dim]) -> Value:
+        """`v` through util.optimization_barrier (IREE fuses nothing across it), with its
+        dynamic sizes `dims` re-attached by `flow.tensor.tie_shape`: IREE 3.9 cannot
+        derive a barrier result's dynamic sizes otherwise ("tensor.dim op unexpected during
+        shape cleanup")."""
+        out = self.barrier(v)
+        dyn = [d for d in dims if not isinstance(d, int)]
+        return flow.tensor_tie_shape(out, dyn) if dyn else out
 
     def pin(self, v: Value, device: int = 0) -> Value:
         """`flow.tensor.barrier` on a device: a loop-carried tensor stays in one place

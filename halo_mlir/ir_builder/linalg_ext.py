@@ -7,6 +7,8 @@ from typing import Sequence
 
 from iree.compiler import ir
 
+from halo_mlir import compat
+
 Value = ir.Value
 
 
@@ -28,19 +30,24 @@ class LinalgExtOps:
     def gather(self, source: Value, indices: Value, out: Value, dims: Sequence[int]) -> Value:
         """iree_linalg_ext.gather: out[batch..., slice...] = source[indices[batch..., :], slice...];
         `dims` are the source dims the last index dimension addresses (leading ones)."""
+        attrs = {"dimension_map": ir.DenseI64ArrayAttr.get(list(dims))}
+        if compat.current().gather_scatter_segments:
+            attrs["operandSegmentSizes"] = ir.DenseI32ArrayAttr.get([2, 1])
         op = ir.Operation.create(
             "iree_linalg_ext.gather", results=[out.type], operands=[source, indices, out],
-            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims))})
+            attributes=attrs)
         return op.results[0]
 
     def scatter(self, updates: Value, indices: Value, original: Value, dims: Sequence[int]) -> Value:
         """iree_linalg_ext.scatter: original[indices[i, :], slice...] = updates[i, slice...];
         indices are unique (pages are never shared between rows)."""
+        attrs = {"dimension_map": ir.DenseI64ArrayAttr.get(list(dims)),
+                 "unique_indices": ir.BoolAttr.get(True)}
+        if compat.current().gather_scatter_segments:
+            attrs["operandSegmentSizes"] = ir.DenseI32ArrayAttr.get([2, 1])
         op = ir.Operation.create(
             "iree_linalg_ext.scatter", results=[original.type],
-            operands=[updates, indices, original],
-            attributes={"dimension_map": ir.DenseI64ArrayAttr.get(list(dims)),
-                        "unique_indices": ir.BoolAttr.get(True)}, regions=1)
+            operands=[updates, indices, original], attributes=attrs, regions=1)
         et = self.element_type(original)
         block = op.regions[0].blocks.append(et, et)
         with ir.InsertionPoint(block):

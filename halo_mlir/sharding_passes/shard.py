@@ -453,7 +453,8 @@ def _constant(v) -> int:
 
 
 def rule_same_as_operand(s: Sharder, op, svs: list[SV]) -> list[SV]:
-    """tensor.cast, util.optimization_barrier: results shard like operand 0."""
+    """tensor.cast, util.optimization_barrier, flow.tensor.tie_shape: results shard like
+    operand 0."""
     return s.per_device(op, svs, [svs[0].sharding] * len(op.results))
 
 
@@ -556,6 +557,7 @@ RULES: dict[str, Callable] = {
     "arith.index_cast": rule_replicated,
     "tensor.cast": rule_same_as_operand,
     "util.optimization_barrier": rule_same_as_operand,
+    "flow.tensor.tie_shape": rule_same_as_operand,  # the tied sizes are never split dims
     "arith.constant": rule_replicated,
     "tensor.empty": rule_replicated,
     "tensor.dim": rule_dim,

@@ -32,7 +32,9 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[WROTE_K]] :
 # DECODE:         %[[IDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<2x?xi64>) outs(%{{.+}} : tensor<2x?x3xi64>)
 # DECODE:         %[[BLOCKS:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[WROTE_V]], %[[IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x?x3xi64>) outs(%{{.+}} : tensor<2x?x2x8x16xf16>)
-# DECODE:         %[[T:.+]] = linalg.transpose ins(%[[BLOCKS]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
+# DECODE:         %[[BARRED:.+]] = util.optimization_barrier %[[BLOCKS]] : tensor<2x?x2x8x16xf16>
+# DECODE:         %[[TIED:.+]] = flow.tensor.tie_shape %[[BARRED]] : tensor<2x?x2x8x16xf16>{%{{.+}}}
+# DECODE:         %[[T:.+]] = linalg.transpose ins(%[[TIED]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
 # DECODE:         %[[KEYS:.+]] = tensor.collapse_shape %[[T]] {{\[\[}}0], [1], [2, 3], [4]] : tensor<2x2x?x8x16xf16> into tensor<2x2x?x16xf16>
 # DECODE:         %[[FLAT:.+]] = tensor.collapse_shape %[[WROTE_V]] {{\[\[}}0], [1, 2, 3, 4, 5]] : tensor<?x3x2x2x8x16xf16> into tensor<?x1536xf16>
 # DECODE:         util.return %[[KEYS]], %[[FLAT]]
