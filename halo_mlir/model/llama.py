@@ -337,7 +337,8 @@ class _Stack:
                 if looped:  # decode: the cache's pages with this token's K/V in place
                     state["acc"] = kv_cache.decode_accumulate(b, state["acc"], k, v, layer)
                     return tuple(kv_cache.with_position(
-                        b, kv_cache.read_pages(b, cache, pages, layer, which), x, start)
+                        b, kv_cache.read_pages(b, cache, pages, layer, which, separate=False),
+                        x, start)
                         for which, x in ((0, k), (1, v)))
                 if start is None:  # prefill: the fresh K/V are the keys and values
                     state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages, layer)

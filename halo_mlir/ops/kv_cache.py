@@ -96,7 +96,8 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     return cache6
 
 
-def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -> Value:
+def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,
+               separate: bool = True) -> Value:
     """Decode: pages[N,B] of `layer` -> k or v [N,KVH,B*stride,D]."""
     _, _, _, kvh, stride, d = b.shape(cache6)
     n, nb = b.dims(pages)
@@ -104,8 +105,12 @@ def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -
     blocks = b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
     # Kept apart from the transpose: fused, IREE 3.9's CPU backend stages a tile of 64
     # gathered pages per row on the stack (256 KiB at bs 4: over its 32 KiB limit, and over
-    # the runtime's worker stacks when the limit is raised).
-    blocks = b.fusion_barrier(blocks, [n, nb, kvh, stride, d])
+    # the runtime's worker stacks when the limit is raised). Not inside the layer loop
+    # (`separate=False`): there, on several devices, IREE 3.13 fails on any barrier
+    # between the two ("failed to solve for timepoint coverage" with
+    # util.optimization_barrier, a partition "circular dependency" with flow.tensor.barrier).
+    if separate:
+        blocks = b.fusion_barrier(blocks, [n, nb, kvh, stride, d])
     blocks = b.transpose(blocks, [0, 2, 1, 3, 4], [n, nb, kvh, stride, d])  # [N,KVH,B,stride,D]
     return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])
 
