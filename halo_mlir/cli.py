@@ -86,8 +86,14 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
 @click.option("--block-seq-stride", default=32, show_default=True, type=int)
 @click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
-@click.option("--attention", default="fused", show_default=True,
-              type=click.Choice(["fused", "decomposed"]))
+@click.option("--attention", default="paged", show_default=True,
+              type=click.Choice(["paged", "fused", "decomposed"]),
+              help="paged: the templated kernels reading the cache pages; fused: one "
+                   "iree_linalg_ext.attention over gathered K/V; decomposed: matmul + f32 "
+                   "softmax + matmul.")
+@click.option("--template-dir", type=click.Path(file_okay=False),
+              help="Render templated kernels from this folder (an edited copy of "
+                   "halo_mlir/templates).")
 @click.option("--layer-loop", is_flag=True,
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
@@ -105,7 +111,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, attention, layer_loop, tp, allreduce, device_block_count,
+         block_seq_stride, dtype, attention, template_dir, layer_loop, tp, allreduce, device_block_count,
          locations, output, output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
@@ -117,7 +123,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
-                       weight_formats=formats, layer_loop=layer_loop)
+                       weight_formats=formats, layer_loop=layer_loop,
+                       template_dir=template_dir)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
