@@ -24,8 +24,7 @@ def _params(batch: int) -> dict[str, Param]:
                        choices=DTYPES),
         "batch": Param(int, "rows N (static: one kernel per batch size)", positive, batch),
         "kv_heads": Param(int, "kv heads KVH", positive, 2),
-        "group": Param(int, "query heads per kv head G (llvm-cpu needs G >= 3 in decode: "
-                            "NOTES.md)", positive, 3),
+        "group": Param(int, "query heads per kv head G", positive, 3),
         "head_dim": Param(int, "head dim D: the f16 MFMA tiles of gfx942 need a multiple of 16",
                           positive_multiple_of(16), 64),
         "stride": Param(int, "positions per page (block_seq_stride)", positive, 16),
