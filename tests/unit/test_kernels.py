@@ -153,6 +153,12 @@ def test_workbench_cli(tmp_path):
     bad = halo("kernel", "check", "paged_decode_attention", "--param", "dtype=f32",
                "--template-dir", tmp_path / "t", check=False)
     assert bad.returncode == 1 and "FAILED" in bad.stdout
+    # emit renders the model's kernels from the same folder
+    path.write_text(path.read_text().replace("{{stride}}", "{{strde}}", 1))
+    proc = halo("emit", "--model", "toy", "--layers", 1, "--template-dir", tmp_path / "t",
+                "-o", tmp_path / "m.mlir", check=False)
+    assert proc.returncode == 1 and "paged_decode_attention.mlir.j2" in proc.stderr and \
+        "'strde' is undefined" in proc.stderr, proc.stderr
     for args, msg in [(("show", "nope"), "error: unknown kernel 'nope'"),
                       (("show", "fp8_matmul", "--param", "k=48"), "k=48 must be a positive multiple of 32"),
                       (("show", "fp8_matmul", "--param", "z=1"), "unknown parameter 'z'")]:
