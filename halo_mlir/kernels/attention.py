@@ -139,7 +139,7 @@ def _prefill_inputs(v, z, rng):
 
 
 _SIZES = {"blocks": (3, 64, "pages per row B (context = B * stride)"),
-          "pages": (8, 0, "pages in the cache P (at least batch * blocks)")}
+          "pages": (8, 0, "pages in the cache P (at least batch * blocks; 0: exactly that)")}
 
 KERNELS = [
     Kernel("paged_decode_attention",
@@ -153,7 +153,7 @@ KERNELS = [
            "-> ([N,S,KVH,G,D], cache with the K/V written): causal + padding mask",
            _params(1), derived=softmax_scale,
            harness=Harness({"blocks": (2, 16, "pages per row B (S = B * stride)"),
-                            "pages": (6, 0, "pages in the cache P (at least batch * blocks)")},
+                            "pages": (6, 0, "pages in the cache P (at least batch * blocks; 0: exactly that)")},
                            _prefill_args, _prefill_inputs, prefill_reference,
                            lambda v: TOLERANCE[v["dtype"]])),
 ]

@@ -3,7 +3,7 @@
 reference, compiled for gfx942 with a report of what codegen chose, or benchmarked.
 
 `main` takes bf16 / fp8 tensors as their bits (i16 / i8: the runtime has no such numpy
-types) and scalars as tensor<1xT>, then casts to the kernel's (possibly dynamic) types.
+types; `flow.tensor.bitcast` reinterprets them without a dispatch) and scalars as tensor<1xT>, then casts to the kernel's (possibly dynamic) types.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _main(symbol: str, text: str, args: list[Arg], results: list[Arg]) -> str:
         params.append(f"%a{i}: {_ttype(shape, io)}")
         v = f"%a{i}"
         if io != a.dtype:
-            lines.append(f"  %b{i} = arith.bitcast {v} : {_ttype(shape, io)} to "
+            lines.append(f"  %b{i} = flow.tensor.bitcast {v} : {_ttype(shape, io)} -> "
                          f"{_ttype(shape, a.dtype)}")
             v = f"%b{i}"
         if not a.shape:
@@ -117,7 +117,7 @@ def _main(symbol: str, text: str, args: list[Arg], results: list[Arg]) -> str:
         lines.append(f"  %y{i} = tensor.cast {r} : {have} to {static}")
         v = f"%y{i}"
         if io != res.dtype:
-            lines.append(f"  %z{i} = arith.bitcast {v} : {static} to {_ttype(res.shape, io)}")
+            lines.append(f"  %z{i} = flow.tensor.bitcast {v} : {static} -> {_ttype(res.shape, io)}")
             v = f"%z{i}"
         ret.append(v)
         ret_types.append(_ttype(res.shape, io))
