@@ -142,7 +142,41 @@ def render(kernel: Kernel, values: dict, template_dir: Path | None = None) -> tu
     except jinja2.TemplateError as e:
         raise HaloError(f"kernel {kernel.name}: template error at {kernel.name}.mlir.j2:"
                         f"{_template_line(e, kernel.name)}: {e}") from None
+    _check_parses(kernel, name, text, where / f"{kernel.name}.mlir.j2")
     return name, text
+
+
+def _check_parses(kernel: Kernel, symbol: str, text: str, template: Path) -> None:
+    """Parse the rendered text alone; on failure one line naming the template line (the
+    template line whose literal parts match the failing rendered line), then the rendered
+    text with line numbers."""
+    import re
+
+    from iree.compiler import ir
+
+    with ir.Context():
+        try:
+            ir.Module.parse(text)
+            return
+        except ir.MLIRError as e:
+            message = " ".join(str(e).split())
+    found = re.search(r":(\d+):(\d+): (?:error: )?(.*?)(?: note:|$)", message)
+    lines = text.splitlines()
+    where = ""
+    if found and 0 < int(found.group(1)) <= len(lines):
+        rendered = lines[int(found.group(1)) - 1]
+        hits = []
+        for i, src in enumerate(template.read_text().splitlines()):
+            parts = re.split(r"{{.*?}}", src.strip())  # the line's literal text
+            if "".join(parts).strip() and re.fullmatch(
+                    ".*".join(map(re.escape, parts)), rendered.strip()):
+                hits.append(i + 1)
+        line = f"{template.name}:{hits[0]}" if len(hits) == 1 else \
+            f"rendered line {found.group(1)}"
+        where = f" at {line}: {found.group(3)} (`{rendered.strip()}`)"
+    numbered = "\n".join(f"{i + 1:4d}  {line}" for i, line in enumerate(lines))
+    raise HaloError(f"kernel {kernel.name}: the rendered MLIR does not parse{where or ': ' + message}"
+                    f"\n{numbered}")
 
 
 def _template_line(e: Exception, name: str) -> str:
