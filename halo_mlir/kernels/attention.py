@@ -15,6 +15,7 @@ from halo_mlir.kernels import (Arg, Harness, Kernel, Param, positive, positive_m
                                softmax_scale)
 
 DTYPES = ("f16", "bf16", "f32")
+FP8 = "f8E4M3FNUZ"
 TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2}
 
 
@@ -61,6 +62,15 @@ def decode_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
         keep = (np.arange(k.shape[1]) < lens[n])[None, :]
         out[n] = _softmax_attend(_f32(q[n])[:, :, None], k, v, keep)[:, :, 0]
     return [out]
+
+
+def decode_fp8_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """The fp8 cache dequantized (k * k_scale, v * v_scale), then plain decode attention."""
+    q, cache, pages, layer, lens, k_scale, v_scale = ins
+    c = _f32(cache)
+    c[:, :, 0] *= k_scale[0]
+    c[:, :, 1] *= v_scale[0]
+    return decode_reference(values, [q, c, pages, layer, lens])
 
 
 def prefill_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
@@ -117,6 +127,20 @@ def _decode_inputs(v, z, rng):
     return [q.astype(_np(v["dtype"])), cache, pages, layer, lens]
 
 
+def _decode_fp8_args(v, z):
+    args, results = _decode_args(v, z)
+    cache = args[1]
+    args[1] = Arg("cache", cache.shape, FP8)
+    return args + [Arg("k_scale", (), "f32"), Arg("v_scale", (), "f32")], results
+
+
+def _decode_fp8_inputs(v, z, rng):
+    q, cache, pages, layer, lens = _decode_inputs(v, z, rng)
+    cache = cache.astype(np.float32).astype(_np(FP8))
+    return [q, cache, pages, layer, lens, np.array([0.5], np.float32),
+            np.array([0.25], np.float32)]
+
+
 def _prefill_args(v, z):
     n, kvh, g, d, dt = v["batch"], v["kv_heads"], v["group"], v["head_dim"], v["dtype"]
     s = z["blocks"] * v["stride"]
@@ -147,6 +171,13 @@ KERNELS = [
            "seq_lens[N] -> [N,KVH,G,D]: one token per row over its pages",
            _params(4), derived=softmax_scale,
            harness=Harness(_SIZES, _decode_args, _decode_inputs, decode_reference,
+                           lambda v: TOLERANCE[v["dtype"]])),
+    Kernel("paged_decode_attention_fp8",
+           "q[N,KVH,G,D], f8E4M3FNUZ cache[P,layers,2,KVH,stride,D], pages[N,B], layer i64, "
+           "seq_lens[N], k_scale, v_scale f32 -> [N,KVH,G,D]: an FP8 KV cache, k_scale folded "
+           "into the softmax scale, v_scale on the output",
+           _params(4), derived=softmax_scale,
+           harness=Harness(_SIZES, _decode_fp8_args, _decode_fp8_inputs, decode_fp8_reference,
                            lambda v: TOLERANCE[v["dtype"]])),
     Kernel("paged_prefill_attention",
            "q[N,S,KVH,G,D], k/v[N,KVH,S,D], seq_lens[N], cache, pages[N,S/stride], layer i64 "

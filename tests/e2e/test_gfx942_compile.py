@@ -32,6 +32,8 @@ KERNEL_CASES = [
     ("paged_decode_attention", {"group": 16, "kv_heads": 8, "head_dim": 128, "stride": 32},
      {"blocks": 64}, "v_mfma_f32_16x16x16_f16"),
     ("paged_decode_attention", {"dtype": "bf16", "group": 4, "head_dim": 128}, {}, None),
+    ("paged_decode_attention_fp8", {"group": 16, "kv_heads": 8, "head_dim": 128, "stride": 32},
+     {"blocks": 64}, "v_mfma_f32_16x16x16_f16"),
     ("paged_prefill_attention", {"dtype": "f16"}, {}, "v_mfma_f32_16x16x16_f16"),
     ("paged_prefill_attention", {"dtype": "bf16"}, {}, "v_mfma_f32_16x16x16_bf16"),
     ("fp8_matmul", {}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),

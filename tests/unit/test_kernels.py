@@ -79,6 +79,8 @@ CHECKS = [
     ("paged_decode_attention", {"dtype": "f32"}),
     ("paged_decode_attention", {"dtype": "f16", "head_dim": 128, "group": 4, "stride": 32}),
     ("paged_decode_attention", {"dtype": "bf16", "batch": 1, "kv_heads": 3, "stride": 8}),
+    ("paged_decode_attention_fp8", {"dtype": "f16"}),
+    ("paged_decode_attention_fp8", {"dtype": "f32", "head_dim": 128, "group": 4}),
     ("paged_prefill_attention", {"dtype": "f32", "batch": 2}),
     ("paged_prefill_attention", {"dtype": "f16", "group": 4, "head_dim": 32, "stride": 8}),
     ("paged_prefill_attention", {"dtype": "bf16", "batch": 2, "kv_heads": 1}),

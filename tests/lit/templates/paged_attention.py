@@ -1,5 +1,6 @@
 # RUN: %python %s paged_decode_attention dtype=f16 batch=4 kv_heads=8 group=4 head_dim=128 stride=32 layers=32 | %FileCheck %s --check-prefix=DECODE
 # RUN: %python %s paged_decode_attention dtype=bf16 batch=1 kv_heads=3 group=3 head_dim=64 stride=16 layers=2 | %FileCheck %s --check-prefix=DECODE-BF16
+# RUN: %python %s paged_decode_attention_fp8 dtype=f16 batch=2 kv_heads=8 group=4 head_dim=128 stride=32 layers=32 | %FileCheck %s --check-prefix=DECODE-FP8
 # RUN: %python %s paged_prefill_attention dtype=f32 batch=2 kv_heads=2 group=3 head_dim=16 stride=8 layers=3 | %FileCheck %s --check-prefix=PREFILL
 # Tests that the paged attention kernels render to mangled functions that read the layer's
 # pages with iree_linalg_ext.gather (rows (page, layer, k/v), the kv-head dim a slice dim),
@@ -35,6 +36,17 @@ from halo_mlir.kernels import KERNELS, render
 # DECODE-BF16-SAME:    tensor<1x3x3x64xbf16>, %{{.+}}: tensor<?x2x2x3x16x64xbf16>
 # DECODE-BF16:         arith.constant 1.250000e-01 : f32
 # DECODE-BF16:         iree_linalg_ext.attention {{.+}} outs(%{{.+}} : tensor<1x3x3x1x64xbf16>)
+
+# DECODE-FP8-LABEL: util.func private @halo_paged_decode_attention_fp8_dtypef16_batch2_kv_heads8_group4_head_dim128_stride32_layers32(
+# DECODE-FP8-SAME:    %{{.+}}: tensor<2x8x4x128xf16>, %[[CACHE:.+]]: tensor<?x32x2x8x32x128xf8E4M3FNUZ>, %{{.+}}: tensor<2x?xi64>, %{{.+}}: i64, %{{.+}}: tensor<2xi64>, %[[KS:.+]]: f32, %[[VS:.+]]: f32) -> tensor<2x8x4x128xf16>
+# DECODE-FP8:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]], {{.+}} outs(%{{.+}} : tensor<2x?x8x32x128xf8E4M3FNUZ>)
+# DECODE-FP8:         %[[K:.+]] = linalg.generic {{.+}} outs(%{{.+}} : tensor<2x8x?x128xf16>)
+# DECODE-FP8:           %[[WIDE:.+]] = arith.extf %{{.+}} : f8E4M3FNUZ to f32
+# DECODE-FP8:           arith.truncf %[[WIDE]] : f32 to f16
+# DECODE-FP8:         %[[SCALE:.+]] = arith.mulf %[[KS]], %{{.+}} : f32
+# DECODE-FP8:         %[[ACC:.+]] = iree_linalg_ext.attention {{.+}} ins(%{{.+}}, %[[K]], %{{.+}}, %[[SCALE]], %{{.+}} : {{.+}}) outs(%{{.+}} : tensor<2x8x4x1x128xf32>)
+# DECODE-FP8:         linalg.generic {{.+}} ins(%[[ACC]] :
+# DECODE-FP8:           arith.mulf %{{.+}}, %[[VS]] : f32
 
 # PREFILL-LABEL: util.func private @halo_paged_prefill_attention_dtypef32_batch2_kv_heads2_group3_head_dim16_stride8_layers3(
 # PREFILL-SAME:    %[[Q:.+]]: tensor<2x?x2x3x16xf32>, %[[K:.+]]: tensor<2x2x?x16xf32>, %[[V:.+]]: tensor<2x2x?x16xf32>, %[[LENS:.+]]: tensor<2xi64>, %[[CACHE:.+]]: tensor<?x3x2x2x8x16xf32>, %[[PAGES:.+]]: tensor<2x?xi64>, %[[LAYER:.+]]: i64) -> (tensor<2x?x2x3x16xf32>, tensor<?x3x2x2x8x16xf32>)
