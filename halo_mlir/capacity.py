@@ -163,7 +163,7 @@ def pages_for(batch: int, seq_len: int, stride: int) -> int:
 # Activations
 # ---------------------------------------------------------------------------------------
 
-ATTENTION = ("fused", "decomposed")
+ATTENTION = ("paged", "fused", "decomposed")  # paged: the fused op over gathered pages
 
 
 def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q_len: int,
@@ -189,7 +189,7 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
         raise HaloError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTION)}")
     t, a, d = batch * q_len, act_bytes, cfg.head_dim
     heads, kvh = cfg.n_heads // tp, cfg.n_kv_heads // tp
-    scores = (batch * q_len * kv_len if attention == "fused"
+    scores = (batch * q_len * kv_len if attention != "decomposed"
               else 2 * batch * heads * q_len * kv_len * 4)
     return {
         "hidden": 2 * t * cfg.hidden_size * a,

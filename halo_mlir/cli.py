@@ -86,8 +86,14 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
 @click.option("--block-seq-stride", default=32, show_default=True, type=int)
 @click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
-@click.option("--attention", default="fused", show_default=True,
-              type=click.Choice(["fused", "decomposed"]))
+@click.option("--attention", default="paged", show_default=True,
+              type=click.Choice(["paged", "fused", "decomposed"]),
+              help="paged: the templated kernels reading the cache pages; fused: one "
+                   "iree_linalg_ext.attention over gathered K/V; decomposed: matmul + f32 "
+                   "softmax + matmul.")
+@click.option("--template-dir", type=click.Path(file_okay=False),
+              help="Render templated kernels from this folder (an edited copy of "
+                   "halo_mlir/templates).")
 @click.option("--layer-loop", is_flag=True,
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
@@ -105,7 +111,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, attention, layer_loop, tp, allreduce, device_block_count,
+         block_seq_stride, dtype, attention, template_dir, layer_loop, tp, allreduce, device_block_count,
          locations, output, output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
@@ -117,7 +123,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
-                       weight_formats=formats, layer_loop=layer_loop)
+                       weight_formats=formats, layer_loop=layer_loop,
+                       template_dir=template_dir)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
@@ -483,6 +490,128 @@ def perplexity(text_path, window, stride, **model):
         click.echo(f"perplexity {value:.4f} over {n} tokens (window {window}, stride {stride})")
     finally:
         gen.close()
+
+
+# ---- the kernel workbench -------------------------------------------------------------
+@main.group("kernel")
+def kernel_group():
+    """Templated kernels: list, show, check (CPU vs numpy), compile (gfx942 report), bench."""
+
+
+def _kernel_options(fn):
+    fn = click.option("--template-dir", type=click.Path(file_okay=False),
+                      help="Render from this folder's NAME.mlir.j2 (an edited copy of "
+                           "halo_mlir/templates) instead of the installed templates.")(fn)
+    fn = click.option("--size", "sizes", multiple=True, metavar="NAME=N",
+                      help="A runtime size of the harness (see `kernel list`).")(fn)
+    fn = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+                      help="A kernel parameter (repeatable; see `kernel list`).")(fn)
+    return click.argument("name")(fn)
+
+
+def _instance(name, params, sizes, template_dir, bench=False):
+    from halo_mlir.kernels import kernel
+    from halo_mlir.kernels.workbench import instance
+
+    k = kernel(name)
+    parsed = {}
+    for pair in sizes:
+        key, sep, raw = pair.partition("=")
+        if not sep or not raw.isdigit():
+            raise HaloError(f"--size expects NAME=N, got {pair!r}")
+        parsed[key] = int(raw)
+    return instance(name, k.parse_params(list(params)), parsed, bench=bench,
+                    template_dir=Path(template_dir) if template_dir else None)
+
+
+def _describe(inst) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in inst.values.items())
+    sizes = ", ".join(f"{k}={v}" for k, v in inst.sizes.items())
+    return f"{inst.kernel.name} [{shown}] at [{sizes}]"
+
+
+@kernel_group.command("list")
+def kernel_list():
+    """Every kernel with its parameters and harness sizes."""
+    from halo_mlir.kernels import KERNELS
+
+    for k in KERNELS.values():
+        click.echo(f"{k.name}: {k.doc}")
+        for p, spec in k.params.items():
+            click.echo(f"    --param {p}=  {spec.describe()}")
+        if k.harness:
+            for s, (check, bench, doc) in k.harness.sizes.items():
+                click.echo(f"    --size {s}=  {doc} (check {check}, bench {bench})")
+
+
+@kernel_group.command("show")
+@_kernel_options
+@click.option("--harness", is_flag=True, help="Also print the `main` that check/compile use.")
+@_reports_errors
+def kernel_show(name, params, sizes, template_dir, harness):
+    """Print the instantiated MLIR of one specialisation."""
+    from halo_mlir.kernels import kernel, render
+
+    k = kernel(name)
+    if harness:
+        click.echo(_instance(name, params, sizes, template_dir).text, nl=False)
+        return
+    click.echo(render(k, k.parse_params(list(params)),
+                      Path(template_dir) if template_dir else None)[1], nl=False)
+
+
+@kernel_group.command("check")
+@_kernel_options
+@click.option("--seed", default=0, show_default=True, type=int)
+@_reports_errors
+def kernel_check(name, params, sizes, template_dir, seed):
+    """Compile for CPU, run on random inputs, compare with the numpy reference (exit 1 above
+    the tolerance)."""
+    from halo_mlir.kernels.workbench import check
+
+    inst = _instance(name, params, sizes, template_dir)
+    r = check(inst, seed=seed)
+    per = ", ".join(f"{n} {e:.3g}" for n, e in r.errors)
+    click.echo(f"{_describe(inst)}: max |error| {r.max_error:.3g} ({per}; tolerance "
+               f"{r.tolerance:.3g}) {'ok' if r.ok else 'FAILED'} [compile {r.compile_s:.2f} s, "
+               f"total {r.total_s:.2f} s]")
+    if not r.ok:
+        sys.exit(1)
+
+
+@kernel_group.command("compile")
+@_kernel_options
+@click.option("--target", default="gfx942", show_default=True,
+              help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
+@click.option("--dump", type=click.Path(file_okay=False),
+              help="Keep the executables (sources, configured IR, ISA) here.")
+@_reports_errors
+def kernel_compile(name, params, sizes, template_dir, target, dump):
+    """Compile alone and report what codegen chose: dispatches, pipelines, MFMA count."""
+    from halo_mlir.kernels.workbench import compile_report
+
+    inst = _instance(name, params, sizes, template_dir)
+    r = compile_report(inst, target, Path(dump) if dump else None)
+    mfma = sum(r.mfma.values())
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(r.mfma.items())) or "none"
+    click.echo(f"{_describe(inst)} for {target}: {r.seconds:.2f} s, {r.dispatches} dispatches; "
+               f"pipelines: {', '.join(r.pipelines) or '?'}; MFMA instructions: {mfma} ({kinds})")
+
+
+@kernel_group.command("bench")
+@_kernel_options
+@click.option("--device", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "hip"]))
+@click.option("--repetitions", default=10, show_default=True, type=int)
+@_reports_errors
+def kernel_bench(name, params, sizes, template_dir, device, repetitions):
+    """Time the kernel with iree-benchmark-module at realistic sizes (`kernel list`)."""
+    from halo_mlir.kernels.workbench import bench
+
+    inst = _instance(name, params, sizes, template_dir, bench=True)
+    r = bench(inst, device, repetitions)
+    click.echo(f"{_describe(inst)} on {device}: {r.mean_ms:.3f} ms mean of {repetitions}; "
+               f"inputs {r.input_bytes / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class Builder(LinalgExtOps, EntryPoints):
         self.module: ir.Module | None = None
         self._first_function = None
         self._symbols: set[str] = set()
+        self.template_dir = None  # kernels render from here (default: the installed templates)
 
     # ---- types ---------------------------------------------------------------------
     def type(self, dtype: str) -> ir.Type:

@@ -18,6 +18,7 @@ from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
 from halo_mlir.ops.ffn import silu_mul
 from halo_mlir.ops.linear import add, linear
+from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
 from halo_mlir.ops.rope import inv_freq, rope
@@ -25,6 +26,9 @@ from halo_mlir.params.names import block_shapes, stacked_key
 from halo_mlir.quant import quant_format
 
 DTYPES = ("f16", "bf16", "f32")
+# paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
+# fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul.
+ATTENTION_FORMS = ("paged", *ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,18 +37,20 @@ class EmitOptions:
     bs_decode: tuple[int, ...] = (4,)
     block_seq_stride: int = 32
     dtype: str = "f16"
-    attention: str = "fused"
+    attention: str = "paged"
     # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quant).
     weight_formats: tuple[tuple[str, str], ...] = ()
     # The decoder stack as one `scf.for` over stacked weights (parameter layout `stacked`).
     layer_loop: bool = False
+    # Render templated kernels from this folder (an author's edited copy) when set.
+    template_dir: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise HaloError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.attention not in ATTENTION:
+        if self.attention not in ATTENTION_FORMS:
             raise HaloError(f"unknown --attention {self.attention!r}: choose one of "
-                            f"{', '.join(ATTENTION)}")
+                            f"{', '.join(ATTENTION_FORMS)}")
         if self.block_seq_stride <= 0:
             raise HaloError(f"--block-seq-stride must be positive, got {self.block_seq_stride}")
         for bs in (*self.bs_prefill, *self.bs_decode):
@@ -63,6 +69,7 @@ class _Model:
     def __init__(self, b: Builder, cfg: LlamaConfig, opts: EmitOptions):
         self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.dtype
         self.formats = dict(opts.weight_formats)
+        b.template_dir = opts.template_dir
         if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
             for name in BLOCK_WEIGHTS:
                 found = {self.formats.get(f"blk.{i}.{name}.weight") for i in range(cfg.n_layers)}
@@ -133,15 +140,13 @@ class _Model:
         with b.at(f"blk.{i}.rope"):
             q = rope(b, heads["attn_q"], positions, freqs, dtype=dt)
             k = rope(b, heads["attn_k"], positions, freqs, dtype=dt)
-        with b.at(f"blk.{i}.kv_cache"):
+        with b.at(f"blk.{i}.attention"):
             k = b.transpose(k, [0, 2, 1, 3])  # [N,KVH,S,D]
             v = b.transpose(heads["attn_v"], [0, 2, 1, 3])
-            k_all, v_all = kv(i, k, v)
-        with b.at(f"blk.{i}.attention"):
             n, s = b.dims(q)[:2]
             q = b.reshape(q, [[0], [1], [2, 3], [4]],
                           [n, s, cfg.n_kv_heads, cfg.group_size, cfg.head_dim])
-            o = ATTENTION[self.opts.attention](b, q, k_all, v_all, positions, seq_lens, dtype=dt)
+            o = kv(i, q, k, v)  # the cache update and attention over it
             o = b.reshape(o, [[0], [1], [2, 3, 4]], [n, s, cfg.n_heads * cfg.head_dim])
         with b.at(f"blk.{i}.attn_output"):
             h = add(b, h, linear_("attn_output", o))
@@ -330,7 +335,11 @@ class _Stack:
                 rest = rest[n:]
             state = {"cache": cache, "acc": acc}
 
-            def kv(_, k, v):
+            form = m.opts.attention
+            paged = form == "paged" and not looped  # the loop reads a read-only cache
+
+            def gathered(k, v):
+                """(K, V) attention reads: the fresh ones (prefill) or the pages (decode)."""
                 if looped and start is None:  # prefill: fresh K/V, kept for the write
                     state["acc"] = kv_cache.prefill_accumulate(b, state["acc"], k, v, layer)
                     return k, v
@@ -347,6 +356,24 @@ class _Stack:
                                                              start, layer)
                 return (kv_cache.read_pages(b, c, pages, layer, 0),
                         kv_cache.read_pages(b, c, pages, layer, 1))
+
+            def kv(_, q, k, v):
+                if paged and start is None:
+                    o, state["cache"] = paged_prefill(b, q, k, v, seq_lens, state["cache"],
+                                                      pages, layer, dtype=m.dt)
+                    return o
+                if paged:
+                    with b.at("blk.*.kv_cache"):
+                        state["cache"] = kv_cache.write_position(b, state["cache"], k, v,
+                                                                 pages, start, layer)
+                    return paged_decode(b, q, state["cache"], pages, layer, seq_lens,
+                                        dtype=m.dt)
+                with b.at("blk.*.kv_cache"):
+                    k_all, v_all = gathered(k, v)
+                # In the loop, `paged` attends with the fused op (same numbers): the cache
+                # there does not hold this layer's K/V yet (see kv_cache).
+                fn = ATTENTION["fused" if form == "paged" else form]
+                return fn(b, q, k_all, v_all, positions, seq_lens, dtype=m.dt)
 
             h = m.block("*", h, positions, seq_lens, freqs, kv, weights)
             b.ret(h, state["acc"] if looped else state["cache"])

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import halo
 
-CASES = [("fused", "f16"), ("decomposed", "f16"), ("fused", "bf16")]
+CASES = [("paged", "f16"), ("paged", "bf16"), ("fused", "f16"), ("decomposed", "f16"),
+         ("fused", "bf16")]
 
 
 @pytest.mark.parametrize("attention,dtype", CASES)
@@ -21,3 +22,36 @@ def test_compiles_for_gfx942_with_mfma(tmp_path, attention, dtype):
     isa = "".join(p.read_text() for p in dump.glob("*.rocmasm"))
     mfma = re.findall(r"v_mfma_f32_\w+", isa)
     assert mfma, "no MFMA instruction in the gfx942 ISA"
+
+
+# Each templated kernel alone (the workbench's `kernel compile`), at static shapes. MFMA is
+# asserted where the shapes allow it: decode attention has one query per row, so MFMA needs
+# G >= 16 query heads per kv head (405B-like) and a long context; at G = 4 it compiles
+# without (a bandwidth-bound kernel). fp8 uses the f8 MFMA.
+KERNEL_CASES = [
+    ("paged_decode_attention", {"group": 16, "kv_heads": 8, "head_dim": 128, "stride": 32},
+     {"blocks": 64}, "v_mfma_f32_16x16x16_f16"),
+    ("paged_decode_attention", {"dtype": "bf16", "group": 4, "head_dim": 128}, {}, None),
+    ("paged_decode_attention_fp8", {"group": 16, "kv_heads": 8, "head_dim": 128, "stride": 32},
+     {"blocks": 64}, "v_mfma_f32_16x16x16_f16"),
+    ("paged_prefill_attention", {"dtype": "f16"}, {}, "v_mfma_f32_16x16x16_f16"),
+    ("paged_prefill_attention", {"dtype": "bf16"}, {}, "v_mfma_f32_16x16x16_bf16"),
+    ("fp8_matmul", {}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),
+    ("fp8_attention", {"head_dim": 128}, {"s": 64, "t": 128}, "v_mfma_f32_16x16x32_fp8_fp8"),
+    ("q8_0_matmul", {}, {}, None),
+    ("q4_1_matmul", {}, {}, None),
+    ("q8_0_rows", {}, {}, None),
+    ("q4_1_rows", {}, {}, None),
+]
+
+
+@pytest.mark.parametrize("name,params,sizes,mfma", KERNEL_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(KERNEL_CASES)])
+def test_kernel_compiles_for_gfx942(name, params, sizes, mfma):
+    from halo_mlir.kernels.workbench import compile_report, instance
+
+    r = compile_report(instance(name, params, sizes), "gfx942")
+    print(f"{name} {params} {sizes}: {r.seconds:.2f} s, pipelines {r.pipelines}, MFMA {r.mfma}")
+    assert r.dispatches >= 1
+    if mfma:
+        assert r.mfma.get(mfma, 0) > 0, r.mfma

@@ -27,10 +27,11 @@ def test_bench_runner_quick(tmp_path):
     assert len(decode) == 1 and all(float(decode[0][k].split()[0]) > 0 for k in (2, 3)), text
     assert re.search(r"iree-base-compiler \d+\.\d+", text)
 
-    # a second run replaces the generated block and keeps the rest
+    # a second run of one section replaces that table only; the rest of the file stays
     proc = subprocess.run([sys.executable, str(RUNNER), "--quick", "--only", "emit", "-o",
                            str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     again = out.read_text()
     assert again.count("<!-- bench:begin -->") == 1 and "hand-written notes stay" in again
-    assert "CPU decode step" not in again
+    assert again.count("### Emission") == 1 and "### CPU decode step" in again
+    assert again.split("### Emission")[0].count("<!-- section") == 1  # emit stays first

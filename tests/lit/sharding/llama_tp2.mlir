@@ -1,8 +1,11 @@
-// RUN: %halo emit --model toy --layers 2 --tp 2 --bs-prefill 1 --bs-decode 1 --no-locations -o %t.mlir 2> %t.report
+// RUN: %halo emit --model toy --layers 2 --tp 2 --bs-prefill 1 --bs-decode 1 --attention fused --no-locations -o %t.mlir 2> %t.report
 // RUN: %FileCheck %s --input-file=%t.mlir
 // RUN: %FileCheck %s --input-file=%t.report --check-prefix=REPORT
 // RUN: %halo opt %t.mlir --verify-placement -o %t.verified.mlir
 // RUN: %iree-opt %t.mlir -o %t.iree.mlir
+// RUN: %halo emit --model toy --layers 2 --tp 2 --bs-prefill 1 --bs-decode 1 --attention paged --no-locations -o %t.paged.mlir 2> %t.paged.report
+// RUN: %FileCheck %s --input-file=%t.paged.mlir --check-prefix=PAGED
+// RUN: %FileCheck %s --input-file=%t.paged.report --check-prefix=REPORT
 // Tests that the toy model (8 kv heads, 2 layers) sharded over 2 devices splits q/k/v by
 // output rows and attn_output by input columns, keeps norms replicated (one global per
 // device, same parameter key), takes one cache argument per device holding 4 kv heads
@@ -40,6 +43,16 @@
 // CHECK-COUNT-2: util.call @decode_bs1$layer0.tp2.1(
 // CHECK-LABEL: util.func private @decode_bs1$layer0.tp2.1(
 // CHECK:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%{{.+}}, %{{.+}} : tensor<?x2x2x4x32x64xf16>, tensor<1x?x3xi64>)
+
+// With the paged kernels (the default), the layer function calls each kernel's sharded
+// copy (4 kv heads per device): the same transfers, the scatter and gather inside it.
+// PAGED-LABEL: util.func private @prefill_bs1$layer0.tp2.0(
+// PAGED:         util.call @[[PREFILL:halo_paged_prefill_attention_dtypef16_batch1_kv_heads8_group1_head_dim64_stride32_layers2.tp2.[0-9]+]](
+// PAGED:       util.func private @[[PREFILL]](
+// PAGED-COUNT-4: iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<?x4x32x64xf16>, tensor<?x3xi64>) outs(%{{.+}} : tensor<?x2x2x4x32x64xf16>)
+// PAGED-LABEL: util.func private @halo_paged_decode_attention_dtypef16_batch1_kv_heads8_group1_head_dim64_stride32_layers2.tp2.{{[0-9]+}}(
+// PAGED:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%{{.+}}, %{{.+}} : tensor<?x2x2x4x32x64xf16>, tensor<1x?x3xi64>)
+// PAGED:         iree_linalg_ext.attention
 
 // 2 layers x 2 all-reduces x ring(2 devices) 4 transfers + 3 (or 4) replicated arguments
 // + 1 for the vocab-split logits.

@@ -1,0 +1,42 @@
+# RUN: %python %s fp8_matmul n=256 k=512 out_dtype=f16 | %FileCheck %s --check-prefix=MATMUL
+# RUN: %python %s fp8_matmul n=64 k=64 out_dtype=f32 | %FileCheck %s --check-prefix=MATMUL-F32
+# RUN: %python %s fp8_attention batch=2 kv_heads=8 group=4 head_dim=128 out_dtype=bf16 | %FileCheck %s --check-prefix=ATTN
+# Tests that the FP8 kernels contract f8E4M3FNUZ operands into f32, fold the per-tensor
+# scales (matmul: one multiply by x_scale * w_scale after the contraction; attention: q/k
+# scales into the softmax scale, the v scale on the f32 output) and cast to the out dtype.
+import sys
+
+from halo_mlir.kernels import KERNELS, render
+
+# MATMUL-LABEL: util.func private @halo_fp8_matmul_n256_k512_out_dtypef16(
+# MATMUL-SAME:    %[[X:.+]]: tensor<?x512xf8E4M3FNUZ>, %[[W:.+]]: tensor<256x512xf8E4M3FNUZ>, %[[XS:.+]]: f32, %[[WS:.+]]: f32) -> tensor<?x256xf16>
+# MATMUL:         %[[ACC:.+]] = linalg.fill ins(%{{.+}} : f32) outs(%{{.+}} : tensor<?x256xf32>)
+# MATMUL:         %[[PROD:.+]] = linalg.matmul indexing_maps = [#{{.+}}, #{{.+}}, #{{.+}}] ins(%[[X]], %[[W]] : tensor<?x512xf8E4M3FNUZ>, tensor<256x512xf8E4M3FNUZ>) outs(%[[ACC]] : tensor<?x256xf32>)
+# MATMUL:         %[[SCALE:.+]] = arith.mulf %[[XS]], %[[WS]] : f32
+# MATMUL:         linalg.generic {{.+}} ins(%[[PROD]] : tensor<?x256xf32>) outs(%{{.+}} : tensor<?x256xf16>)
+# MATMUL:           %[[SCALED:.+]] = arith.mulf %{{.+}}, %[[SCALE]] : f32
+# MATMUL:           arith.truncf %[[SCALED]] : f32 to f16
+
+# MATMUL-F32-LABEL: util.func private @halo_fp8_matmul_n64_k64_out_dtypef32(
+# MATMUL-F32:         arith.mulf
+# MATMUL-F32-NOT:     arith.truncf
+# MATMUL-F32:         util.return
+
+# ATTN-LABEL: util.func private @halo_fp8_attention_batch2_kv_heads8_group4_head_dim128_out_dtypebf16(
+# ATTN-SAME:    %[[Q:.+]]: tensor<2x8x4x?x128xf8E4M3FNUZ>, %[[K:.+]]: tensor<2x8x?x128xf8E4M3FNUZ>, %[[V:.+]]: tensor<2x8x?x128xf8E4M3FNUZ>, %[[LENS:.+]]: tensor<2xi64>, %[[QS:.+]]: f32, %[[KS:.+]]: f32, %[[VS:.+]]: f32) -> tensor<2x8x4x?x128xbf16>
+# ATTN:         %[[RSQRT:.+]] = arith.constant 0.0883883461 : f32
+# ATTN:         %[[QK:.+]] = arith.mulf %[[QS]], %[[KS]] : f32
+# ATTN:         %[[SCALE:.+]] = arith.mulf %[[QK]], %[[RSQRT]] : f32
+# ATTN:         %[[ACC:.+]] = iree_linalg_ext.attention {{.+}} ins(%[[Q]], %[[K]], %[[V]], %[[SCALE]], %{{.+}} : {{.+}}) outs(%{{.+}} : tensor<2x8x4x?x128xf32>)
+# ATTN:         linalg.generic {{.+}} ins(%[[ACC]] : tensor<2x8x4x?x128xf32>) outs(%{{.+}} : tensor<2x8x4x?x128xbf16>)
+# ATTN:           %[[SCALED:.+]] = arith.mulf %{{.+}}, %[[VS]] : f32
+# ATTN:           arith.truncf %[[SCALED]] : f32 to bf16
+from iree.compiler import ir
+
+name = sys.argv[1]
+values = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=") for a in sys.argv[2:])}
+symbol, text = render(KERNELS[name], values)
+with ir.Context():
+    module = ir.Module.parse(text)
+    assert module.operation.verify()
+    print(module)
