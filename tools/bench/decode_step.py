@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Time one CPU decode step (decode_bs4, f16) of the unrolled or the `--layer-loop` program.
+"""Time one CPU decode step (decode_bs4, f16) of the unrolled or the `--layer-loop` program
+(fused attention unless `--attention` says otherwise: the loop attends with the fused op).
 
     python tools/bench/decode_step.py --model toy --layers 8 --form loop --work DIR
     python tools/bench/decode_step.py --gguf SmolLM2.gguf --form unrolled --work DIR
@@ -28,6 +29,7 @@ def main():
     ap.add_argument("--layers", type=int)
     ap.add_argument("--gguf")
     ap.add_argument("--form", choices=["unrolled", "loop"], required=True)
+    ap.add_argument("--attention", default="fused", choices=["fused", "paged", "decomposed"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--work", required=True)
     args = ap.parse_args()
@@ -62,7 +64,7 @@ def main():
                 w.add(key, (0.02 * rng.standard_normal(shape)).astype(np.float16))
             w.commit()
     opts = EmitOptions(bs_prefill=(BS,), bs_decode=(BS,), block_seq_stride=STRIDE,
-                       dtype="f16", layer_loop=loop)
+                       dtype="f16", attention=args.attention, layer_loop=loop)
     emit_to_file(cfg, opts, work / "m.mlir")
     compile_file(work / "m.mlir", work / "m.vmfb", target="cpu", echo=lambda *_: None)
 

@@ -187,8 +187,9 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
     if gguf is not None:
         configs.append(("SmolLM2-135M", gguf, None))
     lines = ["### CPU decode step", "",
-             f"`decode_bs4` on this CPU (local-task), f16, median (min) of {steps} steps after "
-             "warm-up, context 64 tokens (tools/bench/decode_step.py):", "",
+             f"`decode_bs4` on this CPU (local-task), f16, fused attention in both forms, "
+             f"median (min) of {steps} steps after warm-up, context 64 tokens "
+             "(tools/bench/decode_step.py):", "",
              "| config | layers | unrolled (ms) | loop (ms) | loop / unrolled |",
              "|---|---|---|---|---|"]
     script = Path(__file__).with_name("decode_step.py")
