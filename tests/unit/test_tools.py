@@ -23,8 +23,8 @@ def test_bench_runner_quick(tmp_path):
     for r in (r for r in rows if len(r) == 8):
         kernels.setdefault((r[2], r[3]), set()).add(int(r[7]))
     assert len(kernels) == 4 and all(len(k) == 1 for k in kernels.values()), kernels
-    decode = [r for r in rows if len(r) == 5]
-    assert len(decode) == 1 and all(float(decode[0][k].split()[0]) > 0 for k in (2, 3)), text
+    decode = [r for r in rows if len(r) == 6]
+    assert len(decode) == 1 and all(float(decode[0][k].split()[0]) > 0 for k in (3, 4)), text
     assert re.search(r"iree-base-compiler \d+\.\d+", text)
 
     # a second run of one section replaces that table only; the rest of the file stays

@@ -187,30 +187,31 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
     if gguf is not None:
         configs.append(("SmolLM2-135M", gguf, None))
     lines = ["### CPU decode step", "",
-             f"`decode_bs4` on this CPU (local-task), f16, fused attention in both forms, "
-             f"median (min) of {steps} steps after warm-up, context 64 tokens "
-             "(tools/bench/decode_step.py):", "",
-             "| config | layers | unrolled (ms) | loop (ms) | loop / unrolled |",
-             "|---|---|---|---|---|"]
+             f"`decode_bs4` on this CPU (local-task), f16, median (min) of {steps} steps after "
+             "warm-up, context 64 tokens (tools/bench/decode_step.py). `paged` is the default "
+             "attention: the unrolled program calls the paged kernels, the loop attends with "
+             "the fused op (its cache is read-only inside the loop); `fused`: the same op in "
+             "both:", "",
+             "| config | layers | attention | unrolled (ms) | loop (ms) | loop / unrolled |",
+             "|---|---|---|---|---|---|"]
     script = Path(__file__).with_name("decode_step.py")
     for name, gguf_path, layers in configs:
-        times = {}
-        for form in ("unrolled", "loop"):
-            args = [sys.executable, script, "--form", form, "--steps", str(steps),
-                    "--work", out / f"decode-{name}-{form}"]
-            args += ["--gguf", gguf_path] if gguf_path else ["--model", name, "--layers",
-                                                             str(layers)]
-            proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"decode_step failed:\n{proc.stderr[-4000:]}")
-            result = dict(kv.split("=") for kv in proc.stdout.split())
-            times[form] = float(result["median_ms"])
-            times[form + "_min"] = float(result["min_ms"])
-            n_layers = result["layers"]
-        lines.append(progress(f"| {name} | {n_layers} | {times['unrolled']:.2f} "
-                              f"({times['unrolled_min']:.2f}) | {times['loop']:.2f} "
-                              f"({times['loop_min']:.2f}) | "
-                              f"{times['loop'] / times['unrolled']:.3f} |"))
+        for attention in ("paged",) if quick else ("paged", "fused"):
+            t = {}
+            for form in ("unrolled", "loop"):
+                args = [sys.executable, script, "--form", form, "--steps", str(steps),
+                        "--attention", attention, "--work", out / f"decode-{name}-{form}"]
+                args += ["--gguf", gguf_path] if gguf_path else ["--model", name, "--layers",
+                                                                 str(layers)]
+                proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"decode_step failed:\n{proc.stderr[-4000:]}")
+                t[form] = dict(kv.split("=") for kv in proc.stdout.split())
+            u, lp = float(t["unrolled"]["median_ms"]), float(t["loop"]["median_ms"])
+            lines.append(progress(
+                f"| {name} | {t['loop']['layers']} | {attention} | {u:.2f} "
+                f"({float(t['unrolled']['min_ms']):.2f}) | {lp:.2f} "
+                f"({float(t['loop']['min_ms']):.2f}) | {lp / u:.3f} |"))
     return lines
 
 
