@@ -12,3 +12,18 @@ def print_op(name, arg_specs, body):
         b.define(name, types, lambda *args: body(b, *args))
         assert module.operation.verify()
         print(module)
+
+
+def print_kernel(argv):
+    """`NAME k=v ...` -> the kernel's rendered module, parsed, verified and printed."""
+    from iree.compiler import ir
+
+    from halo_mlir.kernels import KERNELS, render
+
+    name = argv[0]
+    values = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=") for a in argv[1:])}
+    _, text = render(KERNELS[name], values)
+    with ir.Context():
+        module = ir.Module.parse(text)
+        assert module.operation.verify()
+        print(module)

@@ -6,7 +6,7 @@
 # scales into the softmax scale, the v scale on the f32 output) and cast to the out dtype.
 import sys
 
-from halo_mlir.kernels import KERNELS, render
+from lit_util import print_kernel
 
 # MATMUL-LABEL: util.func private @halo_fp8_matmul_n256_k512_out_dtypef16(
 # MATMUL-SAME:    %[[X:.+]]: tensor<?x512xf8E4M3FNUZ>, %[[W:.+]]: tensor<256x512xf8E4M3FNUZ>, %[[XS:.+]]: f32, %[[WS:.+]]: f32) -> tensor<?x256xf16>
@@ -31,12 +31,4 @@ from halo_mlir.kernels import KERNELS, render
 # ATTN:         linalg.generic {{.+}} ins(%[[ACC]] : tensor<2x8x4x?x128xf32>) outs(%{{.+}} : tensor<2x8x4x?x128xbf16>)
 # ATTN:           %[[SCALED:.+]] = arith.mulf %{{.+}}, %[[VS]] : f32
 # ATTN:           arith.truncf %[[SCALED]] : f32 to bf16
-from iree.compiler import ir
-
-name = sys.argv[1]
-values = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=") for a in sys.argv[2:])}
-symbol, text = render(KERNELS[name], values)
-with ir.Context():
-    module = ir.Module.parse(text)
-    assert module.operation.verify()
-    print(module)
+print_kernel(sys.argv[1:])

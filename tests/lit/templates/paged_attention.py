@@ -9,7 +9,7 @@
 # into the whole cache with unique indices.
 import sys
 
-from halo_mlir.kernels import KERNELS, render
+from lit_util import print_kernel
 
 # DECODE-DAG:   #[[K_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6) -> (d0, d1, d5, d4)>
 # DECODE-DAG:   #[[MASK_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6) -> (d0, d3, d5)>
@@ -64,12 +64,4 @@ from halo_mlir.kernels import KERNELS, render
 # PREFILL:         %[[OUT:.+]] = iree_linalg_ext.attention {{.+}} ins(%[[QT]], %[[K]], %[[V]], %{{.+}}, %[[MASK]] :
 # PREFILL:         %[[RES:.+]] = linalg.transpose ins(%[[OUT]] {{.+}} permutation = [0, 3, 1, 2, 4]
 # PREFILL:         util.return %[[RES]], %[[C2]]
-from iree.compiler import ir
-
-name = sys.argv[1]
-values = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=") for a in sys.argv[2:])}
-symbol, text = render(KERNELS[name], values)
-with ir.Context():
-    module = ir.Module.parse(text)
-    assert module.operation.verify()
-    print(module)
+print_kernel(sys.argv[1:])
