@@ -69,8 +69,10 @@ def test_same_text_under_3_9_and_3_13_and_3_9_compiles_it(tmp_path):
     """Emit with this environment's bindings and with the 3.9 environment's: the same bytes;
     3.9's iree-compile compiles what 3.13's bindings printed."""
     python = shortfin_python()
+    # fused: what export-shortfin emits under 3.9 for CPU (compat.attention_for); the paged
+    # decode kernel overflows 3.9's CPU stack limit (NOTES.md)
     args = ["emit", "--model", "toy", "--layers", 1, "--bs-prefill", "1,4", "--bs-decode", "1,4",
-            "--dtype", "f32"]
+            "--dtype", "f32", "--attention", "fused"]
     halo(*args, "-o", tmp_path / "here.mlir")
     halo_in(python, *args, "-o", tmp_path / "there.mlir")
     assert (tmp_path / "here.mlir").read_bytes() == (tmp_path / "there.mlir").read_bytes()
