@@ -62,7 +62,12 @@ _STACKED = re.compile(r"^blk\.(.+)\.stacked$")  # [layers, ...]: split one dim f
 
 def weight_sharding(key: str, shape=None, tp: int | None = None):
     """How `key` splits. lm_head (`output.weight`) stays replicated when tp does not divide
-    the vocabulary (every device then computes all logits)."""
+    the vocabulary (every device then computes all logits). A field `KEY:FIELD` of a
+    quantized weight splits like KEY, except scalars (per-tensor scales: `[]`, or `[layers]`
+    when stacked), which are replicated."""
+    key, sep, _ = key.partition(":")
+    if sep and shape is not None and len(shape) <= (1 if _STACKED.match(key) else 0):
+        return REPLICATED
     m = _STACKED.match(key)
     if m:
         s = WEIGHT_STYLES.get(m.group(1), REPLICATED)

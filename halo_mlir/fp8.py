@@ -1,0 +1,97 @@
+"""FP8 models (`--dtype fp8`): MI300X's f8E4M3FNUZ with per-tensor scales.
+
+The parameter names are sharktank's (its quark importer writes them), so a module emitted
+here reads an FP8 dataset laid out that way, and ours reads the same:
+
+- `KEY:qs` f8E4M3FNUZ [out, in] and `KEY:d` f32 []: a linear weight KEY
+  (`blk.{i}.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.weight`),
+  w = qs * d;
+- `blk.{i}.{linear}.q_input:rscale` f32 []: that linear's input x = q * rscale (the input
+  is quantized as q = x / rscale before the FP8 matmul);
+- `blk.{i}.attn_q.q_output:rscale` f32 []: the queries (after RoPE) entering attention;
+- `blk.{i}.kv_cache.quantizer:rscale` f32 []: keys (after RoPE) and values, as stored in
+  an fp8 KV cache.
+
+Token embedding, norms and lm_head (`output.weight`) stay in the activation dtype (f16).
+A scale is amax / FP8_MAX (the fnuz format's largest finite value is 240).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FP8 = "f8E4M3FNUZ"
+FP8_MAX = 240.0
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# Which tensor each linear's input is (the q/k/v projections share attn_norm's output).
+INPUT_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
+            "attn_output": "attention", "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm",
+            "ffn_down": "silu_mul"}
+
+
+def weight_keys(key: str) -> tuple[str, str]:
+    """(`KEY:qs`, `KEY:d`) of linear weight KEY."""
+    return f"{key}:qs", f"{key}:d"
+
+
+def input_scale_key(layer, linear: str) -> str:
+    return f"blk.{layer}.{linear}.q_input:rscale"
+
+
+def q_scale_key(layer) -> str:
+    return f"blk.{layer}.attn_q.q_output:rscale"
+
+
+def kv_scale_key(layer) -> str:
+    return f"blk.{layer}.kv_cache.quantizer:rscale"
+
+
+def is_linear(key: str) -> bool:
+    """Whether ABI key `blk.{i}.NAME.weight` is a linear that an FP8 model keeps in fp8."""
+    parts = key.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEARS and parts[3] == "weight"
+
+
+def numpy_fp8():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.float8_e4m3fnuz)
+
+
+def scale_of(amax: float) -> np.float32:
+    """The per-tensor rscale for values up to `amax` (1.0 for an all-zero tensor)."""
+    amax = float(amax)
+    return np.float32(amax / FP8_MAX if amax > 0 and np.isfinite(amax) else 1.0)
+
+
+def quantize(x: np.ndarray, rscale) -> np.ndarray:
+    """x / rscale saturated to +-240, rounded to nearest even in f8E4M3FNUZ (as the emitted
+    program does; -0 becomes +0: fnuz has no negative zero)."""
+    q = np.clip(np.asarray(x, np.float32) / np.float32(rscale), -FP8_MAX, FP8_MAX) + np.float32(0)
+    return q.astype(numpy_fp8())
+
+
+def dequantize(q: np.ndarray, rscale) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(rscale)
+
+
+def param_entries(cfg) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every parameter an FP8 model of `cfg` reads: key -> (shape, IR dtype); `float` marks
+    the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`)."""
+    from halo_mlir.params.names import param_shapes
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, shape in param_shapes(cfg).items():
+        if not is_linear(key):
+            out[key] = (shape, "float")
+            continue
+        i, name = key.split(".")[1], key.split(".")[2]
+        qs, d = weight_keys(key)
+        out[qs] = (shape, FP8)
+        out[d] = ((), "f32")
+        out[input_scale_key(i, name)] = ((), "f32")
+        if name == "attn_q":
+            out[q_scale_key(i)] = ((), "f32")
+        if name == "attn_v":
+            out[kv_scale_key(i)] = ((), "f32")
+    return out
