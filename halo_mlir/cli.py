@@ -85,7 +85,17 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--bs-prefill", default="4", callback=_int_list, show_default=True)
 @click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
 @click.option("--block-seq-stride", default=32, show_default=True, type=int)
-@click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]))
+@click.option("--dtype", default="f16", show_default=True,
+              type=click.Choice(["f16", "bf16", "f32", "fp8"]),
+              help="fp8: linear weights and inputs in f8E4M3FNUZ with per-tensor scales "
+                   "(parameters from `import-params --quantize fp8`), the rest in f16.")
+@click.option("--kv-cache-dtype", type=click.Choice(["fp8", "f16", "bf16", "f32"]),
+              help="The KV cache's dtype [default: fp8 with --dtype fp8, else --dtype]. An "
+                   "fp8 cache makes attention fp8 (Q, K, V quantized with the layer's scales).")
+@click.option("--activation-dtype", default="f16", show_default=True,
+              type=click.Choice(["f16", "bf16", "f32"]),
+              help="With --dtype fp8: norms, residuals and logits (f32 leaves the fp8 "
+                   "roundings as the only difference from an f32 reference).")
 @click.option("--attention", default="paged", show_default=True,
               type=click.Choice(["paged", "fused", "decomposed"]),
               help="paged: the templated kernels reading the cache pages; fused: one "
@@ -111,8 +121,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, attention, template_dir, layer_loop, tp, allreduce, device_block_count,
-         locations, output, output_config):
+         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, attention, template_dir,
+         layer_loop, tp, allreduce, device_block_count, locations, output, output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
     from halo_mlir.model.llama import EmitOptions
@@ -124,7 +134,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
-                       template_dir=template_dir)
+                       template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
+                       fp8_activations=activation_dtype)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")

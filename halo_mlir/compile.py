@@ -71,6 +71,25 @@ def _check_attention(src: Path, target: str) -> None:
                             f"for {target}; emit with --attention decomposed")
 
 
+# Targets with f8E4M3FNUZ arithmetic: MI300 (gfx942) natively; the CPU emulates it. NVIDIA
+# GPUs (cuda) have the OCP e4m3fn format, not fnuz.
+FP8_TARGETS = ("gfx942", "cpu", "cpu-generic")
+
+
+def _check_fp8(src: Path, target: str, extra_flags: list[str]) -> None:
+    """An fp8 module for a target without f8E4M3FNUZ: say so before iree-compile fails."""
+    chips = [f.split("=", 1)[1] for f in extra_flags if "-target=gfx" in f]
+    unsupported = target not in FP8_TARGETS or any(c != "gfx942" for c in chips)
+    if not unsupported or src.suffix == ".mlirbc":
+        return
+    with open(src, errors="replace") as f:
+        if any("f8E4M3FNUZ" in line for line in f):
+            where = chips[0] if chips else target
+            raise HaloError(f"{src} is an fp8 (f8E4M3FNUZ) model and {where} has no fnuz FP8; "
+                            f"compile it for one of {', '.join(FP8_TARGETS)}, or emit with "
+                            "--dtype f16")
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
@@ -78,6 +97,7 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
     if not src.exists():
         raise HaloError(f"{src}: no such file")
     _check_attention(src, target)
+    _check_fp8(src, target, extra_flags or [])
     cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")

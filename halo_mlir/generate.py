@@ -49,6 +49,19 @@ class ModelFiles:
     config: dict  # the shortfin config.json contents
 
 
+def cache_numpy_dtype(name: str):
+    """config.json's kv_cache_dtype -> the numpy dtype of a host cache array."""
+    import ml_dtypes
+
+    table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+             "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz}
+    try:
+        return table[name]
+    except KeyError:
+        raise HaloError(f"kv_cache_dtype {name} is not supported here; choose one of "
+                        f"{', '.join(table)}") from None
+
+
 class Generator:
     def __init__(self, files: ModelFiles, *, driver: str = "local-task", pages: int = 64):
         from halo_mlir.runtime import Program
@@ -56,9 +69,7 @@ class Generator:
         kv = files.config["paged_kv_cache"]
         self.stride = kv["block_seq_stride"]
         self.page_elems = kv["paged_kv_block_size_elements_per_device"][0]
-        self.dtype = {"float32": np.float32, "float16": np.float16}.get(kv["kv_cache_dtype"])
-        if self.dtype is None:
-            raise HaloError(f"kv_cache_dtype {kv['kv_cache_dtype']} is not supported here")
+        self.dtype = cache_numpy_dtype(kv["kv_cache_dtype"])
         self.max_len = files.config["max_seq_len"]
         self.tp = len(kv["paged_kv_block_size_elements_per_device"])
         self.program = Program(files.vmfb, files.params, driver=driver, n_devices=self.tp)

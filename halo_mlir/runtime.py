@@ -78,6 +78,17 @@ class Program:
         if key.startswith("blk.") and ".stacked" not in key and stacked_files:
             return (f"the module reads per-layer parameters ({key}) but the files hold the "
                     "stacked layout; emit with --layer-loop, or import with --layout per-layer")
+        keys = [k for k, _ in self.index.items()]
+        fp8_files = any(k.endswith(":qs") for k in keys)
+        if key.endswith((":qs", ":d", ":rscale")) and not fp8_files:
+            return (f"the module is an fp8 model and reads {key}, which the files lack: "
+                    "import the parameters with `halo-mlir import-params --quantize fp8`")
+        if key.endswith(":rscale") or (key.endswith(":d") and f"{key[:-2]}:qs" in keys):
+            return (f"the fp8 parameters lack the scale {key}; re-import with `halo-mlir "
+                    "import-params --quantize fp8` (it computes every scale)")
+        if fp8_files and f"{key}:qs" in keys:
+            return (f"the files hold fp8 weights ({key}:qs) but the module reads {key}: emit "
+                    "with --dtype fp8, or import without --quantize")
         return (f"parameter {key} is in none of the given files; pass every NAME.rank{{i}}.irpa "
                 "of the import that matches this module")
 

@@ -31,6 +31,7 @@ _ELEMENT_TYPES: dict[str, Callable[[], ir.Type]] = {
     "f16": ir.F16Type.get,
     "bf16": ir.BF16Type.get,
     "f8e4m3fnuz": ir.Float8E4M3FNUZType.get,
+    "f8E4M3FNUZ": ir.Float8E4M3FNUZType.get,  # MLIR's spelling
     "i1": lambda: ir.IntegerType.get_signless(1),
     "i8": lambda: ir.IntegerType.get_signless(8),
     "i32": lambda: ir.IntegerType.get_signless(32),
@@ -383,7 +384,7 @@ class Builder(LinalgExtOps, EntryPoints):
         """Entry `i` of a stacked tensor [L, ...] -> [...]."""
         shape = self.shape(stacked)
         piece = self.slice(stacked, [i] + [0] * (len(shape) - 1), [1, *shape[1:]])
-        groups = [[0, 1]] + [[d] for d in range(2, len(shape))]
+        groups = [[0, 1]] + [[d] for d in range(2, len(shape))] if len(shape) > 1 else []
         return self.reshape(piece, groups, shape[1:])
 
     # ---- scalar arithmetic inside bodies ---------------------------------------------
@@ -415,6 +416,7 @@ class Builder(LinalgExtOps, EntryPoints):
     mulf = staticmethod(arith.mulf)
     divf = staticmethod(arith.divf)
     maxf = staticmethod(arith.maximumf)
+    minf = staticmethod(arith.minimumf)
     negf = staticmethod(arith.negf)
     exp = staticmethod(math.exp)
     rsqrt = staticmethod(math.rsqrt)

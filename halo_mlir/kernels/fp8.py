@@ -83,7 +83,7 @@ def _attention_inputs(v, z, rng):
 
 KERNELS = [
     Kernel("fp8_matmul",
-           "x[M,K] f8E4M3FNUZ @ w[N,K]^T f8E4M3FNUZ, per-tensor scales x_scale, w_scale f32 "
+           "x[M,K] f8E4M3FNUZ @ w[N,K]^T f8E4M3FNUZ, per-tensor scales x_scale, w_scale (0-d f32) "
            "-> [M,N] out_dtype (f32 accumulation)",
            {"n": Param(int, "rows of w (output features)", positive, 64),
             "k": Param(int, "the contraction: MFMA_F32_16x16x32_F8 needs a multiple of 32",

@@ -3,7 +3,7 @@
 reference, compiled for gfx942 with a report of what codegen chose, or benchmarked.
 
 `main` takes bf16 / fp8 tensors as their bits (i16 / i8: the runtime has no such numpy
-types; `flow.tensor.bitcast` reinterprets them without a dispatch) and scalars as tensor<1xT>, then casts to the kernel's (possibly dynamic) types.
+types; `flow.tensor.bitcast` reinterprets them without a dispatch) and scalars (and 0-d tensors) as tensor<1xT>, then casts to the kernel's (possibly dynamic) types.
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def _main(symbol: str, text: str, args: list[Arg], results: list[Arg]) -> str:
             lines.append(f"  %b{i} = flow.tensor.bitcast {v} : {_ttype(shape, io)} -> "
                          f"{_ttype(shape, a.dtype)}")
             v = f"%b{i}"
+        if not a.shape and want.startswith("tensor<"):  # a 0-d tensor
+            lines.append(f"  %s{i} = tensor.collapse_shape {v} [] : {_ttype(shape, a.dtype)} "
+                         f"into {want}")
+            call_args.append(f"%s{i}")
+            continue
         if not a.shape:
             lines.append(f"  %s{i} = tensor.extract {v}[%c0] : {_ttype(shape, a.dtype)}")
             call_args.append(f"%s{i}")

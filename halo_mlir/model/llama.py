@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from halo_mlir import fp8
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, Value
@@ -16,6 +17,7 @@ from halo_mlir.model.entry import build_entry
 from halo_mlir.ops import kv_cache
 from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
+from halo_mlir.ops.fp8 import fp8_linear, quantize
 from halo_mlir.ops.ffn import silu_mul
 from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
@@ -25,7 +27,9 @@ from halo_mlir.ops.rope import inv_freq, rope
 from halo_mlir.params.names import block_shapes, stacked_key
 from halo_mlir.quant import quant_format
 
-DTYPES = ("f16", "bf16", "f32")
+# fp8: linear weights and activations in f8E4M3FNUZ (halo_mlir.fp8), the rest in f16.
+DTYPES = ("f16", "bf16", "f32", "fp8")
+KV_CACHE_DTYPES = ("f16", "bf16", "f32", "fp8")
 # paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
 # fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul.
 ATTENTION_FORMS = ("paged", *ATTENTION)
@@ -44,10 +48,45 @@ class EmitOptions:
     layer_loop: bool = False
     # Render templated kernels from this folder (an author's edited copy) when set.
     template_dir: str | None = None
+    # The KV cache's dtype; None: fp8 for an fp8 model, else the activation dtype.
+    kv_cache_dtype: str | None = None
+    # An fp8 model's norms, residuals, attention output and logits (ABI.md: f16); f32 makes
+    # the fp8 roundings the only difference from an f32 reference.
+    fp8_activations: str = "f16"
+
+    @property
+    def activation_dtype(self) -> str:
+        return self.fp8_activations if self.dtype == "fp8" else self.dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's IR element type."""
+        kv = self.kv_cache_dtype or ("fp8" if self.dtype == "fp8" else self.dtype)
+        return fp8.FP8 if kv == "fp8" else kv
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise HaloError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.fp8_activations not in DTYPES[:3]:
+            raise HaloError(f"unknown --activation-dtype {self.fp8_activations!r}: choose one "
+                            f"of {', '.join(DTYPES[:3])}")
+        if self.fp8_activations != "f16" and self.dtype != "fp8":
+            raise HaloError("--activation-dtype applies to --dtype fp8 only (other models "
+                            "compute in --dtype)")
+        kv = self.kv_cache_dtype
+        if kv is not None:
+            if kv not in KV_CACHE_DTYPES:
+                raise HaloError(f"unknown --kv-cache-dtype {kv!r}: choose one of "
+                                f"{', '.join(KV_CACHE_DTYPES)}")
+            if kv == "fp8" and self.dtype != "fp8":
+                raise HaloError("--kv-cache-dtype fp8 needs --dtype fp8 (the cache's scales "
+                                "come with the fp8 parameters)")
+            if kv != "fp8" and kv != self.activation_dtype:
+                raise HaloError(f"--kv-cache-dtype {kv} with --dtype {self.dtype}: the cache "
+                                f"holds fp8 or the activation dtype ({self.activation_dtype})")
+        if self.dtype == "fp8" and self.weight_formats:
+            raise HaloError("--dtype fp8 takes fp8 parameters (`import-params --quantize fp8`), "
+                            "not kept-quantized GGUF weights; drop --keep-quantized")
         if self.attention not in ATTENTION_FORMS:
             raise HaloError(f"unknown --attention {self.attention!r}: choose one of "
                             f"{', '.join(ATTENTION_FORMS)}")
@@ -67,8 +106,13 @@ class _Model:
     """Per-module emission state: config, options and the builder."""
 
     def __init__(self, b: Builder, cfg: LlamaConfig, opts: EmitOptions):
-        self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.dtype
+        self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.activation_dtype
         self.formats = dict(opts.weight_formats)
+        if opts.dtype == "fp8":  # every block linear: `KEY:qs`, `KEY:d` and its input scale
+            self.formats.update({f"blk.{i}.{name}.weight": "fp8" for i in range(cfg.n_layers)
+                                 for name in fp8.LINEARS})
+        # Attention in fp8 over an fp8 cache: Q, K, V quantized with the layer's scales.
+        self.kv_fp8 = opts.cache_dtype == fp8.FP8
         b.template_dir = opts.template_dir
         if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
             for name in BLOCK_WEIGHTS:
@@ -124,6 +168,8 @@ class _Model:
 
         def linear_(name, x):
             w = weights[name]
+            if isinstance(w, tuple) and w[0] == "fp8":
+                return fp8_linear(b, x, *w[1], dtype=dt)
             if isinstance(w, tuple):
                 return quantized_linear(b, x, w[0], w[1], block_shapes(cfg)[
                     f"blk.{{i}}.{name}.weight"][0], dtype=dt)
@@ -160,7 +206,7 @@ class _Model:
 
     # ---- entry points --------------------------------------------------------------
     def cache_type(self):
-        return self.b.tensor_type([None, page_elems(self.cfg, self.opts)], self.dt)
+        return self.b.tensor_type([None, page_elems(self.cfg, self.opts)], self.opts.cache_dtype)
 
     def mark_entry(self, name: str, cache_arg: int, divisors: tuple = ()) -> None:
         """Metadata for `entry.build_entry` and passes: the entry point this implements,
@@ -284,11 +330,20 @@ class _Stack:
         `place(key, shape)` -> the (key, shape) of the global to load."""
         m = self.m
         values, formats = [], []
+
+        def scalar(key):  # a per-layer fp8 scale: [] (or [layers] stacked)
+            key, shape = place(key, ())
+            return m.b.param(key, shape, "f32")
         for name in BLOCK_WEIGHTS:
             layer_key = template.format(name)
             key, shape = place(layer_key, block_shapes(m.cfg)[f"blk.{{i}}.{name}.weight"])
             fmt = m.formats.get(layer_key)
-            if fmt is not None:
+            if fmt == "fp8":
+                qs, d = fp8.weight_keys(key)
+                prefix = layer_key[:-len("weight")]  # "blk.{i}.NAME."
+                values += [m.b.param(qs, shape, fp8.FP8), scalar(f"{prefix}weight:d"),
+                           scalar(f"{prefix}q_input:rscale")]
+            elif fmt is not None:
                 lead = tuple(shape[:-2])
                 fields = quant_format(fmt).field_shapes(*shape[-2:])
                 values += [m.b.param(f"{key}:{field}", (*lead, *fshape), fdtype)
@@ -296,6 +351,10 @@ class _Stack:
             else:
                 values.append(m.w(key, shape))
             formats.append(fmt)
+        if m.kv_fp8:  # the layer's Q and K/V scales (fp8.q_scale_key, fp8.kv_scale_key)
+            prefix = template.split("{}")[0]  # "blk.{i}."
+            values += [scalar(f"{prefix}attn_q.q_output:rscale"),
+                       scalar(f"{prefix}kv_cache.quantizer:rscale")]
         return values, tuple(formats)
 
     def call(self, h, positions, seq_lens, freqs, layer, weights, formats) -> Value:
@@ -330,13 +389,19 @@ class _Stack:
             layer, rest = rest[0], rest[1:]
             weights = {}
             for wname, fmt in zip(BLOCK_WEIGHTS, formats):
-                n = 1 if fmt is None else len(quant_format(fmt).fields)
+                n = 1 if fmt is None else 3 if fmt == "fp8" else len(quant_format(fmt).fields)
                 weights[wname] = rest[0] if fmt is None else (fmt, rest[:n])
                 rest = rest[n:]
+            scales = None
+            if m.kv_fp8:
+                q_rscale, kv_rscale = rest[:2]
+                qk = b.map(",->", [q_rscale, kv_rscale], "f32", b.mulf)
+                scales = (qk, kv_rscale)
             state = {"cache": cache, "acc": acc}
 
             form = m.opts.attention
-            paged = form == "paged" and not looped  # the loop reads a read-only cache
+            # The loop reads a read-only cache; the paged kernels take f16/bf16/f32 only.
+            paged = form == "paged" and not looped and not m.kv_fp8
 
             def gathered(k, v):
                 """(K, V) attention reads: the fresh ones (prefill) or the pages (decode)."""
@@ -358,6 +423,9 @@ class _Stack:
                         kv_cache.read_pages(b, c, pages, layer, 1))
 
             def kv(_, q, k, v):
+                if m.kv_fp8:  # Q, K and V in fp8 alike: K/V as stored in the cache
+                    q, k, v = (quantize(b, x, s) for x, s in ((q, q_rscale), (k, kv_rscale),
+                                                              (v, kv_rscale)))
                 if paged and start is None:
                     o, state["cache"] = paged_prefill(b, q, k, v, seq_lens, state["cache"],
                                                       pages, layer, dtype=m.dt)
@@ -373,7 +441,7 @@ class _Stack:
                 # In the loop, `paged` attends with the fused op (same numbers): the cache
                 # there does not hold this layer's K/V yet (see kv_cache).
                 fn = ATTENTION["fused" if form == "paged" else form]
-                return fn(b, q, k_all, v_all, positions, seq_lens, dtype=m.dt)
+                return fn(b, q, k_all, v_all, positions, seq_lens, dtype=m.dt, scales=scales)
 
             h = m.block("*", h, positions, seq_lens, freqs, kv, weights)
             b.ret(h, state["acc"] if looped else state["cache"])

@@ -7,7 +7,8 @@ from halo_mlir.model.llama import EmitOptions, page_elems
 
 
 # Our dtype names -> the names sharktank writes into config.json.
-KV_DTYPE_NAMES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+KV_DTYPE_NAMES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32",
+                  "f8E4M3FNUZ": "float8_e4m3fnuz"}
 
 
 def service_config(cfg: LlamaConfig, opts: EmitOptions, *, device_block_count: int = 256,
@@ -28,7 +29,7 @@ def service_config(cfg: LlamaConfig, opts: EmitOptions, *, device_block_count: i
             "attention_head_count_kv": cfg.n_kv_heads,
             "block_seq_stride": opts.block_seq_stride,
             "device_block_count": device_block_count,
-            "kv_cache_dtype": KV_DTYPE_NAMES[opts.dtype],
+            "kv_cache_dtype": KV_DTYPE_NAMES[opts.cache_dtype],
             "paged_kv_block_size_elements_per_device": [per_device] * tp,
         },
     }

@@ -12,7 +12,35 @@ from __future__ import annotations
 
 import math
 
+from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, Value
+
+# (qk, v): 0-d f32 tensors for fp8 operands. qk = q_rscale * k_rscale folds into the
+# softmax scale, v = v_rscale multiplies the output: softmax((sq q)(sk k)^T / sqrt(D))(sv v)
+# = sv softmax(sq sk q k^T / sqrt(D)) v.
+Scales = tuple[Value, Value]
+
+
+def check_operands(b: Builder, q: Value, k: Value, v: Value, scales: Scales | None) -> None:
+    """Emit-time check: Q, K and V must share one element type (IREE rejects mixed ones
+    late, as "qkv must have same data type"), and fp8 operands need their scales."""
+    types = [str(b.element_type(x)) for x in (q, k, v)]
+    if len(set(types)) > 1:
+        raise HaloError(f"attention operands differ in element type (q {types[0]}, k "
+                        f"{types[1]}, v {types[2]}); quantize Q, K and V alike (an fp8 KV "
+                        "cache needs --dtype fp8)")
+    if types[0].startswith("f8") and scales is None:
+        raise HaloError(f"attention over {types[0]} operands needs their scales")
+
+
+def _softmax_scale(b: Builder, q: Value, scales: Scales | None) -> Value:
+    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), "f32")
+    if scales is None:
+        return scale
+    # A 0-d tensor: IREE hoists the read into an initializer (unrolled) or clones it into
+    # the attention dispatch (layer loop); no host read per call either way.
+    qk = b.extract(scales[0], [])
+    return b.mulf(scale, qk)
 
 
 def _keep(b: Builder, qpos: Value, kv_len: Value, t: Value) -> Value:
@@ -21,11 +49,12 @@ def _keep(b: Builder, qpos: Value, kv_len: Value, t: Value) -> Value:
 
 
 def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
-                         *, dtype: str) -> Value:
+                         *, dtype: str, scales: Scales | None = None) -> Value:
     """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D]."""
+    check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
     t = b.dims(k)[2]
-    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), "f32")
+    scale = _softmax_scale(b, q, scales)
     ninf = b.scalar(-math.inf, "f32")
     scores = b.generic("bskgd,bktd->bkgst", [q, k], [b.filled([n, kvh, g, s, t], 0.0, "f32")],
                        lambda qe, ke, acc: b.addf(acc, b.mulf(b.cast(qe, "f32"), b.cast(ke, "f32"))))
@@ -43,20 +72,29 @@ def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, 
                       lambda x, acc: b.addf(acc, x))
     out = b.generic("bkgst,bktd->bskgd", [probs, v], [b.filled([n, s, kvh, g, d], 0.0, "f32")],
                     lambda p, ve, acc: b.addf(acc, b.mulf(p, b.cast(ve, "f32"))))
-    return b.map("bskgd,bkgs->bskgd", [out, denom], dtype,
-                 lambda o, z: b.cast(b.divf(o, z), dtype))
+    if scales is None:
+        return b.map("bskgd,bkgs->bskgd", [out, denom], dtype,
+                     lambda o, z: b.cast(b.divf(o, z), dtype))
+    return b.map("bskgd,bkgs,->bskgd", [out, denom, scales[1]], dtype,
+                 lambda o, z, sv: b.cast(b.mulf(b.divf(o, z), sv), dtype))
 
 
 def attention_fused(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
-                    *, dtype: str) -> Value:
+                    *, dtype: str, scales: Scales | None = None) -> Value:
     """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D]."""
+    check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
     t = b.dims(k)[2]
     keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
                      lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
     qt = b.transpose(q, [0, 2, 3, 1, 4])  # [N,KVH,G,S,D]
-    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), "f32")
-    out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], dtype))
+    scale = _softmax_scale(b, q, scales)
+    if scales is None:
+        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], dtype))
+    else:  # accumulate in f32, then v's scale and the cast
+        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], "f32"))
+        out = b.map("bhgmd,->bhgmd", [out, scales[1]], dtype,
+                    lambda o, sv: b.cast(b.mulf(o, sv), dtype))
     return b.transpose(out, [0, 3, 1, 2, 4])
 
 

@@ -555,6 +555,7 @@ RULES: dict[str, Callable] = {
     "flow.tensor.barrier": rule_pin,
     "scf.for": rule_for,
     "arith.index_cast": rule_replicated,
+    "tensor.extract": rule_replicated,  # a replicated scale (fp8 attention)
     "tensor.cast": rule_same_as_operand,
     "util.optimization_barrier": rule_same_as_operand,
     "flow.tensor.tie_shape": rule_same_as_operand,  # the tied sizes are never split dims

@@ -18,7 +18,7 @@ AWKWARD = dict(
 )
 
 
-def make_model(out_dir: Path, seed: int = 0, **overrides):
+def make_model(out_dir: Path, seed: int = 0, weight_std: float = 0.15, **overrides):
     """Random-weight LlamaForCausalLM saved as safetensors + config.json in out_dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +31,7 @@ def make_model(out_dir: Path, seed: int = 0, **overrides):
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
-                p.copy_(0.15 * torch.randn_like(p))
+                p.copy_(weight_std * torch.randn_like(p))
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
 
@@ -47,3 +47,68 @@ def logits(model, tokens: list[int]) -> np.ndarray:
 
 def config_json(out_dir: Path) -> dict:
     return json.loads((out_dir / "config.json").read_text())
+
+
+# ---- FP8 (`--dtype fp8`): the same quantize-dequantize applied to the HF model ---------
+def fake_quant(x, rscale: float):
+    """x / rscale saturated to +-240, rounded to f8E4M3FNUZ, times rscale (torch)."""
+    import torch
+
+    q = (x.float() / rscale).clamp(-240.0, 240.0).to(torch.float8_e4m3fnuz)
+    return q.float() * rscale
+
+
+def fp8_model(model, params: dict, *, fused: bool = True):
+    """A copy of `model` computing as halo's `--dtype fp8` program with the FP8 parameters
+    `params` (key -> numpy array, halo_mlir.fp8 names): linear weights are their fp8 values
+    times `:d`; each linear's input is fake-quantized with its `q_input:rscale`; Q (after
+    RoPE) with `attn_q.q_output:rscale`, K and V with `kv_cache.quantizer:rscale` (as the
+    fp8 cache holds them). `fused`: as `iree_linalg_ext.attention` computes with fp8 V, the
+    softmax weights exp(s - max) are rounded to fp8 before P @ V (their sum is not)."""
+    import copy
+
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.models.llama import modeling_llama
+
+    from halo_mlir import fp8
+
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    m = copy.deepcopy(model)
+
+    def scalar(key):
+        return float(np.asarray(params[key], np.float32).reshape(()))
+
+    for i, layer in enumerate(m.model.layers):
+        for mod_name, mod in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
+            if mod_name not in names:
+                continue
+            key = f"blk.{i}.{names[mod_name]}.weight"
+            qs = np.asarray(params[f"{key}:qs"]).view(fp8.numpy_fp8()).reshape(mod.weight.shape)
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(fp8.dequantize(qs, scalar(f"{key}:d"))))
+            rs = scalar(fp8.input_scale_key(i, names[mod_name]))
+            mod.register_forward_pre_hook(lambda _m, args, rs=rs: (fake_quant(args[0], rs),))
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
+        i = module.layer_idx
+        q_rs, kv_rs = scalar(fp8.q_scale_key(i)), scalar(fp8.kv_scale_key(i))
+        groups = query.shape[1] // key.shape[1]
+        q = fake_quant(query, q_rs)
+        k = modeling_llama.repeat_kv(fake_quant(key, kv_rs), groups)
+        v = modeling_llama.repeat_kv(fake_quant(value, kv_rs), groups)
+        scores = q @ k.transpose(2, 3) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        p = torch.exp(scores - scores.amax(-1, keepdim=True))
+        denom = p.sum(-1, keepdim=True)
+        if fused:  # the fused op multiplies P by V in V's type: P rounded to fp8
+            p = p.to(torch.float8_e4m3fnuz).float()
+        return ((p @ v) / denom).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("halo_fp8", attention)
+    AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    m.config._attn_implementation = "halo_fp8"
+    return m

@@ -55,3 +55,26 @@ def test_kernel_compiles_for_gfx942(name, params, sizes, mfma):
     assert r.dispatches >= 1
     if mfma:
         assert r.mfma.get(mfma, 0) > 0, r.mfma
+
+
+def kernels_of(dump) -> dict[str, str]:
+    """The dumped gfx942 ISA split by kernel: {kernel name: its assembly}."""
+    text = "".join(p.read_text() for p in dump.glob("*.rocmasm"))
+    parts = re.split(r"^\s*\.type\s+(\S+),@function\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+@pytest.mark.parametrize("extra", [[], ["--layer-loop"]], ids=["unrolled", "loop"])
+def test_fp8_model_compiles_for_gfx942_with_fp8_mfma(tmp_path, extra):
+    """`--dtype fp8` (toy, 2 layers): every prefill fp8 linear uses the fp8 MFMA. (Decode's
+    M = 4 matmuls and the dynamic-length attention get no MFMA, as in f16.)"""
+    mlir, vmfb, dump = tmp_path / "m.mlir", tmp_path / "m.vmfb", tmp_path / "dump"
+    halo("emit", "--model", "toy", "--layers", 2, "--dtype", "fp8", "--bs-prefill", "4",
+         "--bs-decode", "4", *extra, "-o", mlir)
+    halo("compile", mlir, "--target", "gfx942", "-o", vmfb,
+         f"--flag=--iree-hal-dump-executable-files-to={dump}")
+    linears = {name: asm.count("v_mfma_f32_16x16x32_fp8_fp8")
+               for name, asm in kernels_of(dump).items()
+               if name.startswith("prefill") and "matmul" in name and "f8E4M3FNUZ" in name}
+    print(f"prefill fp8 linears and their fp8 MFMA counts: {linears}")
+    assert len(linears) >= 4 and all(linears.values()), linears
