@@ -556,6 +556,7 @@ RULES: dict[str, Callable] = {
     "scf.for": rule_for,
     "arith.index_cast": rule_replicated,
     "tensor.extract": rule_replicated,  # a replicated scale (fp8 attention)
+    "arith.mulf": rule_replicated,  # scalar math on it
     "tensor.cast": rule_same_as_operand,
     "util.optimization_barrier": rule_same_as_operand,
     "flow.tensor.tie_shape": rule_same_as_operand,  # the tied sizes are never split dims
