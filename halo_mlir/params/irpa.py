@@ -108,6 +108,12 @@ class IrpaWriter:
             self.close()
 
 
+def _joined(chunks: Iterable[np.ndarray]) -> np.ndarray:
+    """Row blocks as one array (a single chunk as it is: a 0-d scale cannot be concatenated)."""
+    arrays = [np.asarray(c) for c in chunks]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
 def rank_paths(path: str | Path, tp: int) -> list[Path]:
     """NAME.irpa -> [NAME.rank0.irpa, ...] (ABI.md)."""
     path = Path(path)
@@ -133,7 +139,7 @@ class ShardedIrpaWriter:
     def add_chunks(self, key: str, chunks: Iterable[np.ndarray]) -> None:
         from halo_mlir.sharding_passes.plan import Split
 
-        array = np.concatenate([np.asarray(c) for c in chunks], axis=0)
+        array = _joined(chunks)
         s = self.sharding_of(key, array.shape, self.tp)
         if not isinstance(s, Split):
             self.writers[0].add(key, array)
@@ -151,7 +157,7 @@ class ShardedIrpaWriter:
         key `split_as`: rank i's `KEY.shard.i` is [layers, ...] of its pieces."""
         from halo_mlir.sharding_passes.plan import Split
 
-        array = np.concatenate([np.asarray(c) for c in chunks], axis=0)
+        array = _joined(chunks)
         s = self.sharding_of(split_as, array.shape, self.tp)
         if not isinstance(s, Split):
             self.writers[0].append(key, [array])

@@ -56,6 +56,34 @@ def _row_blocks(f: SafetensorsFile, name: str, dtype: np.dtype):
         yield f.rows(name, r, min(r + step, shape[0])).astype(dtype, copy=False)
 
 
+def open_checkpoint(path: str | Path, cfg: LlamaConfig,
+                    stack: contextlib.ExitStack) -> Callable[[str], SafetensorsFile]:
+    """`file_of(hf name)` for the checkpoint at `path` (files opened on first use, closed
+    with `stack`), after checking every parameter of `cfg` is there with its shape."""
+    located = checkpoint_files(Path(path))
+    opened: dict[Path, SafetensorsFile] = {}
+
+    def file_of(name: str) -> SafetensorsFile:
+        file = located.get(name) if isinstance(located, dict) else located
+        if file is None:
+            raise HaloError(f"{path}: the index does not list {name}")
+        if file not in opened:
+            opened[file] = stack.enter_context(SafetensorsFile(file))
+        return opened[file]
+
+    for key, shape in param_shapes(cfg).items():  # check everything before writing anything
+        name = hf_name(key)
+        f = file_of(name)
+        if name not in f.tensors:
+            raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
+                            "is the config right for this checkpoint?")
+        if f.shape(name) != shape:
+            raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
+                            f"config expects {list(shape)}")
+        f.dtype(name)
+    return file_of
+
+
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
                        progress: Callable[[int, int, str], None] = lambda *_: None,
                        tp: int = 1, layout: str = "per-layer") -> int:
@@ -65,29 +93,9 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
     np_dtype = numpy_dtype(dtype)
     if tp > 1:
         check_divisible(cfg, tp)
-    located = checkpoint_files(Path(path))
     shapes = param_shapes(cfg)
     with contextlib.ExitStack() as stack:
-        opened: dict[Path, SafetensorsFile] = {}
-
-        def file_of(name: str) -> SafetensorsFile:
-            file = located.get(name) if isinstance(located, dict) else located
-            if file is None:
-                raise HaloError(f"{path}: the index does not list {name}")
-            if file not in opened:
-                opened[file] = stack.enter_context(SafetensorsFile(file))
-            return opened[file]
-
-        for key, shape in shapes.items():  # check everything before writing anything
-            name = hf_name(key)
-            f = file_of(name)
-            if name not in f.tensors:
-                raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
-                                "is the config right for this checkpoint?")
-            if f.shape(name) != shape:
-                raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
-                                f"config expects {list(shape)}")
-            f.dtype(name)
+        file_of = open_checkpoint(path, cfg, stack)
         writer = stack.enter_context(irpa.writer(out, tp, layout))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
