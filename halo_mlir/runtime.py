@@ -59,6 +59,12 @@ class Program:
             key = re.search(r"no parameter found in index with key '([^']+)'", msg)
             if key:
                 raise HaloError(self._missing(key.group(1))) from None
+            size = re.search(r"parameter `([^`]+)` range out of bounds \(offset=\d+, "
+                             r"length=(\d+), size=(\d+)\)", msg)
+            if size:
+                raise HaloError(f"parameter {size.group(1)} holds {size.group(3)} bytes but the "
+                                f"module reads {size.group(2)}: import the parameters with the "
+                                "--dtype the module was emitted with") from None
             device = re.search(r"HAL device `(\w+)` not found", msg)
             if device:
                 raise HaloError(f"the module was compiled for more devices than the "

@@ -93,20 +93,23 @@ def fp8_model(model, params: dict, *, fused: bool = True):
             mod.register_forward_pre_hook(lambda _m, args, rs=rs: (fake_quant(args[0], rs),))
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
+        # In the program's order: fp8 values unscaled, q and k's scales folded into the
+        # softmax scale, v's applied to the normalized output.
         i = module.layer_idx
         q_rs, kv_rs = scalar(fp8.q_scale_key(i)), scalar(fp8.kv_scale_key(i))
         groups = query.shape[1] // key.shape[1]
-        q = fake_quant(query, q_rs)
-        k = modeling_llama.repeat_kv(fake_quant(key, kv_rs), groups)
-        v = modeling_llama.repeat_kv(fake_quant(value, kv_rs), groups)
-        scores = q @ k.transpose(2, 3) * scaling
+        q = fake_quant(query, q_rs) / q_rs
+        k = modeling_llama.repeat_kv(fake_quant(key, kv_rs) / kv_rs, groups)
+        v = modeling_llama.repeat_kv(fake_quant(value, kv_rs) / kv_rs, groups)
+        scale = np.float32(scaling) * (np.float32(q_rs) * np.float32(kv_rs))
+        scores = (q @ k.transpose(2, 3)) * float(scale)
         if attention_mask is not None:
             scores = scores + attention_mask
         p = torch.exp(scores - scores.amax(-1, keepdim=True))
         denom = p.sum(-1, keepdim=True)
         if fused:  # the fused op multiplies P by V in V's type: P rounded to fp8
             p = p.to(torch.float8_e4m3fnuz).float()
-        return ((p @ v) / denom).transpose(1, 2).contiguous(), None
+        return ((p @ v) / denom * kv_rs).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("halo_fp8", attention)
     AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
