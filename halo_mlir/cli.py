@@ -442,8 +442,9 @@ def _model_options(fn):
                      help="With --vmfb: tokenizer.json (default: the --gguf file's tokenizer)."),
         click.option("--device", default="cpu", show_default=True,
                      type=click.Choice(["cpu", "cuda", "hip"])),
-        click.option("--dtype", type=click.Choice(["f32", "f16"]),
-                     help="Activation dtype (default: f32 on cpu, f16 on GPUs)."),
+        click.option("--dtype", type=click.Choice(["f32", "f16", "fp8"]),
+                     help="Activation dtype (default: f32 on cpu, f16 on GPUs); fp8: FP8 "
+                          "weights and KV cache (imported with calibrated scales)."),
         click.option("--keep-quantized", is_flag=True,
                      help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),

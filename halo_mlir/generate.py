@@ -154,6 +154,19 @@ def file_digest(path: Path) -> str:
     return known[key]
 
 
+def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo) -> None:
+    """`import-params --quantize fp8` of a GGUF: scales calibrated on the shipped text with
+    the GGUF's tokenizer."""
+    from halo_mlir.params import calibrate
+    from halo_mlir.params.fp8_import import import_fp8
+    from halo_mlir.params.sources import GgufSource
+
+    with GgufSource(gguf) as source:
+        ids = calibrate.calibration_ids(source.cfg.vocab_size, tokenizer=source.tokenizer())
+        echo(f"calibrating fp8 scales on {len(ids)} tokens")
+        import_fp8(source, out, ids, layout=layout, progress=progress)
+
+
 def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                     layer_loop: bool = False, echo=print) -> ModelFiles:
     """Import, emit and compile (bs 1) what `Generator` needs from the open GgufFile `g`;
@@ -180,8 +193,11 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         echo(f"importing {gguf.name} -> {params}")
         progress = Progress("importing")
         try:
-            import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
-                        progress=progress, layout=layout)
+            if dtype == "fp8":
+                _import_gguf_fp8(gguf, params, layout, progress, echo)
+            else:
+                import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
+                            progress=progress, layout=layout)
         finally:
             progress.close()
     cfg = g.config()
