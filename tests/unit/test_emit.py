@@ -6,7 +6,8 @@ from conftest import FULL, halo
 from halo_mlir import EmitOptions, emit_module, preset
 
 
-@pytest.mark.parametrize("extra", [[], ["--layer-loop", "--tp", "2"]], ids=["unrolled", "loop-tp2"])
+@pytest.mark.parametrize("extra", [[], ["--layer-loop", "--tp", "2"], ["--dtype", "fp8", "--tp", "2"]],
+                         ids=["unrolled", "loop-tp2", "fp8-tp2"])
 def test_same_inputs_give_byte_identical_ir(tmp_path, extra):
     a, b = tmp_path / "a.mlir", tmp_path / "b.mlir"
     for out in (a, b):
@@ -54,3 +55,54 @@ def test_big_presets_emit_and_verify(model):
         text = str(module)
     assert text.count("blk.125.ffn_down.weight") >= (1 if model == "405b" else 0)
     assert "tensor<?x8257536xf16>" in text or model != "405b"  # page_elems of 405B
+
+
+def test_fp8_module_reads_fp8_parameters_and_cache():
+    """--dtype fp8: every block linear reads `KEY:qs` (f8E4M3FNUZ) with its scales, the cache
+    argument is fp8, logits stay f16; exactly the keys of fp8.param_entries."""
+    import re
+
+    from halo_mlir import fp8
+    from halo_mlir.api import module_text
+
+    cfg = preset("toy")
+    module = emit_module(cfg, EmitOptions(dtype="fp8", bs_prefill=(1,), bs_decode=(1,)))
+    with module.context:
+        text = module_text(module, locations=False)
+    keys = set(re.findall(r'#flow.parameter.named<"model"::"([^"]+)">', text))
+    assert keys == set(fp8.param_entries(cfg))
+    assert 'blk.3.ffn_down.weight:qs"> : tensor<512x1024xf8E4M3FNUZ>' in text
+    impl = next(line for line in text.splitlines() if "@prefill_bs1$impl(" in line)
+    assert "%arg3: tensor<?x262144xf8E4M3FNUZ>" in impl  # the cache: [pages, page_elems]
+    assert "-> (tensor<1x?x1024xf16>" in impl  # logits
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kv_cache_dtype="fp8"), "needs --dtype fp8"),
+    (dict(dtype="fp8", kv_cache_dtype="f32"), "holds fp8 or the activation dtype"),
+    (dict(fp8_activations="f32"), "applies to --dtype fp8 only"),
+    (dict(dtype="fp8", weight_formats=(("blk.0.attn_q.weight", "q8_0"),)), "drop --keep-quantized"),
+])
+def test_fp8_option_errors(kwargs, message):
+    from halo_mlir.errors import HaloError
+
+    with pytest.raises(HaloError, match=message):
+        EmitOptions(**kwargs)
+
+
+def test_attention_operands_must_share_a_dtype():
+    """The emit-time check behind "qkv must have same data type": an f16 query over fp8
+    keys is rejected when the op is built, naming the operands."""
+    from halo_mlir.errors import HaloError
+    from halo_mlir.ir_builder import Builder
+    from halo_mlir.ops.attention import attention_fused
+
+    b = Builder()
+    with b.context, b.at("test"):
+        b.new_module()
+        q, k = b.tensor_type([1, 4, 2, 2, 16], "f16"), b.tensor_type([1, 2, 4, 16], "f8E4M3FNUZ")
+        pos, lens = b.tensor_type([1, 4], "i64"), b.tensor_type([1], "i64")
+        with b.function("f", [q, k, k, pos, lens], [q], private=True) as args:
+            with pytest.raises(HaloError, match="q f16, k f8E4M3FNUZ, v f8E4M3FNUZ"):
+                attention_fused(b, *args, dtype="f16")
+            b.ret(args[0])

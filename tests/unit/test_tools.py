@@ -26,6 +26,9 @@ def test_bench_runner_quick(tmp_path):
     decode = [r for r in rows if len(r) == 6]
     assert len(decode) == 1 and all(float(decode[0][k].split()[0]) > 0 for k in (3, 4)), text
     assert re.search(r"iree-base-compiler \d+\.\d+", text)
+    fp8 = [line.split("|")[1:-1] for line in text.split("### FP8")[1].splitlines()
+           if line.startswith("| 1 | unrolled |")]
+    assert len(fp8) == 1 and all(float(fp8[0][k]) > 0 for k in (2, 4)) and int(fp8[0][6]) > 0
 
     # a second run of one section replaces that table only; the rest of the file stays
     proc = subprocess.run([sys.executable, str(RUNNER), "--quick", "--only", "emit", "-o",

