@@ -114,6 +114,15 @@ def test_capital_of_france_through_the_cli(tmp_path):
     assert os.listdir(env_dir / "modules")  # compiled once, cached by content hash
 
 
+def test_capital_of_france_in_fp8(tmp_path):
+    """`generate --dtype fp8`: the GGUF imported with calibrated fp8 scales, the fp8 program
+    (fp8 linears, cache and attention) still answers Paris (quality: BENCHMARKS.md)."""
+    proc = halo_env({"HALO_CACHE_DIR": str(tmp_path / "cache")}, "generate", "--dtype", "fp8",
+                    "--prompt", "The capital of France is", "--max-tokens", 3)
+    assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout
+    assert "calibrating fp8 scales on 256 tokens" in proc.stdout + proc.stderr
+
+
 def halo_env(env: dict, *args):
     import os
     import subprocess
