@@ -2,18 +2,19 @@
 # RUN: %python %s fp8_matmul n=64 k=64 out_dtype=f32 | %FileCheck %s --check-prefix=MATMUL-F32
 # RUN: %python %s fp8_attention batch=2 kv_heads=8 group=4 head_dim=128 out_dtype=bf16 | %FileCheck %s --check-prefix=ATTN
 # Tests that the FP8 kernels contract f8E4M3FNUZ operands into f32, fold the per-tensor
-# scales (matmul: one multiply by x_scale * w_scale after the contraction; attention: q/k
+# scales (matmul: 0-d tensor scales, one multiply by x_scale * w_scale after the
+# contraction; attention: q/k
 # scales into the softmax scale, the v scale on the f32 output) and cast to the out dtype.
 import sys
 
 from lit_util import print_kernel
 
 # MATMUL-LABEL: util.func private @halo_fp8_matmul_n256_k512_out_dtypef16(
-# MATMUL-SAME:    %[[X:.+]]: tensor<?x512xf8E4M3FNUZ>, %[[W:.+]]: tensor<256x512xf8E4M3FNUZ>, %[[XS:.+]]: f32, %[[WS:.+]]: f32) -> tensor<?x256xf16>
+# MATMUL-SAME:    %[[X:.+]]: tensor<?x512xf8E4M3FNUZ>, %[[W:.+]]: tensor<256x512xf8E4M3FNUZ>, %[[XS:.+]]: tensor<f32>, %[[WS:.+]]: tensor<f32>) -> tensor<?x256xf16>
 # MATMUL:         %[[ACC:.+]] = linalg.fill ins(%{{.+}} : f32) outs(%{{.+}} : tensor<?x256xf32>)
 # MATMUL:         %[[PROD:.+]] = linalg.matmul indexing_maps = [#{{.+}}, #{{.+}}, #{{.+}}] ins(%[[X]], %[[W]] : tensor<?x512xf8E4M3FNUZ>, tensor<256x512xf8E4M3FNUZ>) outs(%[[ACC]] : tensor<?x256xf32>)
-# MATMUL:         %[[SCALE:.+]] = arith.mulf %[[XS]], %[[WS]] : f32
-# MATMUL:         linalg.generic {{.+}} ins(%[[PROD]] : tensor<?x256xf32>) outs(%{{.+}} : tensor<?x256xf16>)
+# MATMUL:         linalg.generic {{.+}} ins(%[[PROD]], %[[XS]], %[[WS]] : tensor<?x256xf32>, tensor<f32>, tensor<f32>) outs(%{{.+}} : tensor<?x256xf16>)
+# MATMUL:           %[[SCALE:.+]] = arith.mulf %{{.+}}, %{{.+}} : f32
 # MATMUL:           %[[SCALED:.+]] = arith.mulf %{{.+}}, %[[SCALE]] : f32
 # MATMUL:           arith.truncf %[[SCALED]] : f32 to f16
 
