@@ -372,7 +372,11 @@ class Builder(LinalgExtOps, EntryPoints):
         """`scf.for %i = 0 to count` carrying `carried`; yields (the op, %i, the carried
         block arguments). The body must end with `end_loop(values)`; the op's results are
         the final values."""
-        op = scf.ForOp(self.index(0), self.index(count), self.index(1), list(carried))
+        # The step is opaque: scf.for with a constant step of 1 is 'pure' to MLIR, and IREE's
+        # clone-to-consumers pass then copies a multi-device loop once per consumer device
+        # (the step would run every layer N+1 times at TP N).
+        step = self.barrier(self.index(1))
+        op = scf.ForOp(self.index(0), self.index(count), step, list(carried))
         with ir.InsertionPoint(op.body):
             yield op, op.induction_variable, list(op.inner_iter_args)
 
