@@ -351,14 +351,13 @@ class Builder(LinalgExtOps, EntryPoints):
         kernels so every layer reuses the same ones)."""
         return util.optimization_barrier([v.type], [v])
 
-    def fusion_barrier(self, v: Value, dims: Sequence[Dim]) -> Value:
-        """`v` through util.optimization_barrier (IREE fuses nothing across it), with its
-        dynamic sizes `dims` re-attached by `flow.tensor.tie_shape`: IREE 3.9 cannot
-        derive a barrier result's dynamic sizes otherwise ("tensor.dim op unexpected during
-        shape cleanup")."""
-        out = self.barrier(v)
-        dyn = [d for d in dims if not isinstance(d, int)]
-        return flow.tensor_tie_shape(out, dyn) if dyn else out
+    def fusion_barrier(self, v: Value) -> Value:
+        """`v` kept out of its consumers' dispatch: a `flow.tensor.barrier` on the device
+        (IREE fuses nothing across it). Unlike util.optimization_barrier on a tensor, which
+        becomes a host wait (`stream.timepoint.await`) in the compiled step, it waits on
+        nothing: it only pins where the value lives (the sharding pass re-targets it to each
+        device's copy)."""
+        return self.pin(v)
 
     def pin(self, v: Value, device: int = 0) -> Value:
         """`flow.tensor.barrier` on a device: a loop-carried tensor stays in one place

@@ -82,7 +82,7 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
                          [0, 1, 2])
         # The barrier keeps the gather out of the merge's dispatch: fused, IREE 3.13's CPU
         # backend vectorizes the pair over whole blocks and rejects the vectors as too large.
-        block = b.barrier(b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d]))
+        block = b.fusion_barrier(b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d]))
 
         def merge(old, new, pos, _):
             here = b.cmpi("eq", b.cast(b.linalg_index(2), "i64"), b.remsi(pos, stride_c))
@@ -110,7 +110,7 @@ def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,
     # between the two ("failed to solve for timepoint coverage" with
     # util.optimization_barrier, a partition "circular dependency" with flow.tensor.barrier).
     if separate:
-        blocks = b.fusion_barrier(blocks, [n, nb, kvh, stride, d])
+        blocks = b.fusion_barrier(blocks)
     blocks = b.transpose(blocks, [0, 2, 1, 3, 4], [n, nb, kvh, stride, d])  # [N,KVH,B,stride,D]
     return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])
 
@@ -191,7 +191,7 @@ def decode_write(b: Builder, cache6: Value, acc: Value, pages: Value,
     idx = current_page(b, pages, positions, stride)
     et = b.element_type(cache6)
     block = b.gather(cache6, idx, b.empty([n, layers, 2, kvh, stride, d], et), [0])
-    block = b.barrier(block)  # see write_position
+    block = b.fusion_barrier(block)  # see write_position
 
     def merge(old, new, pos, _):
         here = b.cmpi("eq", b.cast(b.linalg_index(4), "i64"), b.remsi(pos, stride_c))

@@ -4,8 +4,10 @@
 # decode reads each row's current page block, merges the new K/V at pos % stride and
 # writes the block back, then gathers whole pages; that prefill scatters whole blocks; that
 # every scatter/gather indexes only (page, layer, k/v), so kv heads stay a slice dimension
-# (what tensor parallelism splits); and that the layer index is an opaque scalar (one
-# kernel for every layer).
+# (what tensor parallelism splits); that the gathered blocks are kept out of their
+# consumers' dispatches by flow.tensor.barrier (a barrier that waits on nothing, unlike
+# util.optimization_barrier on a tensor, a host wait); and that the layer index is an opaque
+# scalar (one kernel for every layer).
 import sys
 
 from lit_util import print_op
@@ -23,7 +25,7 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
 # DECODE:         %[[OLD:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[VIEW]], %[[K_IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x1x3xi64>) outs(%{{.+}} : tensor<2x1x2x8x16xf16>)
 # DECODE:         %[[OLD_C:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x1x2x8x16xf16> into tensor<2x2x8x16xf16>
-# DECODE:         %[[OLD_B:.+]] = util.optimization_barrier %[[OLD_C]]
+# DECODE:         %[[OLD_B:.+]] = flow.tensor.barrier %[[OLD_C]] : tensor<2x2x8x16xf16> on #hal.device.promise<@__device_0>
 # DECODE:         %[[NEW_K:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0], [1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<2x2x16xf16>
 # DECODE:         %[[MERGED:.+]] = linalg.generic {{.+}} ins(%[[OLD_B]], %[[NEW_K]], %[[POS]] : tensor<2x2x8x16xf16>, tensor<2x2x16xf16>, tensor<2xi64>)
 # DECODE:           arith.remsi %{{.+}}, %c8_i64
@@ -32,9 +34,8 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[WROTE_K]] :
 # DECODE:         %[[IDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<2x?xi64>) outs(%{{.+}} : tensor<2x?x3xi64>)
 # DECODE:         %[[BLOCKS:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[WROTE_V]], %[[IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x?x3xi64>) outs(%{{.+}} : tensor<2x?x2x8x16xf16>)
-# DECODE:         %[[BARRED:.+]] = util.optimization_barrier %[[BLOCKS]] : tensor<2x?x2x8x16xf16>
-# DECODE:         %[[TIED:.+]] = flow.tensor.tie_shape %[[BARRED]] : tensor<2x?x2x8x16xf16>{%{{.+}}}
-# DECODE:         %[[T:.+]] = linalg.transpose ins(%[[TIED]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
+# DECODE:         %[[BARRED:.+]] = flow.tensor.barrier %[[BLOCKS]] : tensor<2x?x2x8x16xf16>{%{{.+}}} on #hal.device.promise<@__device_0>
+# DECODE:         %[[T:.+]] = linalg.transpose ins(%[[BARRED]] : {{.+}}) permutation = [0, 2, 1, 3, 4]
 # DECODE:         %[[KEYS:.+]] = tensor.collapse_shape %[[T]] {{\[\[}}0], [1], [2, 3], [4]] : tensor<2x2x?x8x16xf16> into tensor<2x2x?x16xf16>
 # DECODE:         %[[FLAT:.+]] = tensor.collapse_shape %[[WROTE_V]] {{\[\[}}0], [1, 2, 3, 4, 5]] : tensor<?x3x2x2x8x16xf16> into tensor<?x1536xf16>
 # DECODE:         util.return %[[KEYS]], %[[FLAT]]
