@@ -260,16 +260,30 @@ class Builder(LinalgExtOps, EntryPoints):
         return cached
 
     def generic(self, spec: str, ins: Sequence[Value], outs: Sequence[Value],
-                body: Callable[..., Value | Sequence[Value]]) -> Value:
+                body: Callable[..., Value | Sequence[Value]],
+                fixed: dict[int, dict[int, int]] | None = None) -> Value:
         """linalg.generic with einsum-style maps: "bsd,d->bsd" (dims absent from the
-        output are reductions). `body(*in_elems, *out_elems)` returns the yielded values."""
+        output are reductions). `body(*in_elems, *out_elems)` returns the yielded values.
+        `fixed={i: {pos: c}}`: input i reads index c at its position pos (whatever letter
+        the spec puts there)."""
         maps, iters = self._einsum_maps(spec)
+        if fixed:
+            maps = self._fixed(maps, fixed)
         op = linalg.GenericOp([o.type for o in outs], list(ins), list(outs), maps, iters)
         block = op.regions[0].blocks.append(*[self.element_type(v) for v in (*ins, *outs)])
         with ir.InsertionPoint(block):
             res = body(*block.arguments)
             linalg.YieldOp(list(res) if isinstance(res, (list, tuple)) else [res])
         return op.results[0] if len(outs) == 1 else list(op.results)
+
+    @staticmethod
+    def _fixed(maps: ir.ArrayAttr, fixed: dict[int, dict[int, int]]) -> ir.ArrayAttr:
+        out = [ir.AffineMapAttr(m).value for m in maps]
+        for i, at in fixed.items():
+            exprs = [ir.AffineConstantExpr.get(at[p]) if p in at else e
+                     for p, e in enumerate(out[i].results)]
+            out[i] = ir.AffineMap.get(out[i].n_dims, 0, exprs)
+        return ir.ArrayAttr.get([ir.AffineMapAttr.get(m) for m in out])
 
     def map(self, spec: str, ins: Sequence[Value], dtype: str, fn: Callable[..., Value]) -> Value:
         """Elementwise/broadcast generic into a fresh tensor shaped like the output of

@@ -23,7 +23,7 @@ from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
-from halo_mlir.ops.rope import inv_freq, rope
+from halo_mlir.ops.rope import inv_freq, rope, rope_table
 from halo_mlir.params.names import block_shapes, stacked_key
 from halo_mlir.quant import quant_format
 
@@ -153,7 +153,8 @@ class _Model:
             h = self.embed(tokens)
         with b.at("rope"):
             freqs = b.dense(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "f32")
-        h = kv.run(h, positions, seq_lens, freqs)
+            rotary = rope_table(b, positions, freqs)
+        h = kv.run(h, positions, seq_lens, rotary)
         with b.at("output_norm"):
             h = rmsnorm(b, h, self.w("output_norm.weight", (cfg.hidden_size,)),
                         eps=cfg.rms_eps, dtype=self.dt)
@@ -161,8 +162,8 @@ class _Model:
         with b.at("output"):
             return self.linear(key, (cfg.vocab_size, cfg.hidden_size), h)
 
-    def block(self, i: int, h: Value, positions: Value, seq_lens: Value, freqs: Value,
-              kv, weights) -> Value:
+    def block(self, i: int, h: Value, positions: Value, seq_lens: Value,
+              rotary: tuple[Value, Value], kv, weights) -> Value:
         """One decoder block; `weights[name]` is a weight Value or (format, fields)."""
         b, cfg, dt = self.b, self.cfg, self.dt
 
@@ -184,8 +185,8 @@ class _Model:
                 n, s, _ = b.dims(y)
                 heads[name] = b.reshape(y, [[0], [1], [2, 3]], [n, s, count, cfg.head_dim])
         with b.at(f"blk.{i}.rope"):
-            q = rope(b, heads["attn_q"], positions, freqs, dtype=dt)
-            k = rope(b, heads["attn_k"], positions, freqs, dtype=dt)
+            q = rope(b, heads["attn_q"], *rotary, dtype=dt)
+            k = rope(b, heads["attn_k"], *rotary, dtype=dt)
         with b.at(f"blk.{i}.attention"):
             k = b.transpose(k, [0, 2, 1, 3])  # [N,KVH,S,D]
             v = b.transpose(heads["attn_v"], [0, 2, 1, 3])
@@ -284,10 +285,10 @@ class _Stack:
         self.acc: Value | None = None  # the loop's K/V accumulator
         self.functions: dict[tuple, str] = {}
 
-    def run(self, h: Value, positions: Value, seq_lens: Value, freqs: Value) -> Value:
+    def run(self, h: Value, positions: Value, seq_lens: Value, rotary: tuple) -> Value:
         """Every decoder block: one call per layer, or one `scf.for` (`layer_loop`)."""
         if self.m.opts.layer_loop:
-            return self.loop(h, positions, seq_lens, freqs)
+            return self.loop(h, positions, seq_lens, rotary)
         b = self.m.b
         for i in range(self.m.cfg.n_layers):
             with b.at(f"blk.{i}"):
@@ -295,10 +296,10 @@ class _Stack:
                                                 f"blk.{i}.{{}}.weight")
                 # Opaque, so the layer is a kernel operand and not a constant once inlined.
                 layer = b.barrier(b.scalar(i, "i64"))
-                h = self.call(h, positions, seq_lens, freqs, layer, weights, formats)
+                h = self.call(h, positions, seq_lens, rotary, layer, weights, formats)
         return h
 
-    def loop(self, h: Value, positions: Value, seq_lens: Value, freqs: Value) -> Value:
+    def loop(self, h: Value, positions: Value, seq_lens: Value, rotary: tuple) -> Value:
         """`scf.for %l` over the layers: layer %l's weights are slices of the stacked
         globals; the carried values are pinned to the device at the top of the body
         (IREE_FACTS.md: otherwise IREE copies them every iteration)."""
@@ -314,7 +315,7 @@ class _Stack:
             with b.loop(n, [h, acc]) as (op, l, (h_in, acc_in)):
                 self.acc = b.pin(acc_in)
                 weights = [b.layer_slice(w, l) for w in stacked]
-                h_out = self.call(b.pin(h_in), positions, seq_lens, freqs, b.cast(l, "i64"),
+                h_out = self.call(b.pin(h_in), positions, seq_lens, rotary, b.cast(l, "i64"),
                                   weights, formats)
                 b.end_loop([h_out, self.acc])
             h, acc = op.results
@@ -357,11 +358,11 @@ class _Stack:
                        scalar(f"{prefix}kv_cache.quantizer:rscale")]
         return values, tuple(formats)
 
-    def call(self, h, positions, seq_lens, freqs, layer, weights, formats) -> Value:
+    def call(self, h, positions, seq_lens, rotary, layer, weights, formats) -> Value:
         """Call the layer function; updates the cache (unrolled) or the accumulator."""
         extra = [self.pages] + ([self.start] if self.start is not None else [])
         state = [self.cache] + ([self.acc] if self.acc is not None else [])
-        args = [h, positions, seq_lens, freqs, *extra, *state, layer, *weights]
+        args = [h, positions, seq_lens, *rotary, *extra, *state, layer, *weights]
         fn = self.functions.get(formats) or self.define(formats, args)
         h, updated = self.m.b.call(fn, args, [h.type, state[-1].type])
         if self.acc is not None:
@@ -377,8 +378,8 @@ class _Stack:
         state_t = (self.acc if looped else self.cache).type
         with b.function(name, [a.type for a in args], [args[0].type, state_t],
                         private=True) as params, b.at("blk"):
-            h, positions, seq_lens, freqs, pages = params[:5]
-            rest = params[5:]
+            h, positions, seq_lens, cos, sin, pages = params[:6]
+            rest = params[6:]
             start = None
             if self.start is not None:
                 start, rest = rest[0], rest[1:]
@@ -443,7 +444,7 @@ class _Stack:
                 fn = ATTENTION["fused" if form == "paged" else form]
                 return fn(b, q, k_all, v_all, positions, seq_lens, dtype=m.dt, scales=scales)
 
-            h = m.block("*", h, positions, seq_lens, freqs, kv, weights)
+            h = m.block("*", h, positions, seq_lens, (cos, sin), kv, weights)
             b.ret(h, state["acc"] if looped else state["cache"])
         self.functions[formats] = name
         return name

@@ -1,5 +1,5 @@
 """Tensor parallelism on N local CPU devices: the sharded program's logits equal the TP1
-program's (f32, 1e-5) and transformers' (1e-3), over prefill and several decode steps."""
+program's (f32, TP_BOUND) and transformers' (1e-3), over prefill and several decode steps."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from hf_reference import logits, make_model
 from test_llama_vs_hf import BLOCK_IDS, LENS, PAGES, PREFILL_LEN, STRIDE
 
 DECODE_STEPS = 4
+# TP vs TP1 in f32: the logits here reach ~6.5, where 1e-5 is ~20 f32 ulps; a sharded
+# contraction sums its partials in another order than the unsharded one, and IREE's fusion
+# choices (FMA or not) move the result by a few ulps more: measured 0.96e-5 to 1.01e-5 at
+# TP8 for two fusions of the same RoPE. 2e-5 bounds that noise; a real placement or
+# indexing bug shows as 1e-2 or more.
+TP_BOUND = 2e-5
 
 
 def build(d, tp: int, layer_loop: bool = False):
@@ -71,7 +77,7 @@ def test_tp_matches_tp1_and_transformers(tmp_path, tp):
             seqs[b].append(int(new[b, 0]))
             vs_hf = max(vs_hf, float(np.abs(many[step + 1][b, 0] - logits(model, seqs[b])[-1]).max()))
     print(f"tp={tp}: max |TP{tp} - TP1| = {vs_tp1:.3g}, max |TP{tp} - transformers| = {vs_hf:.3g}")
-    assert vs_tp1 <= 1e-5 and vs_hf <= 1e-3
+    assert vs_tp1 <= TP_BOUND and vs_hf <= 1e-3
 
 
 def test_tp_errors(tmp_path):
