@@ -632,6 +632,10 @@ class Counts:
                         for f in dataclasses.fields(self) if f.name != "names"),
                       names={k: v for k, v in names.items() if v})
 
+    def per_device(self, devices: int) -> "Counts":
+        """Each device's share (the dependent steps are one chain: not divided)."""
+        return dataclasses.replace(self / devices, dependent_steps=self.dependent_steps)
+
     def __truediv__(self, n: float) -> "Counts":
         return Counts(*(getattr(self, f.name) / n
                         for f in dataclasses.fields(self) if f.name != "names"),
@@ -678,7 +682,7 @@ class EntryCost:
                "estimate": self.estimate.to_json(), "loop_trips": self.loop_trips}
         if self.per_layer is not None:
             out["per_layer"] = self.per_layer.to_json()
-            out["per_layer_per_device"] = (self.per_layer / self.devices).to_json()
+            out["per_layer_per_device"] = self.per_layer.per_device(self.devices).to_json()
             out["per_layer_source"] = self.per_layer_source
         return out
 
@@ -792,9 +796,12 @@ def cost_program(program: Program, gpu, *, context: int, stride: int, pages: int
 def _entry_cost(fn, kind, batch, devices, runner: _Runner, spec) -> EntryCost:
     events = runner.events
     total = _counts(events)
+    # A loop's blocks run more than once; its header runs once more than its body, so the
+    # trip count is the runs of the blocks that hold commands.
     runs = runner.block_runs
-    trips = max(runs.values(), default=1)
-    body = _counts([e for e in events if runs[e.block] == trips]) / trips if trips > 1 else None
+    looped = [e for e in events if runs[e.block] > 1]
+    trips = max((runs[e.block] for e in looped), default=1)
+    body = _counts(looped) / trips if trips > 1 else None
     ds = [e.record for e in events if e.kind == "dispatch"]
     cs = [e.record for e in events if e.kind in ("copy", "fill")]
     est = cost_model.estimate(ds, cs, spec, dependent_steps=total.dependent_steps,
@@ -816,7 +823,7 @@ def per_layer_by_difference(big: ModuleCost, small: ModuleCost) -> ModuleCost:
         other = next((s for s in small.entries if s.name == e.name), None)
         if other is None:
             raise HaloError(f"{small.path} has no entry {e.name}")
-        e.per_layer = (e.total - other.total) / n
+        e.per_layer = dataclasses.replace((e.total - other.total) / n, names={})
         e.per_layer_source = f"difference of {big.layers} and {small.layers} layers"
     return big
 
@@ -889,7 +896,7 @@ def format_report(m: ModuleCost, top: int = 8) -> str:
         if e.per_layer is not None:
             cols += [("per layer", e.per_layer)]
             if e.devices > 1:
-                cols += [("per layer per device", e.per_layer / e.devices)]
+                cols += [("per layer per device", e.per_layer.per_device(e.devices))]
         rows = [("dispatches", "dispatches", _num), ("cross-device copies", "cross_copies", _num),
                 ("cross-device bytes", "cross_copy_bytes", _mb),
                 ("in-device copies", "local_copies", _num),
@@ -906,10 +913,13 @@ def format_report(m: ModuleCost, top: int = 8) -> str:
                                                      for _, c in cols))
         if e.per_layer is not None:
             lines.append(f"  (per layer: {e.per_layer_source})")
-        names = Counter(e.per_layer.names if e.per_layer is not None else t.names)
+        # Kernel names carry shapes (the cache's names its depth): by difference, show the
+        # whole call's.
+        layer = e.per_layer is not None and bool(e.per_layer.names)
+        names = Counter(e.per_layer.names if layer else t.names)
         shown = ", ".join(f"{_short(n)} x{_num(c)}" for n, c in names.most_common(top))
         more = len(names) - top
-        lines.append(f"  kernels{' per layer' if e.per_layer is not None else ''}: {shown}"
+        lines.append(f"  kernels{' per layer' if layer else ''}: {shown}"
                      + (f", and {more} more" if more > 0 else ""))
         lines.append(f"  estimated {est.seconds * 1e3:,.3f} ms on {m.gpu} (device {est.device}: "
                      f"kernels {est.dispatch_s * 1e3:,.3f} ms [bytes {est.memory_s * 1e3:,.3f}, "
