@@ -334,6 +334,9 @@ def analyze_executable(func, push: list) -> ExeCost:
         evaluate(op, env)
         for i, v in enumerate(op.operands):
             users[v].append((op, i))
+        for inner in _nested(op):  # values captured by bodies: (use, its top-level op)
+            for i, v in enumerate(inner.operands):
+                users[v].append((inner, op))
         if op.name == "stream.binding.subspan" and op.operands[0] in index:
             subspan[op.results[0]] = index[op.operands[0]]
     read, written = [0] * len(bindings), [0] * len(bindings)
@@ -360,11 +363,28 @@ def analyze_executable(func, push: list) -> ExeCost:
                    [w if w >= 0 else None for w in written], flops, dtype)
 
 
+def _nested(op):
+    for r in op.regions:
+        for b in r.blocks:
+            for o in b.operations:
+                yield o.operation
+                yield from _nested(o.operation)
+
+
 def _read_bytes(v, users, shapes) -> int | None:
     """Bytes a kernel reads of loaded tensor `v`: gathered rows when v only feeds gathers
-    (as their source), nothing when it is only a scatter's destination, else all of it."""
+    (as their source), one element per iteration when only `tensor.extract`s in a body read
+    it (an embedding lookup), nothing when it is only a scatter's destination, else all."""
+    from iree.compiler import ir
+
     uses = users.get(v, [])
     full = shapes.bytes(v)
+    if uses and all(op.name == "tensor.extract" and not isinstance(i, int) for op, i in uses):
+        per = _elem_bytes(ir.RankedTensorType(v.type).element_type)
+        outs = [shapes(top.results[0]) if top.results else None for _, top in uses]
+        if all(o is not None for o in outs):
+            n = sum(math.prod(o) * per for o in outs)
+            return min(n, full) if full is not None else n
     if uses and all(op.name == "iree_linalg_ext.gather" and i == 0 for op, i in uses):
         parts = [shapes.bytes(op.results[0]) for op, _ in uses]
         if all(p is not None for p in parts):
