@@ -538,7 +538,8 @@ class _Runner:
                     env[("origin", r)] = env[("origin", src)]
 
     def _execute(self, op, env, bid):
-        dev = _device(op.attributes["affinity"])
+        # no affinity: the module's only (default) device
+        dev = _device(op.attributes["affinity"]) if "affinity" in op.attributes else 0
         resources, sizes, awaits = _segments(op)
         front = self._frontier(env, awaits)
         level = max((d + (k != dev) for k, d in front.items()), default=0)
