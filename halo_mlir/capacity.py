@@ -24,9 +24,11 @@ The model, term by term (each term is one function below):
   See `activation_terms`.
 - workspace: a flat `workspace_fraction` of the device memory (default 5%) for the HIP/IREE
   runtime, kernel scratch and allocator fragmentation.
-- roofline: time = max(bytes read / HBM bandwidth, FLOPs / peak matrix rate) + all-reduce
-  time (2 per block: after attn_output and after ffn_down). See `roofline_decode`,
-  `roofline_prefill` and `allreduce_seconds`.
+- time: the step-time model of `halo-mlir cost` (cost_model.py) over the kernels and copies
+  a call needs, built from the config by `call_records`: per kernel max(bytes / HBM
+  bandwidth, FLOPs / peak) + a launch cost, per copy its bytes over a link + a fixed cost,
+  per dependent cross-device step a latency (2 all-reduces per block: after attn_output and
+  after ffn_down). `memory_s`/`compute_s` keep the whole call's plain roofline terms.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from halo_mlir import cost_model
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.gpus import GPUS, GpuSpec, gpu_spec  # noqa: F401  (part of this API)
@@ -233,22 +236,37 @@ def allreduce_seconds(tokens: int, hidden: int, act_bytes: int, tp: int, gpu: Gp
 
 @dataclasses.dataclass(frozen=True)
 class Roofline:
-    """One call's time on one device. bytes_read: HBM bytes; flops: FLOPs; times in s."""
+    """One call's time on one device. bytes_read: HBM bytes; flops: FLOPs; times in s.
+
+    memory_s and compute_s are the whole call's bytes and FLOPs at the peak rates; the time
+    itself (`seconds`) is the cost model's (cost_model.py), over the call's kernels and
+    copies as `call_records` builds them: the same model `halo-mlir cost` applies to the
+    compiled program."""
     tokens: int
     bytes_read: int
     flops: int
     memory_s: float
     compute_s: float
     comm_s: float
+    estimate: cost_model.Estimate = dataclasses.field(repr=False, compare=False, default=None)
+    dispatches: int = 0
+    dependent_steps: int = 0
 
     @property
     def seconds(self) -> float:
-        """max(memory, compute) + communication, s."""
-        return max(self.memory_s, self.compute_s) + self.comm_s
+        """The cost model's step time."""
+        return self.estimate.seconds
 
     @property
     def bound(self) -> str:
         return "memory" if self.memory_s >= self.compute_s else "compute"
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "bytes_read": self.bytes_read, "flops": self.flops,
+                "memory_s": self.memory_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
+                "dispatches": self.dispatches, "dependent_steps": self.dependent_steps,
+                "launch_s": self.estimate.launch_s, "seconds": self.seconds,
+                "bound": self.bound}
 
 
 def attention_flops(cfg: LlamaConfig, tp: int, pairs: int) -> int:
@@ -257,7 +275,83 @@ def attention_flops(cfg: LlamaConfig, tp: int, pairs: int) -> int:
     return 4 * cfg.n_layers * (cfg.n_heads // tp) * cfg.head_dim * pairs
 
 
-def _roofline(cfg, tp, spec, gpu, *, tokens, pairs, bytes_read, algorithm) -> Roofline:
+def _allreduce_records(size: int, tp: int, act: str, algorithm: str):
+    """(dispatches, copies, dependent steps) of one all-reduce of `size` bytes, device 0.
+
+    ring: reduce-scatter + all-gather, 2*(tp-1) dependent steps, each copying 1/tp of the
+    tensor from the neighbour over one link, with tp-1 adds; star: every partial to device
+    0 over its own link, one add, the sum back: 2 dependent steps."""
+    if tp == 1:
+        return [], [], 0
+    if algorithm == "ring":
+        part = size // tp
+        adds = [cost_model.Dispatch("allreduce_add", bytes_read=2 * part, bytes_written=part,
+                                    dtype=act, count=tp - 1)]
+        return adds, [cost_model.Copy(0, part, peer=tp - 1, count=2 * (tp - 1))], 2 * (tp - 1)
+    if algorithm == "star":
+        adds = [cost_model.Dispatch("allreduce_add", bytes_read=tp * size, bytes_written=size,
+                                    dtype=act)]
+        return adds, [cost_model.Copy(0, size, peer=i) for i in range(1, tp)], 2
+    raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
+
+
+def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, *, batch: int, q_len: int,
+                 pairs: int, kv_read: int, algorithm: str = "ring"):
+    """(dispatches, copies, dependent steps) of one call on device 0, built from the config:
+    the kernels a Llama layer needs at least (2 norms, 7 matmuls, rope + cache write,
+    attention), the embedding lookup, the final norm and lm_head, and two all-reduces a layer
+    (plus gathering vocab-split logits). `kv_read`: KV bytes the call reads, all layers."""
+    D = cost_model.Dispatch
+    t, h, d = batch * q_len, cfg.hidden_size, cfg.head_dim
+    a = ELEM_BYTES[spec.activation]
+    wb, ob = ELEM_BYTES[spec.matmul_weight], ELEM_BYTES[spec.other_weight]
+    heads, kvh = cfg.n_heads // tp, cfg.n_kv_heads // tp
+    layer = [D("attn_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
+               dtype=spec.activation)]
+    for t_ in weight_inventory(cfg.with_layers(1)):
+        if t_.kind != "matmul":
+            continue
+        n, (out_rows, in_cols) = shard_numel(t_, tp), t_.shape
+        split = weight_sharding(t_.key, t_.shape, tp)
+        if isinstance(split, Split):  # [out, in] split by rows (dim 0) or columns (dim 1)
+            out_rows, in_cols = (out_rows // tp, in_cols) if split.dim == 0 else \
+                (out_rows, in_cols // tp)
+        layer.append(D(t_.key.split(".", 2)[-1], bytes_read=n * wb + t * in_cols * a,
+                       bytes_written=t * out_rows * a, flops=2 * t * n,
+                       dtype=spec.matmul_weight))
+        if t_.key.endswith("attn_v.weight"):
+            layer.append(D("rope_cache_write", bytes_read=t * (heads + 2 * kvh) * d * a,
+                           bytes_written=t * (heads + 2 * kvh) * d * a, dtype=spec.activation))
+            layer.append(D("attention", bytes_read=kv_read // cfg.n_layers + t * heads * d * a,
+                           bytes_written=t * heads * d * a,
+                           flops=attention_flops(cfg, tp, pairs) // cfg.n_layers,
+                           dtype=spec.activation))
+        if t_.key.endswith("attn_output.weight"):
+            layer.append(D("ffn_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
+                           dtype=spec.activation))
+    adds, copies, steps = _allreduce_records(t * h * a, tp, spec.activation, algorithm)
+    layer += adds * 2
+    dispatches = [dataclasses.replace(x, count=x.count * cfg.n_layers) for x in layer]
+    copies = [dataclasses.replace(c, count=c.count * 2 * cfg.n_layers) for c in copies]
+    steps *= 2 * cfg.n_layers
+    head = next(x for x in weight_inventory(cfg)
+                if x.kind == ("embed" if cfg.tie_embeddings else "head"))
+    vocab_rows = shard_numel(head, tp) // h
+    dispatches += [
+        D("token_embd", bytes_read=t * h * ob, bytes_written=t * h * a, dtype=spec.activation),
+        D("output_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
+          dtype=spec.activation),
+        D("lm_head", bytes_read=vocab_rows * h * ob + t * h * a,
+          bytes_written=t * vocab_rows * a, flops=2 * t * vocab_rows * h,
+          dtype=spec.activation)]
+    if vocab_rows != cfg.vocab_size:  # vocab-split logits gathered on device 0
+        copies += [cost_model.Copy(0, t * vocab_rows * a, peer=i) for i in range(1, tp)]
+        steps += 1
+    return dispatches, copies, steps
+
+
+def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
+              algorithm) -> Roofline:
     """Matmul weights run at the `--dtype` peak; lm_head and attention at the activation
     dtype's peak (fp8 models keep lm_head in f16). The token embedding is a lookup."""
     kinds = _weights_by_kind(cfg, tp, spec)
@@ -267,11 +361,13 @@ def _roofline(cfg, tp, spec, gpu, *, tokens, pairs, bytes_read, algorithm) -> Ro
         other += 2 * tokens * kinds["embed"][0]
     compute_s = (matmul / gpu.peak_flops[spec.matmul_weight]
                  + other / gpu.peak_flops[spec.activation])
-    comm_s = 2 * cfg.n_layers * allreduce_seconds(
-        tokens, cfg.hidden_size, ELEM_BYTES[spec.activation], tp, gpu, algorithm)
+    ds, cs, steps = call_records(cfg, tp, spec, batch=tokens // q_len, q_len=q_len,
+                                 pairs=pairs, kv_read=kv_read, algorithm=algorithm)
+    est = cost_model.estimate(ds, cs, gpu, dependent_steps=steps)
     return Roofline(tokens=tokens, bytes_read=bytes_read, flops=matmul + other,
                     memory_s=bytes_read / gpu.hbm_bytes_per_s, compute_s=compute_s,
-                    comm_s=comm_s)
+                    comm_s=est.comm_s, estimate=est, dispatches=sum(d.count for d in ds),
+                    dependent_steps=steps)
 
 
 def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> int:
@@ -286,18 +382,20 @@ def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
                     algorithm="ring") -> Roofline:
     """One decode step: `batch` tokens, each at position seq_len-1 attending to seq_len keys.
     Reads the weights once and every sequence's KV (seq_len tokens)."""
-    read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
-    return _roofline(cfg, tp, spec, gpu, tokens=batch, pairs=batch * seq_len,
-                     bytes_read=read, algorithm=algorithm)
+    kv = batch * seq_len * kv_token_bytes
+    return _roofline(cfg, tp, spec, gpu, tokens=batch, q_len=1, pairs=batch * seq_len,
+                     bytes_read=_weights_read(cfg, tp, spec) + kv, kv_read=kv,
+                     algorithm=algorithm)
 
 
 def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
                      algorithm="ring") -> Roofline:
     """One prefill of `batch` rows of `seq_len` tokens with causal attention
     (seq_len*(seq_len+1)/2 pairs a row). Reads the weights, writes the KV."""
-    read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
-    return _roofline(cfg, tp, spec, gpu, tokens=batch * seq_len,
-                     pairs=batch * seq_len * (seq_len + 1) // 2, bytes_read=read,
+    kv = batch * seq_len * kv_token_bytes
+    return _roofline(cfg, tp, spec, gpu, tokens=batch * seq_len, q_len=seq_len,
+                     pairs=batch * seq_len * (seq_len + 1) // 2,
+                     bytes_read=_weights_read(cfg, tp, spec) + kv, kv_read=0,
                      algorithm=algorithm)
 
 
@@ -385,7 +483,7 @@ class Plan:
     def to_json(self) -> dict:
         """Plain-JSON summary for `--json` (bytes, seconds, FLOPs)."""
         def roof(r: Roofline) -> dict:
-            return {**dataclasses.asdict(r), "seconds": r.seconds, "bound": r.bound}
+            return r.to_json()
         return {
             "model": self.cfg.name, "gpu": self.gpu.name, "tp": self.tp, "dtype": self.dtype,
             "kv_dtype": self.kv_dtype, "activation_dtype": self.act_dtype,

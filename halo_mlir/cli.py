@@ -379,6 +379,38 @@ def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, requ
         capacity.require_fit(p)
 
 
+@main.command("cost")
+@click.argument("module", type=click.Path())
+@click.option("--target", default="gfx942", show_default=True,
+              help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
+@click.option("--tp", type=int, help="Devices the module was sharded for (default: its own).")
+@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
+@click.option("--context", default=2048, show_default=True, type=int,
+              help="Tokens of context of the costed call (decode: each sequence's length; "
+                   "prefill: the prompt length).")
+@click.option("--block-seq-stride", default=32, show_default=True, type=int)
+@click.option("--pages", type=int,
+              help="KV-cache pages (default: just enough for the batch at --context).")
+@click.option("--minus", type=click.Path(),
+              help="A shallower build of the same model: per layer = the difference.")
+@click.option("--flag", "extra", multiple=True, help="Extra iree-compile flag (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_reports_errors
+def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, extra, as_json):
+    """Counts and an estimated step time, read from the compiled (stream-level) program."""
+    from halo_mlir import cost
+
+    def run(path):
+        return cost.cost_file(path, target=target, tp=tp, gpu=gpu, context=context,
+                              stride=block_seq_stride, pages=pages, extra_flags=list(extra),
+                              echo=lambda m: click.echo(m, err=True))
+
+    report = run(module)
+    if minus:
+        report = cost.per_layer_by_difference(report, run(minus))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else cost.format_report(report))
+
+
 @main.command("export-shortfin")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF (weights, config and tokenizer).")
 @click.option("--hf-config", type=click.Path(), help="An HF config.json (with --params).")

