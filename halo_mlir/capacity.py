@@ -206,29 +206,37 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
 # Roofline
 # ---------------------------------------------------------------------------------------
 
-ALLREDUCE = ("ring", "star")
+ALLREDUCE = ("auto", "one-shot", "reduce-scatter", "star")  # sharding_passes/collectives.py
 
 
 def allreduce_seconds(tokens: int, hidden: int, act_bytes: int, tp: int, gpu: GpuSpec,
-                      algorithm: str = "ring") -> float:
-    """Seconds for one all-reduce of a [tokens, hidden] activation across `tp` devices.
+                      algorithm: str = "auto") -> float:
+    """Seconds for one all-reduce of a [tokens, hidden] activation across `tp` devices on a
+    fully connected node (every device has a link to every other), as the sharding pass
+    emits it (the partial sums travel in the activation dtype, `act_bytes` each):
 
-    ring: reduce-scatter + all-gather, 2*(tp-1) sequential steps each moving 1/tp of the
-    tensor over one link: 2*(tp-1)/tp * bytes / link_bw + 2*(tp-1) * latency. One link is
-    what halo_mlir's emitted ring uses (each device sends to its neighbour); RCCL's
-    multi-ring collectives spread over all 7 links and can be up to 7x faster on bandwidth.
+    one-shot: every device receives the tp-1 other partial sums at once, each over its own
+    link, and adds them: 1 step, bytes / link_bw + latency (the local sum reads tp tensors
+    from HBM: negligible next to the link).
+    reduce-scatter: reduce-scatter then all-gather, each step sending a 1/tp chunk to each
+    of the tp-1 peers at once: 2 steps, 2 * (bytes/tp / link_bw + latency).
     star: everyone sends its partial sum to device 0 over its own link (in parallel), device
     0 sends the sum back: 2 * bytes / link_bw + 2 * latency.
+    auto: one-shot up to `gpu.allreduce_oneshot_max_bytes`, else reduce-scatter (the
+    emitter reduce-scatters every prefill, whose length is dynamic; the plan picks by the
+    planned size).
     """
+    if algorithm not in ALLREDUCE:
+        raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
     if tp == 1:
         return 0.0
     size = tokens * hidden * act_bytes
-    if algorithm == "ring":
-        steps = 2 * (tp - 1)
-        return steps / tp * size / gpu.link_bytes_per_s + steps * gpu.transfer_latency_s
-    if algorithm == "star":
-        return 2 * size / gpu.link_bytes_per_s + 2 * gpu.transfer_latency_s
-    raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
+    if algorithm == "auto":
+        algorithm = "one-shot" if size <= gpu.allreduce_oneshot_max_bytes else "reduce-scatter"
+    link, latency = gpu.link_bytes_per_s, gpu.transfer_latency_s
+    return {"one-shot": size / link + latency,
+            "reduce-scatter": 2 * (size / tp / link + latency),
+            "star": 2 * size / link + 2 * latency}[algorithm]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +291,7 @@ def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> int:
 
 
 def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                    algorithm="ring") -> Roofline:
+                    algorithm="auto") -> Roofline:
     """One decode step: `batch` tokens, each at position seq_len-1 attending to seq_len keys.
     Reads the weights once and every sequence's KV (seq_len tokens)."""
     read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
@@ -292,7 +300,7 @@ def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
 
 
 def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                     algorithm="ring") -> Roofline:
+                     algorithm="auto") -> Roofline:
     """One prefill of `batch` rows of `seq_len` tokens with causal attention
     (seq_len*(seq_len+1)/2 pairs a row). Reads the weights, writes the KV."""
     read = _weights_read(cfg, tp, spec) + batch * seq_len * kv_token_bytes
@@ -427,7 +435,7 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
          max_seq_len: int | None = None, batch: int = 1, gpu: str = "mi300x",
          block_seq_stride: int = 32, workspace_fraction: float = 0.05,
          prefill_len: int | None = None, prefill_batch: int | None = None,
-         attention: str = "fused", allreduce: str = "ring") -> Plan:
+         attention: str = "fused", allreduce: str = "auto") -> Plan:
     """Plan `batch` sequences of up to `max_seq_len` tokens (default: the model's) on `tp`
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows

@@ -226,13 +226,21 @@ def test_prefill_roofline_8b_is_compute_bound():
 def test_allreduce_comm_term():
     gpu = GPUS["mi300x"]
     assert allreduce_seconds(1, 8192, 2, 1, gpu) == 0
-    # ring, 8 devices: 2*7/8 * 8192*2 bytes / 64e9 B/s + 14 transfers * 10 us
-    one = 14 / 8 * 16_384 / 64e9 + 14 * 10e-6
-    assert allreduce_seconds(1, 8192, 2, 8, gpu) == pytest.approx(one)
+    # one-shot, 8 devices: each receives the 7 partials at once over 7 links, 1 step
+    one = 16_384 / 64e9 + 10e-6
+    assert allreduce_seconds(1, 8192, 2, 8, gpu, "one-shot") == pytest.approx(one)
+    # reduce-scatter + all-gather: 2 steps, each a 1/8 chunk to every peer at once
+    assert allreduce_seconds(1, 8192, 2, 8, gpu, "reduce-scatter") == pytest.approx(
+        2 * (16_384 / 8 / 64e9 + 10e-6))
     # star: 2 * bytes / link + 2 latencies
     assert allreduce_seconds(1, 8192, 2, 8, gpu, "star") == pytest.approx(
         2 * 16_384 / 64e9 + 2 * 10e-6)
-    # 70B decode, batch 1: 2 all-reduces a layer * 80 layers
+    # auto: one-shot up to 512 KiB, reduce-scatter above
+    assert allreduce_seconds(1, 8192, 2, 8, gpu) == pytest.approx(one)
+    big = 64 * 8192 * 2  # 1 MiB
+    assert allreduce_seconds(64, 8192, 2, 8, gpu) == pytest.approx(
+        2 * (big / 8 / 64e9 + 10e-6))
+    # 70B decode, batch 1 (auto: one-shot): 2 all-reduces a layer * 80 layers
     p = plan(preset("70b"), tp=8, max_seq_len=8192)
     assert p.decode.comm_s == pytest.approx(160 * one)
     assert p.decode.seconds == pytest.approx(
