@@ -39,8 +39,10 @@ def write_module(module, path: str | Path, *, locations: bool = True) -> int:
 
 
 def emit_to_file(cfg: LlamaConfig, opts: EmitOptions, path: str | Path, *,
-                 locations: bool = True, tp: int = 1, allreduce: str = "ring"):
-    """Emit (sharded over `tp` devices when tp > 1) and write; returns (bytes, report)."""
+                 locations: bool = True, tp: int = 1, allreduce: str = "auto",
+                 allreduce_dtype: str = "activation"):
+    """Emit (sharded over `tp` devices when tp > 1) and write; returns (bytes, report).
+    `allreduce`, `allreduce_dtype`: see `sharding_passes.collectives` (MODES, PAYLOADS)."""
     module = emit_module(cfg, opts)
     report = None
     if tp > 1:
@@ -48,7 +50,7 @@ def emit_to_file(cfg: LlamaConfig, opts: EmitOptions, path: str | Path, *,
         from halo_mlir.sharding_passes.plan import check_divisible
 
         check_divisible(cfg, tp)
-        report = shard_module(module, tp, allreduce=allreduce)
+        report = shard_module(module, tp, allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     with module.context:
         return write_module(module, path, locations=locations), report
 

@@ -209,29 +209,16 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
 # Roofline
 # ---------------------------------------------------------------------------------------
 
-ALLREDUCE = ("ring", "star")
+ALLREDUCE = ("auto", "one-shot", "reduce-scatter", "star")  # sharding_passes/collectives.py
 
 
 def allreduce_seconds(tokens: int, hidden: int, act_bytes: int, tp: int, gpu: GpuSpec,
-                      algorithm: str = "ring") -> float:
-    """Seconds for one all-reduce of a [tokens, hidden] activation across `tp` devices.
-
-    ring: reduce-scatter + all-gather, 2*(tp-1) sequential steps each moving 1/tp of the
-    tensor over one link: 2*(tp-1)/tp * bytes / link_bw + 2*(tp-1) * latency. One link is
-    what halo_mlir's emitted ring uses (each device sends to its neighbour); RCCL's
-    multi-ring collectives spread over all 7 links and can be up to 7x faster on bandwidth.
-    star: everyone sends its partial sum to device 0 over its own link (in parallel), device
-    0 sends the sum back: 2 * bytes / link_bw + 2 * latency.
-    """
-    if tp == 1:
-        return 0.0
-    size = tokens * hidden * act_bytes
-    if algorithm == "ring":
-        steps = 2 * (tp - 1)
-        return steps / tp * size / gpu.link_bytes_per_s + steps * gpu.transfer_latency_s
-    if algorithm == "star":
-        return 2 * size / gpu.link_bytes_per_s + 2 * gpu.transfer_latency_s
-    raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
+                      algorithm: str = "auto") -> float:
+    """Seconds of one all-reduce of a [tokens, hidden] activation across `tp` devices on a
+    fully connected node, as the sharding pass emits it (partial sums in the activation
+    dtype, `act_bytes` each): the cost model's communication time of `allreduce_records`."""
+    _, copies, steps = allreduce_records(tokens * hidden * act_bytes, tp, "f16", algorithm, gpu)
+    return cost_model.estimate([], copies, gpu, dependent_steps=steps).comm_s if tp > 1 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,28 +262,39 @@ def attention_flops(cfg: LlamaConfig, tp: int, pairs: int) -> int:
     return 4 * cfg.n_layers * (cfg.n_heads // tp) * cfg.head_dim * pairs
 
 
-def _allreduce_records(size: int, tp: int, act: str, algorithm: str):
-    """(dispatches, copies, dependent steps) of one all-reduce of `size` bytes, device 0.
+def allreduce_records(size: int, tp: int, act: str, algorithm: str, gpu: GpuSpec):
+    """(dispatches, copies, dependent steps) of one all-reduce of `size` bytes on device 0,
+    in the forms of sharding_passes/collectives.py:
 
-    ring: reduce-scatter + all-gather, 2*(tp-1) dependent steps, each copying 1/tp of the
-    tensor from the neighbour over one link, with tp-1 adds; star: every partial to device
-    0 over its own link, one add, the sum back: 2 dependent steps."""
+    one-shot: device 0 receives the tp-1 other partial sums at once, each over its own link,
+    and adds them in the consumer's kernel (no dispatch of its own): 1 step.
+    reduce-scatter: receives a 1/tp chunk from each peer and sums its chunk (one dispatch),
+    then receives each peer's reduced chunk: 2 steps.
+    star: every partial to device 0 over its own link, one add, the sum back: 2 steps.
+    auto: one-shot up to `gpu.allreduce_oneshot_max_bytes`, else reduce-scatter (the
+    emitter reduce-scatters every prefill, whose length is dynamic; the plan picks by the
+    planned size)."""
+    if algorithm not in ALLREDUCE:
+        raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
     if tp == 1:
         return [], [], 0
-    if algorithm == "ring":
+    if algorithm == "auto":
+        algorithm = "one-shot" if size <= gpu.allreduce_oneshot_max_bytes else "reduce-scatter"
+    peers = range(1, tp)
+    if algorithm == "one-shot":
+        return [], [cost_model.Copy(0, size, peer=i) for i in peers], 1
+    if algorithm == "reduce-scatter":
         part = size // tp
-        adds = [cost_model.Dispatch("allreduce_add", bytes_read=2 * part, bytes_written=part,
-                                    dtype=act, count=tp - 1)]
-        return adds, [cost_model.Copy(0, part, peer=tp - 1, count=2 * (tp - 1))], 2 * (tp - 1)
-    if algorithm == "star":
-        adds = [cost_model.Dispatch("allreduce_add", bytes_read=tp * size, bytes_written=size,
+        adds = [cost_model.Dispatch("allreduce_add", bytes_read=tp * part, bytes_written=part,
                                     dtype=act)]
-        return adds, [cost_model.Copy(0, size, peer=i) for i in range(1, tp)], 2
-    raise HaloError(f"unknown all-reduce {algorithm!r}: choose one of {', '.join(ALLREDUCE)}")
+        return adds, [cost_model.Copy(0, part, peer=i, count=2) for i in peers], 2
+    adds = [cost_model.Dispatch("allreduce_add", bytes_read=tp * size, bytes_written=size,
+                                dtype=act)]
+    return adds, [cost_model.Copy(0, size, peer=i) for i in peers], 2
 
 
-def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, *, batch: int, q_len: int,
-                 pairs: int, kv_read: int, algorithm: str = "ring"):
+def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, batch: int,
+                 q_len: int, pairs: int, kv_read: int, algorithm: str = "auto"):
     """(dispatches, copies, dependent steps) of one call on device 0, built from the config:
     the kernels a Llama layer needs at least (2 norms, 7 matmuls, rope + cache write,
     attention), the embedding lookup, the final norm and lm_head, and two all-reduces a layer
@@ -329,7 +327,7 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, *, batch: int, q_le
         if t_.key.endswith("attn_output.weight"):
             layer.append(D("ffn_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
                            dtype=spec.activation))
-    adds, copies, steps = _allreduce_records(t * h * a, tp, spec.activation, algorithm)
+    adds, copies, steps = allreduce_records(t * h * a, tp, spec.activation, algorithm, gpu)
     layer += adds * 2
     dispatches = [dataclasses.replace(x, count=x.count * cfg.n_layers) for x in layer]
     copies = [dataclasses.replace(c, count=c.count * 2 * cfg.n_layers) for c in copies]
@@ -361,7 +359,7 @@ def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
         other += 2 * tokens * kinds["embed"][0]
     compute_s = (matmul / gpu.peak_flops[spec.matmul_weight]
                  + other / gpu.peak_flops[spec.activation])
-    ds, cs, steps = call_records(cfg, tp, spec, batch=tokens // q_len, q_len=q_len,
+    ds, cs, steps = call_records(cfg, tp, spec, gpu, batch=tokens // q_len, q_len=q_len,
                                  pairs=pairs, kv_read=kv_read, algorithm=algorithm)
     est = cost_model.estimate(ds, cs, gpu, dependent_steps=steps)
     return Roofline(tokens=tokens, bytes_read=bytes_read, flops=matmul + other,
@@ -379,7 +377,7 @@ def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> int:
 
 
 def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                    algorithm="ring") -> Roofline:
+                    algorithm="auto") -> Roofline:
     """One decode step: `batch` tokens, each at position seq_len-1 attending to seq_len keys.
     Reads the weights once and every sequence's KV (seq_len tokens)."""
     kv = batch * seq_len * kv_token_bytes
@@ -389,7 +387,7 @@ def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
 
 
 def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                     algorithm="ring") -> Roofline:
+                     algorithm="auto") -> Roofline:
     """One prefill of `batch` rows of `seq_len` tokens with causal attention
     (seq_len*(seq_len+1)/2 pairs a row). Reads the weights, writes the KV."""
     kv = batch * seq_len * kv_token_bytes
@@ -525,7 +523,7 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
          max_seq_len: int | None = None, batch: int = 1, gpu: str = "mi300x",
          block_seq_stride: int = 32, workspace_fraction: float = 0.05,
          prefill_len: int | None = None, prefill_batch: int | None = None,
-         attention: str = "fused", allreduce: str = "ring") -> Plan:
+         attention: str = "fused", allreduce: str = "auto") -> Plan:
     """Plan `batch` sequences of up to `max_seq_len` tokens (default: the model's) on `tp`
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows

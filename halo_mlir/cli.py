@@ -37,6 +37,36 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _allreduce_mode(ctx, param, value: str) -> str:
+    from halo_mlir.sharding_passes.collectives import check_mode
+
+    try:
+        return check_mode(value)
+    except HaloError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _allreduce_options(fn):
+    """--allreduce and --allreduce-dtype (emit and opt)."""
+    fn = click.option(
+        "--allreduce-dtype", default="activation", show_default=True,
+        type=click.Choice(["activation", "f32"]),
+        help="The partial sums' dtype on the wire. activation: each device rounds its f32 "
+             "matmul accumulator to the activation dtype (f16/bf16) first, as vLLM and "
+             "sharktank do (half the bytes; N roundings where TP1 has one); f32: the "
+             "accumulators travel as they are (TP equals TP1 up to summation order). The "
+             "same for f32 models.")(fn)
+    return click.option(
+        "--allreduce", default="auto", show_default=True, callback=_allreduce_mode,
+        metavar="[auto|one-shot|reduce-scatter|star]",
+        help="With --tp: how partial sums are all-reduced. one-shot: every device receives "
+             "the N-1 others and adds them (1 step, N-1 copies in per device; small "
+             "tensors); reduce-scatter: reduce-scatter + all-gather of contiguous 1/N "
+             "chunks (2 steps, 2(N-1)/N of the tensor in per device; large tensors); star: "
+             "through device 0; auto: one-shot up to the GPU's one-shot size (MI300X: 512 "
+             "KiB, so decode), else reduce-scatter (prefill: its length is dynamic).")(fn)
+
+
 @click.group()
 @click.version_option(package_name="halo-mlir")
 def main():
@@ -109,9 +139,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
                    "time flat in depth (import the parameters with --layout stacked).")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Tensor-parallel degree: run the sharding pass over N devices.")
-@click.option("--allreduce", default="ring", show_default=True, type=click.Choice(["ring", "star"]),
-              help="With --tp: ring = reduce-scatter + all-gather (bandwidth-optimal); "
-                   "star = through device 0.")
+@_allreduce_options
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV pages per device, written to config.json.")
 @click.option("--locations/--no-locations", default=True, show_default=True,
@@ -122,7 +150,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          block_seq_stride, dtype, kv_cache_dtype, activation_dtype, attention, template_dir,
-         layer_loop, tp, allreduce, device_block_count, locations, output, output_config):
+         layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
+         output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
     from halo_mlir.model.llama import EmitOptions
@@ -140,7 +169,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
-                                   allreduce=allreduce)
+                                   allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:
         with atomic_write(output_config) as f:
             json.dump(service_config(cfg, opts, device_block_count=device_block_count, tp=tp),
@@ -172,14 +201,14 @@ def compile_cmd(source, target, output, tp, extra):
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--shard", "shard", help="Run the sharding pass: tp=N.")
-@click.option("--allreduce", default="ring", show_default=True, type=click.Choice(["ring", "star"]))
+@_allreduce_options
 @click.option("--verify-placement", is_flag=True,
               help="Check device placement (also runs after --shard).")
 @click.option("--split-input-file", is_flag=True,
               help="Treat `// -----` separated parts as independent modules (lit tests).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="OUT.mlir, or - for stdout.")
 @_reports_errors
-def opt(source, shard, allreduce, verify_placement, split_input_file, output):
+def opt(source, shard, allreduce, allreduce_dtype, verify_placement, split_input_file, output):
     """Run halo_mlir passes on an MLIR file (for lit tests and experiments)."""
     from halo_mlir.api import module_text, parse_module, read_module, write_module
     from halo_mlir.io_utils import atomic_write
@@ -193,14 +222,14 @@ def opt(source, shard, allreduce, verify_placement, split_input_file, output):
     if not split_input_file:
         module = read_module(source)
         with module.context:
-            _run_passes(module, tp, allreduce, verify_placement)
+            _run_passes(module, tp, allreduce, allreduce_dtype, verify_placement)
             write_module(module, output, locations=False)
         return
     parts = []
     for i, text in enumerate(Path(source).read_text().split("\n// -----\n")):
         module = parse_module(text, f"{source} part {i + 1}")
         with module.context:
-            _run_passes(module, tp, allreduce, verify_placement)
+            _run_passes(module, tp, allreduce, allreduce_dtype, verify_placement)
             parts.append(module_text(module, locations=False))
     text = "\n// -----\n".join(parts)
     if output == "-":
@@ -210,13 +239,14 @@ def opt(source, shard, allreduce, verify_placement, split_input_file, output):
             f.write(text)
 
 
-def _run_passes(module, tp, allreduce, verify_placement) -> None:
+def _run_passes(module, tp, allreduce, allreduce_dtype, verify_placement) -> None:
     from halo_mlir.sharding_passes.pipeline import shard_module
     from halo_mlir.sharding_passes.verify import verify_placement as verify
 
-    report = shard_module(module, tp, allreduce=allreduce) if tp else None
+    report = shard_module(module, tp, allreduce=allreduce,
+                          allreduce_dtype=allreduce_dtype) if tp else None
     if verify_placement:
-        verify(module, tp or _declared_devices(module), allreduce if tp else None)
+        verify(module, tp or _declared_devices(module), report.modes if tp else None)
     if report:
         _print_report(report)
 
@@ -229,20 +259,22 @@ def _declared_devices(module) -> int:
 
 
 def _print_report(report, cfg=None, opts=None) -> None:
-    """Transfers per entry; for decode, bytes per token per layer against the bound: an
-    all-reduce of S bytes must move at least 2(N-1)/N * S per device (ring meets it)."""
+    """Transfers per entry and the all-reduce modes `auto` chose; for decode, bytes per
+    token per layer against the bandwidth bound: an all-reduce of S bytes must bring at
+    least 2(N-1)/N * S into each device (reduce-scatter meets it; one-shot brings N-1
+    whole tensors, trading bytes for one step instead of two)."""
     tp = report.tp
     for entry, n in report.transfers.items():
-        line = (f"{entry}: {n} transfers, {report.all_reduces[entry]} all-reduces "
-                f"({report.allreduce})")
+        modes = ", ".join(f"{k} {m}" for m, k in report.modes[entry].items()) or "none"
+        line = (f"{entry}: {n} transfers, {report.all_reduces[entry]} all-reduces ({modes}; "
+                f"--allreduce {report.allreduce}, --allreduce-dtype {report.payload})")
         if cfg is not None and entry.startswith("decode_bs"):
-            # All-reduces run on the f32 matmul accumulators (exact to TP1 up to order).
             tokens, layers = int(entry[len("decode_bs"):]), cfg.n_layers
             scale = tokens * layers
-            bound = 2 * (tp - 1) / tp * cfg.hidden_size * 4 * report.all_reduces[entry] / layers
+            bound = 2 * (tp - 1) / tp * report.reduced[entry] / scale
             line += (f"; per token per layer: {report.bytes[entry] / scale / 1e3:.1f} KB moved "
                      f"in all, busiest device receives {report.busiest[entry] / scale / 1e3:.1f}"
-                     f" KB (ring bound 2(N-1)/N per all-reduce: {bound / 1e3:.1f} KB)")
+                     f" KB (bandwidth bound 2(N-1)/N per all-reduce: {bound / 1e3:.1f} KB)")
         click.echo(line, err=True)
 
 

@@ -21,6 +21,9 @@ class GpuSpec:
     kernel_launch_s: float = 2e-6   # one dispatch, on top of its bytes/FLOPs time
     copy_fixed_s: float = 2e-6      # one copy (a DMA or blit), on top of its bytes
     host_wait_s: float = 20e-6      # the host blocking on the device, then submitting again
+    # Largest all-reduce (bytes per device) that `--allreduce auto` does one-shot; larger
+    # ones reduce-scatter + all-gather. An assumption (see the MI300X sources below).
+    allreduce_oneshot_max_bytes: int = 512 * 1024
 
 
 # AMD Instinct MI300X (SPX, NPS1: one device per package). Sources:
@@ -42,6 +45,15 @@ class GpuSpec:
 #   buffer on one queue (a few us on AMD GPUs is the usual order). Copy: a copy is one more
 #   command on the queue, like a dispatch. Host wait: the host waits on a fence, wakes up and
 #   submits the next command buffer (one interrupt + submission round trip).
+# - One-shot all-reduce threshold 512 KiB: an assumption, to be measured on MI300X. With
+#   N devices on a fully connected node, one-shot takes S/link + 1 latency (each device
+#   receives the N-1 partials over its N-1 links at once), reduce-scatter + all-gather
+#   2S/(N*link) + 2 latencies; one-shot wins below S = latency*link/(1 - 2/N): 853 KB at
+#   N=8 with the figures above (1.3 MB at N=4, always at N=2). vLLM's custom all-reduce
+#   (csrc/custom_all_reduce.cuh) switches from its one-shot to its two-stage kernel at
+#   256 KiB on 8 fully connected GPUs (512 KiB on up to 4), but its steps are in-kernel
+#   barriers of a few us where ours are whole copies and submissions (the assumed 10 us);
+#   we take 512 KiB, between the two.
 _MI300X_PEAK = {"f16": 1307.4e12, "bf16": 1307.4e12, "fp8": 2614.9e12, "f32": 163.4e12}
 _MI300X = GpuSpec(
     name="mi300x", memory_bytes=192e9, hbm_bytes_per_s=5.3e12, peak_flops=_MI300X_PEAK,

@@ -20,11 +20,14 @@ from halo_mlir.sharding_passes.verify import verify_placement
 @dataclasses.dataclass
 class Report:
     tp: int
-    allreduce: str
+    allreduce: str  # the mode asked for (`auto` picks per all-reduce)
+    payload: str  # --allreduce-dtype
     transfers: dict  # entry name -> transfers in it
     bytes: dict  # entry name -> bytes moved (dynamic dims as 1)
     all_reduces: dict
     busiest: dict  # entry name -> most bytes received by one device
+    modes: dict  # entry name -> {mode: all-reduces that use it}
+    reduced: dict  # entry name -> bytes of one device's partial sums, all all-reduces
 
 
 def _param_key(g) -> str | None:
@@ -125,7 +128,8 @@ def shard_function(b: Builder, s: Sharder, fn) -> None:
         **({"halo.divisors": divisors} if divisors else {}),
     })
     s.report = (s.stats.transfers, s.stats.bytes, s.stats.all_reduces,
-                max(s.stats.received.values(), default=0))
+                max(s.stats.received.values(), default=0), dict(s.stats.modes),
+                s.stats.reduced)
     fn.operation.erase()
     new_fn.attributes["sym_name"] = ir.StringAttr.get(name)
     s.env.clear()
@@ -151,7 +155,7 @@ def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
             rt = ir.RankedTensorType(t)
             t = ir.RankedTensorType.get(local_shape(list(rt.shape), sh, tp), rt.element_type)
         inputs += [t] * tp
-    s = Sharder(b, tp, parent.allreduce)
+    s = Sharder(b, tp, parent.allreduce, parent.payload, parent.oneshot_max_bytes)
     s.device_globals, s.globals_by_name = parent.device_globals, parent.globals_by_name
     s.callees, s.shard_callee = parent.callees, parent.shard_callee
     new_name = f"{name}.tp{tp}.{len(parent.callees)}"
@@ -210,14 +214,17 @@ def _erase_uncalled(module, names: set) -> None:
             op.operation.erase()
 
 
-def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = True) -> Report:
-    """Shard every entry of `module` (emitted by halo_mlir, TP1) over `tp` devices."""
-    if allreduce not in collectives.MODES:
-        raise HaloError(f"unknown --allreduce {allreduce!r}: choose one of "
-                        f"{', '.join(collectives.MODES)}")
+def shard_module(module, tp: int, *, allreduce: str = "auto", allreduce_dtype: str = "activation",
+                 oneshot_max_bytes: int | None = None, verify: bool = True) -> Report:
+    """Shard every entry of `module` (emitted by halo_mlir, TP1) over `tp` devices.
+    `allreduce`: a mode of `collectives.MODES`; `allreduce_dtype`: the partial sums'
+    dtype on the wire (`collectives.PAYLOADS`); `oneshot_max_bytes`: auto's threshold
+    (default: the MI300X spec's)."""
+    collectives.check_mode(allreduce)
+    collectives.check_payload(allreduce_dtype)
     b = Builder(module.context)
     b.adopt(module)
-    report = Report(tp, allreduce, {}, {}, {}, {})
+    report = Report(tp, allreduce, allreduce_dtype, {}, {}, {}, {}, {}, {})
     with module.context, ir.Location.unknown():
         annotate(b, tp)
         old_globals = [op for op in module.body.operations if op.operation.name == "util.global"]
@@ -227,13 +234,13 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
                      if op.operation.name == "util.func"}
         for fn in impl_functions(module):
             name = fn.attributes["halo.entry"].value
-            s = Sharder(b, tp, allreduce)
+            s = Sharder(b, tp, allreduce, allreduce_dtype, oneshot_max_bytes)
             s.device_globals, s.callees = device_globals, callees
             s.shard_callee = lambda name, shardings, parent=s: shard_callee(b, parent, name,
                                                                             shardings)
             shard_function(b, s, fn)
             (report.transfers[name], report.bytes[name], report.all_reduces[name],
-             report.busiest[name]) = s.report
+             report.busiest[name], report.modes[name], report.reduced[name]) = s.report
         for g in old_globals:  # every use now loads a per-device copy
             g.operation.erase()
         for key in callees:  # the TP1 callees are replaced by their sharded versions
@@ -249,7 +256,7 @@ def shard_module(module, tp: int, *, allreduce: str = "ring", verify: bool = Tru
             async_.operation.move_after(fn)  # keep each entry beside its implementation
             sync.operation.move_after(async_)
         if verify:
-            verify_placement(module, tp)
+            verify_placement(module, tp, report.modes)
         if not module.operation.verify():
             raise HaloError("internal error: the sharded module does not verify")
     return report

@@ -62,8 +62,13 @@ class ShardError(HaloError):
 
 
 class Sharder:
-    def __init__(self, b: Builder, tp: int, allreduce: str):
-        self.b, self.tp, self.allreduce = b, tp, allreduce
+    def __init__(self, b: Builder, tp: int, allreduce: str, payload: str = "activation",
+                 oneshot_max_bytes: int | None = None):
+        self.b, self.tp, self.allreduce, self.payload = b, tp, allreduce, payload
+        if oneshot_max_bytes is None:
+            from halo_mlir.gpus import gpu_spec
+            oneshot_max_bytes = gpu_spec("mi300x").allreduce_oneshot_max_bytes
+        self.oneshot_max_bytes = oneshot_max_bytes
         self.env: dict = {}
         self.device_globals: dict[tuple[str, int], tuple[str, ir.Type]] = {}
         self.stats = collectives.Stats()
@@ -90,7 +95,7 @@ class Sharder:
         """Replicated on every device (all-reduce partials, all-gather splits)."""
         if isinstance(sv.sharding, Partial):
             return self.replicated(collectives.all_reduce(self.b, sv.values, self.allreduce,
-                                                          self.stats))
+                                                          self.stats, self.oneshot_max_bytes))
         if isinstance(sv.sharding, Split):
             if not is_plain(sv.sharding):
                 raise ShardError(f"cannot gather a {sv.sharding} value")
@@ -235,6 +240,11 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
         out = svs[-1]
         return s.per_device(op, svs, [out.sharding if not isinstance(out.sharding, Partial)
                                       else REPLICATED])
+    if s.payload == "activation" and isinstance(svs[0].sharding, Partial) and \
+            _is_truncation(op):
+        # Each device rounds its own partial sum, so the all-reduce (at the consumer)
+        # carries the activation dtype: N roundings where TP1 has one.
+        return s.per_device(op, svs, [PARTIAL])
     # maps pair with the tensor operands and scalars (attention's scale has map ()->()).
     svs = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs]
     n_out = len(op.results)
@@ -275,6 +285,19 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
     return s.per_device(op, svs, [result] * n_out, operands)
 
 
+def _is_truncation(op) -> bool:
+    """A linalg.generic that only rounds its one input to a narrower float type (linear's
+    f32 accumulator -> the activation dtype)."""
+    if op.name != "linalg.generic" or len(op.operands) != 2:
+        return False
+    maps = _maps(op)
+    if any(m != maps[0] or not m.is_permutation for m in maps):
+        return False
+    body = [inner.operation for inner in op.regions[0].blocks[0].operations]
+    return [o.name for o in body] == ["arith.truncf", "linalg.yield"] and \
+        body[0].operands[0] == op.regions[0].blocks[0].arguments[0]
+
+
 def _group_of(groups, dim):
     for g, members in enumerate(groups):
         if dim in members:
@@ -289,10 +312,8 @@ def _reassociation(op):
 
 def rule_expand(s: Sharder, op, svs: list[SV]) -> list[SV]:
     src = svs[0]
-    if isinstance(src.sharding, Partial):
-        src = svs[0] = s.materialize(src)
-    if not isinstance(src.sharding, Split):
-        return s.per_device(op, svs, [REPLICATED])
+    if not isinstance(src.sharding, Split):  # a reshape of partial sums stays partial
+        return s.per_device(op, svs, [src.sharding])
     sp = src.sharding
     groups = _reassociation(op)
     members = groups[sp.dim]
@@ -483,6 +504,11 @@ def rule_global_load(s: Sharder, op, svs: list[SV]) -> list[SV]:
     return [SV(sharding, values)]
 
 
+def _whole(s: Sharder, svs: list[SV]) -> list[SV]:
+    """Partial sums all-reduced; other layouts as they are."""
+    return [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs]
+
+
 def _split_slice_dim(op, d: int) -> int:
     """gather/scatter: a split dim `d` of the source/original must be a slice dim (not
     indexed); returns the matching dim of the gathered result / scattered updates."""
@@ -495,7 +521,7 @@ def _split_slice_dim(op, d: int) -> int:
 
 def rule_gather(s: Sharder, op, svs: list[SV]) -> list[SV]:
     """iree_linalg_ext.gather: a split slice dim of the source stays split in the result."""
-    source, indices, init = svs
+    source, indices, init = svs = _whole(s, svs)
     if not isinstance(source.sharding, Split):
         return s.per_device(op, svs, [REPLICATED])
     result = Split(_split_slice_dim(op, source.sharding.dim))
@@ -509,7 +535,7 @@ def rule_gather(s: Sharder, op, svs: list[SV]) -> list[SV]:
 
 def rule_scatter(s: Sharder, op, svs: list[SV]) -> list[SV]:
     """iree_linalg_ext.scatter into a cache split along a slice dim."""
-    updates, indices, original = svs
+    updates, indices, original = svs = _whole(s, svs)
     if not isinstance(original.sharding, Split):
         if isinstance(updates.sharding, Split):
             updates = svs[0] = s.materialize(updates)

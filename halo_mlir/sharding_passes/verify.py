@@ -7,9 +7,10 @@ Checks, per entry function:
   placement flows from arguments (`halo.arg_devices`), per-device globals
   (`stream.affinity`) and `flow.tensor.transfer` targets;
 - calls pass each argument on the device the (sharded) callee expects it;
-- the number of transfers executed (a callee's counted once per call) is what the plan predicts: 2(N-1)N per ring all-reduce or
-  2(N-1) per star all-reduce (one all-reduce per row-split weight use), N-1 per replicated
-  argument, N-1 for the vocab-split logits gathered to device 0.
+- the number of transfers executed (a callee's counted once per call) is what the plan
+  predicts: one all-reduce per row-split weight use, each N(N-1) transfers one-shot,
+  2N(N-1) reduce-scatter + all-gather, 2(N-1) star (`collectives.TRANSFERS`); N-1 per
+  replicated argument; N-1 for the vocab-split logits gathered to device 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from iree.compiler import ir
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import is_empty_tensor, walk_nested
 from halo_mlir.model.entry import impl_functions
+from halo_mlir.sharding_passes.collectives import TRANSFERS
 
 _PROMISE = re.compile(r"#hal\.device\.promise<@(\w+)>")
 
@@ -38,8 +40,10 @@ def _where(op) -> str:
     return f"{op.name} at {op.location}"
 
 
-def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
-    """Raises HaloError on the first inconsistency; returns {entry: transfer count}."""
+def verify_placement(module, tp: int, allreduce: str | dict | None = None) -> dict:
+    """Raises HaloError on the first inconsistency; returns {entry: transfer count}.
+    `allreduce`: the all-reduce mode of every entry, or {entry: {mode: all-reduces}} (what
+    `auto` chose, from the sharding pass's report); None skips the transfer count."""
     declared = {f"__device_{i}" for i in range(tp)}
     for name in set(_PROMISE.findall(str(module))):
         if name not in declared:
@@ -146,11 +150,15 @@ def verify_placement(module, tp: int, allreduce: str | None = None) -> dict:
             row_split = sum(global_layers.get(sym, 1) for sym in loads if ".shard." in sym and
                             any(k in sym for k in ("attn_output", "ffn_down")))
             gathered_logits = any(sym.startswith("output.weight.shard.") for sym in loads)
-            per = 2 * (tp - 1) * tp if allreduce == "ring" else 2 * (tp - 1)
+            modes = allreduce.get(entry, {}) if isinstance(allreduce, dict) \
+                else {allreduce: row_split // tp}
+            if sum(modes.values()) != row_split // tp or not set(modes) <= set(TRANSFERS):
+                raise HaloError(f"{entry}: all-reduces {modes}, the plan predicts "
+                                f"{row_split // tp} (one per row-split weight use)")
             devs = _ints(fn, "halo.arg_devices")
             groups = sum(1 for d in devs if d != 0) // max(tp - 1, 1)
             replicated_args = len(devs) - groups * tp
-            predicted = ((row_split // tp) * per
+            predicted = (sum(n * TRANSFERS[m](tp) for m, n in modes.items())
                          + (replicated_args + int(gathered_logits)) * (tp - 1))
             if transfers != predicted:
                 raise HaloError(f"{entry}: {transfers} transfers, the plan predicts {predicted}")

@@ -235,21 +235,30 @@ def test_prefill_roofline_8b_is_compute_bound():
 
 def test_allreduce_comm_term():
     gpu = GPUS["mi300x"]
+    fixed = gpu.copy_fixed_s
     assert allreduce_seconds(1, 8192, 2, 1, gpu) == 0
-    # ring, 8 devices: 2*7/8 * 8192*2 bytes / 64e9 B/s + 14 transfers * 10 us
-    one = 14 / 8 * 16_384 / 64e9 + 14 * 10e-6
-    assert allreduce_seconds(1, 8192, 2, 8, gpu) == pytest.approx(one)
-    # star: 2 * bytes / link + 2 latencies
+    # one-shot, 8 devices: each receives the 7 partials at once over 7 links (each copy
+    # with its fixed cost), 1 step
+    one = 16_384 / 64e9 + 7 * fixed + 10e-6
+    assert allreduce_seconds(1, 8192, 2, 8, gpu, "one-shot") == pytest.approx(one)
+    # reduce-scatter + all-gather: 2 steps, each a 1/8 chunk from every peer at once
+    assert allreduce_seconds(1, 8192, 2, 8, gpu, "reduce-scatter") == pytest.approx(
+        2 * (16_384 / 8 / 64e9 + 7 * fixed + 10e-6))
+    # star (device 0): the 7 partials in, over 7 links, then 2 steps
     assert allreduce_seconds(1, 8192, 2, 8, gpu, "star") == pytest.approx(
-        2 * 16_384 / 64e9 + 2 * 10e-6)
-    # 70B decode, batch 1: 2 all-reduces a layer * 80 layers
-    # In the plan the same traffic goes through the cost model, which also charges each of
-    # the 14 copies its fixed cost; gathering the vocab-split logits on device 0 adds 7
-    # copies (in parallel over 7 links) and one dependent step.
+        16_384 / 64e9 + 7 * fixed + 2 * 10e-6)
+    # auto: one-shot up to 512 KiB, reduce-scatter above
+    assert allreduce_seconds(1, 8192, 2, 8, gpu) == pytest.approx(one)
+    big = 64 * 8192 * 2  # 1 MiB
+    assert allreduce_seconds(64, 8192, 2, 8, gpu) == pytest.approx(
+        2 * (big / 8 / 64e9 + 7 * fixed + 10e-6))
+    # 70B decode, batch 1 (auto: one-shot): 2 all-reduces a layer * 80 layers, through the
+    # same cost model; gathering the vocab-split logits on device 0 adds 7 copies (in
+    # parallel over 7 links) and one dependent step.
     p = plan(preset("70b"), tp=8, max_seq_len=8192)
-    assert p.decode.dependent_steps == 160 * 14 + 1
-    logits = 128_256 // 8 * 2 / 64e9 + 7 * gpu.copy_fixed_s + 10e-6
-    assert p.decode.comm_s == pytest.approx(160 * (one + 14 * gpu.copy_fixed_s) + logits)
+    assert p.decode.dependent_steps == 160 * 1 + 1
+    logits = 128_256 // 8 * 2 / 64e9 + 7 * fixed + 10e-6
+    assert p.decode.comm_s == pytest.approx(160 * one + logits)
     e = p.decode.estimate
     assert p.decode.seconds == pytest.approx(e.dispatch_s + e.launch_s + e.comm_s)
 

@@ -54,7 +54,8 @@
 // PAGED:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%{{.+}}, %{{.+}} : tensor<?x2x2x4x32x64xf16>, tensor<1x?x3xi64>)
 // PAGED:         iree_linalg_ext.attention
 
-// 2 layers x 2 all-reduces x ring(2 devices) 4 transfers + 3 (or 4) replicated arguments
-// + 1 for the vocab-split logits.
-// REPORT: prefill_bs1: 20 transfers, 4 all-reduces (ring)
-// REPORT: decode_bs1: 21 transfers, 4 all-reduces (ring)
+// 2 layers x 2 all-reduces + 3 (or 4) replicated arguments + 1 for the vocab-split
+// logits. `auto` reduce-scatters prefill's (its length is dynamic: 4 transfers each at 2
+// devices) and one-shots decode's (static and small: 2 transfers each), both in f16.
+// REPORT: prefill_bs1: 20 transfers, 4 all-reduces (4 reduce-scatter; --allreduce auto, --allreduce-dtype activation)
+// REPORT: decode_bs1: 13 transfers, 4 all-reduces (4 one-shot; --allreduce auto, --allreduce-dtype activation)
