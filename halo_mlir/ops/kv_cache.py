@@ -64,36 +64,45 @@ def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     return cache6
 
 
+def _block_indices(b: Builder, page: Value, layer: Value) -> Value:
+    """page[N,1] i64 -> [N,1,2] i64 rows (page, layer): a row's K and V blocks of `layer`."""
+    n = b.dims(page)[0]
+
+    def body(pg, _):
+        return b.select(b.cmpi("eq", b.linalg_index(2), b.index(0)), pg, layer)
+
+    return b.generic("bi->bic", [page], [b.empty([n, 1, 2], "i64")], body)
+
+
 def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
                    positions: Value, layer: Value) -> Value:
     """Decode: k/v[N,KVH,1,D] at positions[N], in page pages[N, pos // stride].
 
-    Read-modify-write of each row's current page block [KVH, stride, D]: every gather and
-    scatter indexes only (page, layer, k/v), so the kv-head dim stays a slice dim (the
-    sharding pass splits it) and one kernel serves every layer.
+    One read-modify-write of each row's current page, K and V blocks of `layer` together
+    [2, KVH, stride, D]: the gather and scatter index only (page, layer), so the kv-head
+    dim stays a slice dim (the sharding pass splits it) and one kernel serves every layer.
     """
     n, kvh, _, d = b.dims(k)
     stride = b.shape(cache6)[4]
     stride_c = b.scalar(stride, "i64")
     page = current_page(b, pages, positions, stride)  # [N,1]
-    for kv, x in ((0, k), (1, v)):
-        idx = _page_indices(b, page, layer, kv)  # [N,1,3]
-        block = b.gather(cache6, idx, b.empty([n, 1, kvh, stride, d], b.element_type(cache6)),
-                         [0, 1, 2])
-        # The barrier keeps the gather out of the merge's dispatch: fused, IREE 3.13's CPU
-        # backend vectorizes the pair over whole blocks and rejects the vectors as too large.
-        block = b.fusion_barrier(b.reshape(block, [[0, 1], [2], [3], [4]], [n, kvh, stride, d]))
+    idx = _block_indices(b, page, layer)  # [N,1,2]
+    et = b.element_type(cache6)
+    block = b.gather(cache6, idx, b.empty([n, 1, 2, kvh, stride, d], et), [0, 1])
+    # The barrier keeps the gather out of the merge's dispatch: fused, IREE 3.13's CPU
+    # backend vectorizes the pair over whole blocks and rejects the vectors as too large.
+    block = b.fusion_barrier(b.reshape(block, [[0, 1], [2], [3], [4], [5]],
+                                       [n, 2, kvh, stride, d]))
 
-        def merge(old, new, pos, _):
-            here = b.cmpi("eq", b.cast(b.linalg_index(2), "i64"), b.remsi(pos, stride_c))
-            return b.select(here, new, old)
+    def merge(old, new_k, new_v, pos, _):
+        here = b.cmpi("eq", b.cast(b.linalg_index(3), "i64"), b.remsi(pos, stride_c))
+        new = b.select(b.cmpi("eq", b.linalg_index(1), b.index(0)), new_k, new_v)
+        return b.select(here, new, old)
 
-        new_rows = b.reshape(x, [[0], [1, 2], [3]], [n, kvh, d])
-        block = b.generic("bhsd,bhd,b->bhsd", [block, new_rows, positions],
-                          [b.empty([n, kvh, stride, d], b.element_type(cache6))], merge)
-        rows = b.reshape(idx, [[0, 1], [2]], [n, 3])
-        cache6 = b.scatter(block, rows, cache6, [0, 1, 2])
-    return cache6
+    rows = [b.reshape(x, [[0], [1, 2], [3]], [n, kvh, d]) for x in (k, v)]
+    block = b.generic("bkhsd,bhd,bhd,b->bkhsd", [block, *rows, positions],
+                      [b.empty([n, 2, kvh, stride, d], et)], merge)
+    return b.scatter(block, b.reshape(idx, [[0, 1], [2]], [n, 2]), cache6, [0, 1])
 
 
 def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,

@@ -1,9 +1,10 @@
 # RUN: %python %s decode | %FileCheck %s --check-prefix=DECODE
 # RUN: %python %s prefill | %FileCheck %s --check-prefix=PREFILL
 # Tests that the paged cache is viewed as [page, layer, k/v, kv_head, pos, d] (ABI.md), that
-# decode reads each row's current page block, merges the new K/V at pos % stride and
-# writes the block back, then gathers whole pages; that prefill scatters whole blocks; that
-# every scatter/gather indexes only (page, layer, k/v), so kv heads stay a slice dimension
+# decode reads each row's current page (its K and V blocks of the layer together), merges
+# the new K/V at pos % stride and writes it back in one scatter, then gathers whole pages;
+# that prefill scatters whole blocks; that every scatter/gather indexes only (page, layer)
+# or (page, layer, k/v), so kv heads stay a slice dimension
 # (what tensor parallelism splits); that the gathered blocks are kept out of their
 # consumers' dispatches by flow.tensor.barrier (a barrier that waits on nothing, unlike
 # util.optimization_barrier on a tensor, a host wait); and that the layer index is an opaque
@@ -21,17 +22,19 @@ from halo_mlir.ops import kv_cache as kv
 # DECODE:           arith.divsi %{{.+}}, %c8_i64
 # DECODE:           tensor.extract %[[PAGES]]
 # DECODE:         %[[ROW_PAGE:.+]] = tensor.expand_shape %[[PAGE]] {{\[\[}}0, 1]] output_shape [2, 1]
-# DECODE:         %[[K_IDX:.+]] = linalg.generic {{.+}} ins(%[[ROW_PAGE]] : tensor<2x1xi64>) outs(%{{.+}} : tensor<2x1x3xi64>)
-# DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
-# DECODE:         %[[OLD:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[VIEW]], %[[K_IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x1x3xi64>) outs(%{{.+}} : tensor<2x1x2x8x16xf16>)
-# DECODE:         %[[OLD_C:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4]] : tensor<2x1x2x8x16xf16> into tensor<2x2x8x16xf16>
-# DECODE:         %[[OLD_B:.+]] = flow.tensor.barrier %[[OLD_C]] : tensor<2x2x8x16xf16> on #hal.device.promise<@__device_0>
+# DECODE:         %[[BLK_IDX:.+]] = linalg.generic {{.+}} ins(%[[ROW_PAGE]] : tensor<2x1xi64>) outs(%{{.+}} : tensor<2x1x2xi64>)
+# DECODE:           arith.select %{{.+}}, %{{.+}}, %[[LAYER]] : i64
+# DECODE:         %[[OLD:.+]] = iree_linalg_ext.gather dimension_map = [0, 1] ins(%[[VIEW]], %[[BLK_IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x1x2xi64>) outs(%{{.+}} : tensor<2x1x2x2x8x16xf16>)
+# DECODE:         %[[OLD_C:.+]] = tensor.collapse_shape %[[OLD]] {{\[\[}}0, 1], [2], [3], [4], [5]] : tensor<2x1x2x2x8x16xf16> into tensor<2x2x2x8x16xf16>
+# DECODE:         %[[OLD_B:.+]] = flow.tensor.barrier %[[OLD_C]] : tensor<2x2x2x8x16xf16> on #hal.device.promise<@__device_0>
 # DECODE:         %[[NEW_K:.+]] = tensor.collapse_shape %[[K]] {{\[\[}}0], [1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<2x2x16xf16>
-# DECODE:         %[[MERGED:.+]] = linalg.generic {{.+}} ins(%[[OLD_B]], %[[NEW_K]], %[[POS]] : tensor<2x2x8x16xf16>, tensor<2x2x16xf16>, tensor<2xi64>)
+# DECODE:         %[[NEW_V:.+]] = tensor.collapse_shape %[[V]] {{\[\[}}0], [1, 2], [3]] : tensor<2x2x1x16xf16> into tensor<2x2x16xf16>
+# DECODE:         %[[MERGED:.+]] = linalg.generic {{.+}} ins(%[[OLD_B]], %[[NEW_K]], %[[NEW_V]], %[[POS]] : tensor<2x2x2x8x16xf16>, tensor<2x2x16xf16>, tensor<2x2x16xf16>, tensor<2xi64>)
 # DECODE:           arith.remsi %{{.+}}, %c8_i64
 # DECODE:           arith.select %{{.+}}, %{{.+}}, %{{.+}} : f16
-# DECODE:         %[[WROTE_K:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%[[MERGED]], %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[VIEW]] : tensor<?x3x2x2x8x16xf16>)
-# DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%{{.+}}, %{{.+}} : tensor<2x2x8x16xf16>, tensor<2x3xi64>) outs(%[[WROTE_K]] :
+# DECODE:           arith.select %{{.+}}, %{{.+}}, %{{.+}} : f16
+# DECODE:         %[[ROWS:.+]] = tensor.collapse_shape %[[BLK_IDX]] {{\[\[}}0, 1], [2]] : tensor<2x1x2xi64> into tensor<2x2xi64>
+# DECODE:         %[[WROTE_V:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1] unique_indices(true) ins(%[[MERGED]], %[[ROWS]] : tensor<2x2x2x8x16xf16>, tensor<2x2xi64>) outs(%[[VIEW]] : tensor<?x3x2x2x8x16xf16>)
 # DECODE:         %[[IDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<2x?xi64>) outs(%{{.+}} : tensor<2x?x3xi64>)
 # DECODE:         %[[BLOCKS:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[WROTE_V]], %[[IDX]] : tensor<?x3x2x2x8x16xf16>, tensor<2x?x3xi64>) outs(%{{.+}} : tensor<2x?x2x8x16xf16>)
 # DECODE:         %[[BARRED:.+]] = flow.tensor.barrier %[[BLOCKS]] : tensor<2x?x2x8x16xf16>{%{{.+}}} on #hal.device.promise<@__device_0>

@@ -1,0 +1,59 @@
+"""The compiled step as the GPU would run it: toy models compiled for gfx942 to the stream
+level (`--compile-to=stream`; only the compiler runs, on CPU), read per entry.
+
+- No entry waits on the host: zero `stream.timepoint.await` in every prefill and decode
+  entry, unrolled and `--layer-loop`, at TP1 and TP8.
+- `--layer-loop` holds the layer body once: one loop (one `cf.cond_br`) in each entry at
+  every TP degree (IREE's clone-to-consumers once copied a multi-device loop per consumer
+  device: 3 loops at TP2, 9 at TP8), and the entry's dispatches do not grow with depth.
+- The unrolled 8B-shaped decode step's dispatches per layer (3 layers minus 2) stay at or
+  under what they are today (19 on 2026-11-29, IREE 3.13: 2 norms, 7 matmuls, RoPE for Q,
+  the K/V page read-modify-write in 4, 4 for the paged attention's page reads, the
+  attention); the ceiling may only come down.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import halo
+from test_tp_stream import _entry_body
+
+ENTRIES = ("prefill_bs4$async", "decode_bs4$async")
+
+
+def _stream(tmp_path, *args, tp: int = 1) -> str:
+    from halo_mlir.compile import device_flags, iree_compile_binary
+
+    tag = "_".join(str(a).lstrip("-") for a in args) + f"_tp{tp}"
+    mlir, out = tmp_path / f"{tag}.mlir", tmp_path / f"{tag}.stream.mlir"
+    halo("emit", *args, "--tp", tp, "--bs-prefill", 4, "--bs-decode", 4, "-o", mlir)
+    subprocess.run([iree_compile_binary(), str(mlir), *device_flags("gfx942", tp),
+                    "--compile-to=stream", "-o", str(out)], check=True)
+    return out.read_text()
+
+
+@pytest.mark.parametrize("tp", [1, 8])
+@pytest.mark.parametrize("loop", [False, True], ids=["unrolled", "loop"])
+def test_no_host_waits_and_one_loop(tmp_path, tp, loop):
+    flags = ["--layer-loop"] if loop else []
+    text = _stream(tmp_path, "--model", "toy", "--layers", 2, *flags, tp=tp)
+    deep = _stream(tmp_path, "--model", "toy", "--layers", 4, *flags, tp=tp) if loop else None
+    for entry in ENTRIES:
+        body = _entry_body(text, entry)
+        assert body.count("stream.timepoint.await") == 0, f"{entry}: the host waits"
+        if loop:
+            assert body.count("cf.cond_br") == 1, f"{entry}: the layer loop is not there once"
+            deeper = _entry_body(deep, entry)
+            assert deeper.count("stream.cmd.dispatch ") == body.count("stream.cmd.dispatch "), \
+                f"{entry}: the loop's dispatches grow with depth"
+
+
+def test_decode_dispatches_per_layer(tmp_path):
+    two, three = (_entry_body(_stream(tmp_path, "--model", "8b", "--layers", n),
+                              "decode_bs4$async") for n in (2, 3))
+    per_layer = three.count("stream.cmd.dispatch ") - two.count("stream.cmd.dispatch ")
+    print(f"8B-shaped decode, TP1: {per_layer} dispatches per layer")
+    assert per_layer <= 19
