@@ -16,8 +16,15 @@ class LinalgExtOps:
     def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
                   out: Value) -> Value:
         """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
-        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32."""
-        maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
+        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32.
+
+        Paged keys: k/v[B,P,H,S,D] (pages as gathered from the cache, key t = p * S + s),
+        mask[B,M,P,S]: the attention reads the gathered pages as they are."""
+        if len(self.shape(k)) == 5:
+            maps = self._affine_maps("bhgmkpsn", ["bhgmk", "bphsk", "bphsn", "", "bmps",
+                                                  "bhgmn"])
+        else:
+            maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
         op = ir.Operation.create(
             "iree_linalg_ext.attention", results=[out.type],
             operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},

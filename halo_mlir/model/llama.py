@@ -415,19 +415,24 @@ class _Stack:
                 if looped and start is None:  # prefill: fresh K/V, kept for the write
                     state["acc"] = kv_cache.prefill_accumulate(b, state["acc"], k, v, layer)
                     return k, v
+                # Decode: the fused op reads the gathered pages as they are ([N,B,KVH,
+                # stride,D], the gathers fuse into its dispatch); decomposed reads [N,KVH,T,D].
+                if form == "decomposed":
+                    def read(c, which, separate=True):
+                        return kv_cache.read_pages(b, c, pages, layer, which, separate)
+                else:
+                    def read(c, which, separate=True):
+                        return kv_cache.read_blocks(b, c, pages, layer, which)
                 if looped:  # decode: the cache's pages with this token's K/V in place
                     state["acc"] = kv_cache.decode_accumulate(b, state["acc"], k, v, layer)
-                    return tuple(kv_cache.with_position(
-                        b, kv_cache.read_pages(b, cache, pages, layer, which, separate=False),
-                        x, start)
-                        for which, x in ((0, k), (1, v)))
+                    return tuple(kv_cache.with_position(b, read(cache, which, False), x, start)
+                                 for which, x in ((0, k), (1, v)))
                 if start is None:  # prefill: the fresh K/V are the keys and values
                     state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages, layer)
                     return k, v
                 c = state["cache"] = kv_cache.write_position(b, state["cache"], k, v, pages,
                                                              start, layer)
-                return (kv_cache.read_pages(b, c, pages, layer, 0),
-                        kv_cache.read_pages(b, c, pages, layer, 1))
+                return read(c, 0), read(c, 1)
 
             def kv(_, q, k, v):
                 if m.kv_fp8:  # Q, K and V in fp8 alike: K/V as stored in the cache

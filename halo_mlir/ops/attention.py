@@ -81,12 +81,51 @@ def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, 
 
 def attention_fused(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
                     *, dtype: str, scales: Scales | None = None) -> Value:
-    """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D]."""
+    """q[N,S,KVH,G,D], k/v[N,KVH,T,D] or gathered pages [N,B,KVH,stride,D], qpos[N,S] i64,
+    kv_len[N] i64 -> [N,S,KVH,G,D]."""
+    if len(b.shape(k)) == 5:
+        return _attention_fused_pages(b, q, k, v, qpos, kv_len, dtype=dtype, scales=scales)
     check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
     t = b.dims(k)[2]
     keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
                      lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
+    return _fused(b, q, k, v, keep, dtype, scales)
+
+
+def _attention_fused_pages(b: Builder, q: Value, k: Value, v: Value, qpos: Value,
+                           kv_len: Value, *, dtype: str, scales: Scales | None) -> Value:
+    """k/v as gathered pages [N,B,KVH,stride,D] (`kv_cache.read_blocks`), key t = page *
+    stride + slot: the attention op reads the gathered pages without a transpose or reshape
+    in between, so IREE fuses the page gathers into its dispatch (on gfx942: the pages read
+    in place with 128-bit loads)."""
+    check_operands(b, q, k, v, scales)
+    n, s, kvh, g, d = b.dims(q)
+    nb, stride = b.dims(k)[1], b.shape(k)[3]
+    if b.shape(k)[2] != kvh or b.shape(k)[4] != d:
+        raise HaloError(f"attention: q {b.shape(q)} and paged k {b.shape(k)} disagree")
+    stride_i = b.index(stride)
+
+    def keep(qp, kl, _):
+        t = b.addi(b.muli(b.linalg_index(2), stride_i), b.linalg_index(3))
+        return _keep(b, qp, kl, t)
+
+    mask = b.generic("bq,b->bqpt", [qpos, kv_len], [b.empty([n, s, nb, stride], "i1")], keep)
+    if s != 1 or scales is not None:
+        return _fused(b, q, k, v, mask, dtype, scales)
+    # One query per row: q's query dim moved by reshapes, not a transpose, as in the
+    # paged_decode_attention kernel (IREE then compiles both alike: equal bits on CPU).
+    q4 = b.reshape(q, [[0], [1, 2], [3], [4]], [n, kvh, g, d])
+    q5 = b.reshape(q4, [[0], [1], [2], [3, 4]], [n, kvh, g, 1, d])
+    out = b.attention(q5, k, v, _softmax_scale(b, q, scales), mask,
+                      b.empty([n, kvh, g, 1, d], dtype))
+    out = b.reshape(out, [[0], [1], [2], [3, 4]], [n, kvh, g, d])
+    return b.reshape(out, [[0], [1, 2], [3], [4]], [n, 1, kvh, g, d])
+
+
+def _fused(b: Builder, q: Value, k: Value, v: Value, keep: Value, dtype: str,
+           scales: Scales | None) -> Value:
+    n, s, kvh, g, d = b.dims(q)
     qt = b.transpose(q, [0, 2, 3, 1, 4])  # [N,KVH,G,S,D]
     scale = _softmax_scale(b, q, scales)
     if scales is None:

@@ -124,6 +124,16 @@ def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,
     return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])
 
 
+def read_blocks(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -> Value:
+    """Decode: pages[N,B] of `layer` -> k or v as gathered, [N,B,KVH,stride,D] (key t = page
+    * stride + slot). The fused attention reads this directly (`attention_fused`): with no
+    transpose or reshape in between, IREE fuses the gather into the attention dispatch."""
+    _, _, _, kvh, stride, d = b.shape(cache6)
+    n, nb = b.dims(pages)
+    out = b.empty([n, nb, kvh, stride, d], b.element_type(cache6))
+    return b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
+
+
 # ---- the layer loop (`--layer-loop`): the stack reads the cache, one write after it ----
 # Carrying the cache through an `scf.for` leaves IREE 3.13 unable to see that the loop's
 # result is the caller's buffer: it adds a whole-cache self-copy before the in-place alias
@@ -177,8 +187,11 @@ def decode_accumulate(b: Builder, acc: Value, k: Value, v: Value, layer: Value) 
 
 
 def with_position(b: Builder, old: Value, new: Value, positions: Value) -> Value:
-    """Gathered k or v [N,KVH,T,D] with position positions[n] replaced by new[N,KVH,1,D]:
-    what attention would read after writing the token (the cache itself is written later)."""
+    """Gathered k or v [N,KVH,T,D] (or pages [N,B,KVH,stride,D], `read_blocks`) with position
+    positions[n] replaced by new[N,KVH,1,D]: what attention would read after writing the
+    token (the cache itself is written later)."""
+    if len(b.shape(old)) == 5:
+        return _with_position_blocks(b, old, new, positions)
     n, kvh, t, d = b.dims(old)
     rows = b.reshape(new, [[0], [1, 2], [3]], [n, kvh, d])
 
@@ -188,6 +201,19 @@ def with_position(b: Builder, old: Value, new: Value, positions: Value) -> Value
 
     return b.generic("bhtd,bhd,b->bhtd", [old, rows, positions],
                      [b.empty([n, kvh, t, d], b.element_type(old))], merge)
+
+
+def _with_position_blocks(b: Builder, old: Value, new: Value, positions: Value) -> Value:
+    n, nb, kvh, stride, d = b.dims(old)
+    rows = b.reshape(new, [[0], [1, 2], [3]], [n, kvh, d])
+    stride_i = b.index(stride)
+
+    def merge(o, x, pos, _):
+        t = b.addi(b.muli(b.linalg_index(1), stride_i), b.linalg_index(3))
+        return b.select(b.cmpi("eq", b.cast(t, "i64"), pos), x, o)
+
+    return b.generic("bphsd,bhd,b->bphsd", [old, rows, positions],
+                     [b.empty([n, nb, kvh, stride, d], b.element_type(old))], merge)
 
 
 def decode_write(b: Builder, cache6: Value, acc: Value, pages: Value,
