@@ -16,8 +16,14 @@ class LinalgExtOps:
     def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
                   out: Value) -> Value:
         """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
-        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32."""
-        maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
+        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32.
+        Blocked keys (k/v of rank 5): k/v[B,H,J,U,D], key t = j * U + u, mask[B,M,U,J]
+        (see `ops.attention.attention_fused`)."""
+        if len(self.shape(k)) == 5:
+            maps = self._affine_maps("bhgmkjun",
+                                     ["bhgmk", "bhjuk", "bhjun", "", "bmuj", "bhgmn"])
+        else:
+            maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
         op = ir.Operation.create(
             "iree_linalg_ext.attention", results=[out.type],
             operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},

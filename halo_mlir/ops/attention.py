@@ -80,13 +80,29 @@ def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, 
 
 
 def attention_fused(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
-                    *, dtype: str, scales: Scales | None = None) -> Value:
-    """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D]."""
+                    *, dtype: str, scales: Scales | None = None,
+                    blocks: tuple[Value, int] | None = None) -> Value:
+    """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D].
+
+    `blocks = (J, U)` when T = J * U (prefill: U the page stride, J the pages per row): the
+    op then sees the keys as two dims, k/v[N,KVH,J,U,D] and mask[N,S,U,J]. The static inner
+    key dim is what IREE's gfx942 attention config needs for MFMA at dynamic length; the
+    mask's (U, J) order keeps IREE from collapsing the pair back into one dim (NOTES.md)."""
     check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
-    t = b.dims(k)[2]
-    keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
-                     lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
+    if blocks is None:
+        t = b.dims(k)[2]
+        keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
+                         lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
+    else:
+        j, u = blocks
+        k, v = (b.reshape(x, [[0], [1], [2, 3], [4]], [n, kvh, j, u, d]) for x in (k, v))
+
+        def key(qp, kl, _):  # t = j * U + u
+            t = b.addi(b.muli(b.linalg_index(3), b.index(u)), b.linalg_index(2))
+            return _keep(b, qp, kl, t)
+
+        keep = b.generic("bs,b->bsuj", [qpos, kv_len], [b.empty([n, s, u, j], "i1")], key)
     qt = b.transpose(q, [0, 2, 3, 1, 4])  # [N,KVH,G,S,D]
     scale = _softmax_scale(b, q, scales)
     if scales is None:

@@ -48,20 +48,25 @@ from lit_util import print_kernel
 # DECODE-FP8:         linalg.generic {{.+}} ins(%[[ACC]] :
 # DECODE-FP8:           arith.mulf %{{.+}}, %[[VS]] : f32
 
+# PREFILL-DAG:   #[[KB_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6, d7) -> (d0, d1, d5, d6, d4)>
+# PREFILL-DAG:   #[[MASKB_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6, d7) -> (d0, d3, d6, d5)>
 # PREFILL-LABEL: util.func private @halo_paged_prefill_attention_dtypef32_batch2_kv_heads2_group3_head_dim16_stride8_layers3(
 # PREFILL-SAME:    %[[Q:.+]]: tensor<2x?x2x3x16xf32>, %[[K:.+]]: tensor<2x2x?x16xf32>, %[[V:.+]]: tensor<2x2x?x16xf32>, %[[LENS:.+]]: tensor<2xi64>, %[[CACHE:.+]]: tensor<?x3x2x2x8x16xf32>, %[[PAGES:.+]]: tensor<2x?xi64>, %[[LAYER:.+]]: i64) -> (tensor<2x?x2x3x16xf32>, tensor<?x3x2x2x8x16xf32>)
-# PREFILL:         tensor.expand_shape %[[K]] {{.+}} into tensor<2x2x?x8x16xf32>
+# PREFILL:         %[[KB:.+]] = tensor.expand_shape %[[K]] {{.+}} into tensor<2x2x?x8x16xf32>
 # PREFILL:         %[[KUPD:.+]] = tensor.collapse_shape {{.+}} into tensor<?x2x8x16xf32>
 # PREFILL:         %[[KROWS:.+]] = tensor.collapse_shape {{.+}} into tensor<?x3xi64>
 # PREFILL:         %[[C1:.+]] = iree_linalg_ext.scatter dimension_map = [0, 1, 2] unique_indices(true) ins(%[[KUPD]], %[[KROWS]] : tensor<?x2x8x16xf32>, tensor<?x3xi64>) outs(%[[CACHE]] : tensor<?x3x2x2x8x16xf32>)
-# PREFILL:         tensor.expand_shape %[[V]]
+# PREFILL:         %[[VB:.+]] = tensor.expand_shape %[[V]]
 # PREFILL:         %[[C2:.+]] = iree_linalg_ext.scatter {{.+}} outs(%[[C1]] : tensor<?x3x2x2x8x16xf32>)
-# PREFILL:         %[[MASK:.+]] = linalg.generic {{.+}} ins(%[[LENS]] : tensor<2xi64>) outs(%{{.+}} : tensor<2x?x?xi1>)
-# PREFILL:           %[[CAUSAL:.+]] = arith.cmpi sle
+# PREFILL:         %[[MASK:.+]] = linalg.generic {{.+}} ins(%[[LENS]] : tensor<2xi64>) outs(%{{.+}} : tensor<2x?x8x?xi1>)
+# PREFILL:           %[[STRIDE:.+]] = arith.constant 8 : i64
+# PREFILL:           %[[JT:.+]] = arith.muli %{{.+}}, %[[STRIDE]] : i64
+# PREFILL:           %[[T:.+]] = arith.addi %[[JT]], %{{.+}} : i64
+# PREFILL:           %[[CAUSAL:.+]] = arith.cmpi sle, %[[T]]
 # PREFILL:           %[[INSIDE:.+]] = arith.cmpi slt
 # PREFILL:           arith.andi %[[CAUSAL]], %[[INSIDE]] : i1
 # PREFILL:         %[[QT:.+]] = linalg.transpose ins(%[[Q]] {{.+}} permutation = [0, 2, 3, 1, 4]
-# PREFILL:         %[[OUT:.+]] = iree_linalg_ext.attention {{.+}} ins(%[[QT]], %[[K]], %[[V]], %{{.+}}, %[[MASK]] :
+# PREFILL:         %[[OUT:.+]] = iree_linalg_ext.attention <indexing_maps = [#{{.+}}, #[[KB_MAP]], #{{.+}}, #{{.+}}, #[[MASKB_MAP]], #{{.+}}]> ins(%[[QT]], %[[KB]], %[[VB]], %{{.+}}, %[[MASK]] : {{.+}}, tensor<2x2x?x8x16xf32>, tensor<2x2x?x8x16xf32>, f32, tensor<2x?x8x?xi1>)
 # PREFILL:         %[[RES:.+]] = linalg.transpose ins(%[[OUT]] {{.+}} permutation = [0, 3, 1, 2, 4]
 # PREFILL:         util.return %[[RES]], %[[C2]]
 print_kernel(sys.argv[1:])
