@@ -13,18 +13,24 @@ Value = ir.Value
 
 
 class LinalgExtOps:
-    def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
-                  out: Value) -> Value:
-        """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v[B,H,T,D], mask[B,M,T] i1
-        (true = keep), scale f32 -> out[B,H,G,M,D]. Accumulates in f32.
+    # Key layouts of `attention`: (iteration dims, k map, v map, mask map).
+    _KEYS = {
+        # k/v[B,H,T,D], mask[B,M,T]
+        "flat": ("bhgmktn", "bhtk", "bhtn", "bmt"),
+        # pages as gathered from the cache: k/v[B,P,H,S,D], key t = p * S + s, mask[B,M,P,S]
+        "pages": ("bhgmkpsn", "bphsk", "bphsn", "bmps"),
+        # blocked keys: k/v[B,H,J,U,D], key t = j * U + u, mask[B,M,U,J] (see
+        # `ops.attention.attention_fused`: the order keeps IREE from merging J and U)
+        "blocks": ("bhgmkjun", "bhjuk", "bhjun", "bmuj"),
+    }
 
-        Paged keys: k/v[B,P,H,S,D] (pages as gathered from the cache, key t = p * S + s),
-        mask[B,M,P,S]: the attention reads the gathered pages as they are."""
-        if len(self.shape(k)) == 5:
-            maps = self._affine_maps("bhgmkpsn", ["bhgmk", "bphsk", "bphsn", "", "bmps",
-                                                  "bhgmn"])
-        else:
-            maps = self._affine_maps("bhgmktn", ["bhgmk", "bhtk", "bhtn", "", "bmt", "bhgmn"])
+    def attention(self, q: Value, k: Value, v: Value, scale: Value, mask: Value,
+                  out: Value, keys: str = "flat") -> Value:
+        """iree_linalg_ext.attention, GQA form: q[B,H,G,M,D], k/v and mask in the `keys`
+        layout (`_KEYS`; flat: k/v[B,H,T,D], mask[B,M,T]), i1 mask (true = keep), scale f32
+        -> out[B,H,G,M,D]. Accumulates in f32."""
+        dims, km, vm, mm = self._KEYS[keys]
+        maps = self._affine_maps(dims, ["bhgmk", km, vm, "", mm, "bhgmn"])
         op = ir.Operation.create(
             "iree_linalg_ext.attention", results=[out.type],
             operands=[q, k, v, scale, mask, out], attributes={"indexing_maps": maps},

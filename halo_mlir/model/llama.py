@@ -452,8 +452,12 @@ class _Stack:
                     k_all, v_all = gathered(k, v)
                 # In the loop, `paged` attends with the fused op (same numbers): the cache
                 # there does not hold this layer's K/V yet (see kv_cache).
-                fn = ATTENTION["fused" if form == "paged" else form]
-                return fn(b, q, k_all, v_all, positions, seq_lens, dtype=m.dt, scales=scales)
+                how = "fused" if form == "paged" else form
+                extra = {}
+                if how == "fused" and start is None:  # prefill: T = pages * stride
+                    extra["blocks"] = (b.dims(pages)[1], m.opts.block_seq_stride)
+                return ATTENTION[how](b, q, k_all, v_all, positions, seq_lens, dtype=m.dt,
+                                      scales=scales, **extra)
 
             h = m.block("*", h, positions, seq_lens, (cos, sin), kv, weights)
             b.ret(h, state["acc"] if looped else state["cache"])

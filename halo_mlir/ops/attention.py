@@ -80,17 +80,33 @@ def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, 
 
 
 def attention_fused(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
-                    *, dtype: str, scales: Scales | None = None) -> Value:
+                    *, dtype: str, scales: Scales | None = None,
+                    blocks: tuple[Value, int] | None = None) -> Value:
     """q[N,S,KVH,G,D], k/v[N,KVH,T,D] or gathered pages [N,B,KVH,stride,D], qpos[N,S] i64,
-    kv_len[N] i64 -> [N,S,KVH,G,D]."""
+    kv_len[N] i64 -> [N,S,KVH,G,D].
+
+    `blocks = (J, U)` when T = J * U (prefill: U the page stride, J the pages per row): the
+    op then sees the keys as two dims, k/v[N,KVH,J,U,D] and mask[N,S,U,J]. The static inner
+    key dim is what IREE's gfx942 attention config needs for MFMA at dynamic length; the
+    mask's (U, J) order keeps IREE from collapsing the pair back into one dim (NOTES.md)."""
     if len(b.shape(k)) == 5:
         return _attention_fused_pages(b, q, k, v, qpos, kv_len, dtype=dtype, scales=scales)
     check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
-    t = b.dims(k)[2]
-    keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
-                     lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
-    return _fused(b, q, k, v, keep, dtype, scales)
+    if blocks is None:
+        t = b.dims(k)[2]
+        keep = b.generic("bs,b->bst", [qpos, kv_len], [b.empty([n, s, t], "i1")],
+                         lambda qp, kl, _: _keep(b, qp, kl, b.linalg_index(2)))
+        return _fused(b, q, k, v, keep, dtype, scales, "flat")
+    j, u = blocks
+    k, v = (b.reshape(x, [[0], [1], [2, 3], [4]], [n, kvh, j, u, d]) for x in (k, v))
+
+    def key(qp, kl, _):  # t = j * U + u
+        t = b.addi(b.muli(b.linalg_index(3), b.index(u)), b.linalg_index(2))
+        return _keep(b, qp, kl, t)
+
+    keep = b.generic("bs,b->bsuj", [qpos, kv_len], [b.empty([n, s, u, j], "i1")], key)
+    return _fused(b, q, k, v, keep, dtype, scales, "blocks")
 
 
 def _attention_fused_pages(b: Builder, q: Value, k: Value, v: Value, qpos: Value,
@@ -112,26 +128,26 @@ def _attention_fused_pages(b: Builder, q: Value, k: Value, v: Value, qpos: Value
 
     mask = b.generic("bq,b->bqpt", [qpos, kv_len], [b.empty([n, s, nb, stride], "i1")], keep)
     if s != 1 or scales is not None:
-        return _fused(b, q, k, v, mask, dtype, scales)
+        return _fused(b, q, k, v, mask, dtype, scales, "pages")
     # One query per row: q's query dim moved by reshapes, not a transpose, as in the
     # paged_decode_attention kernel (IREE then compiles both alike: equal bits on CPU).
     q4 = b.reshape(q, [[0], [1, 2], [3], [4]], [n, kvh, g, d])
     q5 = b.reshape(q4, [[0], [1], [2], [3, 4]], [n, kvh, g, 1, d])
     out = b.attention(q5, k, v, _softmax_scale(b, q, scales), mask,
-                      b.empty([n, kvh, g, 1, d], dtype))
+                      b.empty([n, kvh, g, 1, d], dtype), keys="pages")
     out = b.reshape(out, [[0], [1], [2], [3, 4]], [n, kvh, g, d])
     return b.reshape(out, [[0], [1, 2], [3], [4]], [n, 1, kvh, g, d])
 
 
 def _fused(b: Builder, q: Value, k: Value, v: Value, keep: Value, dtype: str,
-           scales: Scales | None) -> Value:
+           scales: Scales | None, keys: str) -> Value:
     n, s, kvh, g, d = b.dims(q)
     qt = b.transpose(q, [0, 2, 3, 1, 4])  # [N,KVH,G,S,D]
     scale = _softmax_scale(b, q, scales)
     if scales is None:
-        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], dtype))
+        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], dtype), keys=keys)
     else:  # accumulate in f32, then v's scale and the cast
-        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], "f32"))
+        out = b.attention(qt, k, v, scale, keep, b.empty([n, kvh, g, s, d], "f32"), keys=keys)
         out = b.map("bhgmd,->bhgmd", [out, scales[1]], dtype,
                     lambda o, sv: b.cast(b.mulf(o, sv), dtype))
     return b.transpose(out, [0, 3, 1, 2, 4])
