@@ -39,7 +39,7 @@ _ELEMENT_TYPES: dict[str, Callable[[], ir.Type]] = {
     "index": ir.IndexType.get,
 }
 
-_EINSUM = re.compile(r"^([a-z]*(?:,[a-z]*)*)->([a-z]*(?:,[a-z]*)*)$")
+_EINSUM = re.compile(r"^([a-z]*(?:,[a-z]*)*)->([a-z]*)$")
 
 
 class Builder(LinalgExtOps, EntryPoints):
@@ -251,7 +251,7 @@ class Builder(LinalgExtOps, EntryPoints):
             m = _EINSUM.match(spec.replace(" ", ""))
             if not m:
                 raise ValueError(f"bad einsum spec {spec!r}")
-            operands = (m.group(1).split(",") if m.group(1) else []) + m.group(2).split(",")
+            operands = (m.group(1).split(",") if m.group(1) else []) + [m.group(2)]
             dims = "".join(dict.fromkeys("".join(operands)))
             kinds = ["parallel" if d in m.group(2) else "reduction" for d in dims]
             iters = ir.ArrayAttr.get([ir.Attribute.parse(f"#linalg.iterator_type<{k}>")

@@ -19,7 +19,7 @@ from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
 from halo_mlir.ops.fp8 import fp8_linear, quantize
 from halo_mlir.ops.ffn import silu_mul
-from halo_mlir.ops.linear import add, linear, linear_pair
+from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
@@ -176,12 +176,6 @@ class _Model:
                     f"blk.{{i}}.{name}.weight"][0], dtype=dt)
             return linear(b, x, w, dtype=dt)
 
-        def pair_(a, c, x):
-            """Two linears of x: one contraction (f32 results) when both weights are plain
-            tensors and x's rows are static (decode)."""
-            plain = not any(isinstance(weights[k], tuple) for k in (a, c))
-            return (plain and linear_pair(b, x, weights[a], weights[c])) or \
-                (linear_(a, x), linear_(c, x))
         with b.at(f"blk.{i}.attn_norm"):
             x = rmsnorm(b, h, weights["attn_norm"], eps=cfg.rms_eps, dtype=dt)
         heads = {}
@@ -207,7 +201,8 @@ class _Model:
         with b.at(f"blk.{i}.ffn_norm"):
             x = rmsnorm(b, h, weights["ffn_norm"], eps=cfg.rms_eps, dtype=dt)
         with b.at(f"blk.{i}.ffn"):
-            gate, up = pair_("ffn_gate", "ffn_up", x)
+            gate = linear_("ffn_gate", x)
+            up = linear_("ffn_up", x)
             y = linear_("ffn_down", silu_mul(b, gate, up, dtype=dt))
             return add(b, h, y)
 

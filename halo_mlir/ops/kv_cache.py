@@ -89,10 +89,11 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     idx = _block_indices(b, page, layer)  # [N,1,2]
     et = b.element_type(cache6)
     block = b.gather(cache6, idx, b.empty([n, 1, 2, kvh, stride, d], et), [0, 1])
-    # The barrier keeps the gather out of the merge's dispatch: fused, IREE 3.13's CPU
-    # backend vectorizes the pair over whole blocks and rejects the vectors as too large.
-    block = b.fusion_barrier(b.reshape(block, [[0, 1], [2], [3], [4], [5]],
-                                       [n, 2, kvh, stride, d]))
+    # No fusion barrier here: IREE compiles this gather fused with the merge (on CPU too,
+    # unlike the former per-K/V blocks), and a barrier made the sharded bs 1 step fail to
+    # schedule on gfx942 ("failed to schedule execution partitions without cyclic
+    # dependencies").
+    block = b.reshape(block, [[0, 1], [2], [3], [4], [5]], [n, 2, kvh, stride, d])
 
     def merge(old, new_k, new_v, pos, _):
         here = b.cmpi("eq", b.cast(b.linalg_index(3), "i64"), b.remsi(pos, stride_c))

@@ -14,25 +14,6 @@ def linear(b: Builder, x: Value, w: Value, *, dtype: str) -> Value:
     return b.reshape(out, [[0, 1], [2]], [n, s, m])
 
 
-def linear_pair(b: Builder, x: Value, w1: Value, w2: Value) -> tuple[Value, Value] | None:
-    """x[N,S,K], w1/w2[M,K] -> (x @ w1^T, x @ w2^T) [N,S,M] in f32, as one contraction with
-    two accumulators (one kernel reads x once and both weights); None when N*S is dynamic
-    (prefill: two matmuls, which get MFMA)."""
-    n, s, k = b.dims(x)
-    if not (isinstance(n, int) and isinstance(s, int)):
-        return None
-    m = b.shape(w1)[0]
-    rows = b.reshape(x, [[0, 1], [2]], [n * s, k])
-
-    def body(xe, a, c, acc_a, acc_c):
-        x32 = b.cast(xe, "f32")
-        return [b.addf(acc_a, b.mulf(x32, b.cast(a, "f32"))),
-                b.addf(acc_c, b.mulf(x32, b.cast(c, "f32")))]
-    accs = b.generic("rk,mk,mk->rm,rm", [rows, w1, w2],
-                     [b.filled([n * s, m], 0.0, "f32") for _ in range(2)], body)
-    return tuple(b.reshape(a, [[0, 1], [2]], [n, s, m]) for a in accs)
-
-
 def add(b: Builder, x: Value, y: Value) -> Value:
     """x[N,S,D] + y[N,S,D] (the residual connection)."""
     return b.map("bsd,bsd->bsd", [x, y], b.element_type(x), b.addf)
