@@ -35,4 +35,6 @@ def fp8_linear(b: Builder, x: Value, qs: Value, d: Value, in_rscale: Value, *,
     rows = b.retype(rows, [None, b.shape(x)[2]])
     fn = kernels.instantiate(b, "fp8_matmul", n=m, k=b.shape(qs)[1], out_dtype=dtype)
     out = b.call(fn, [rows, qs, in_rscale, d], [b.tensor_type([None, m], dtype)])[0]
+    if isinstance(n, int) and isinstance(s, int):  # decode: the rows are static again
+        out = b.retype(out, [n * s, m])
     return b.reshape(out, [[0, 1], [2]], [n, s, m])

@@ -166,9 +166,10 @@ def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
             s.env[old] = SV(sh, list(args[k * tp:(k + 1) * tp]))
         result_shardings, values = [], []
         for v in _shard_body(s, fn, name).operands:
+            # Partial sums leave as they are: the caller all-reduces them where they are
+            # consumed, at the shapes it knows (a kernel's dynamic rows are static there in
+            # decode, so `--allreduce auto` can one-shot them).
             sv = s.get(v)
-            if isinstance(sv.sharding, Partial):
-                sv = s.materialize(sv)
             result_shardings.append(sv.sharding)
             values += sv.values
         b.ret(*values)

@@ -241,9 +241,9 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
         return s.per_device(op, svs, [out.sharding if not isinstance(out.sharding, Partial)
                                       else REPLICATED])
     if s.payload == "activation" and isinstance(svs[0].sharding, Partial) and \
-            _is_truncation(op):
-        # Each device rounds its own partial sum, so the all-reduce (at the consumer)
-        # carries the activation dtype: N roundings where TP1 has one.
+            (_is_truncation(op) or _is_scaled_rounding(op, svs)):
+        # Each device scales and rounds its own partial sum, so the all-reduce (at the
+        # consumer) carries the activation dtype: N roundings where TP1 has one.
         return s.per_device(op, svs, [PARTIAL])
     # maps pair with the tensor operands and scalars (attention's scale has map ()->()).
     svs = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs]
@@ -296,6 +296,21 @@ def _is_truncation(op) -> bool:
     body = [inner.operation for inner in op.regions[0].blocks[0].operations]
     return [o.name for o in body] == ["arith.truncf", "linalg.yield"] and \
         body[0].operands[0] == op.regions[0].blocks[0].arguments[0]
+
+
+def _is_scaled_rounding(op, svs: list[SV]) -> bool:
+    """A linalg.generic that multiplies its one tensor input by replicated scalars (0-d
+    tensors) and rounds the product to the output type (the fp8 matmul's scale epilogue):
+    linear in the input, so it applies to each device's partial sum alike."""
+    if op.name != "linalg.generic" or len(op.results) != 1:
+        return False
+    maps = _maps(op)
+    if maps[0] != maps[-1] or not maps[0].is_permutation or \
+            any(len(m.results) for m in maps[1:-1]) or \
+            any(not isinstance(sv.sharding, Replicated) for sv in svs[1:-1]):
+        return False
+    names = {inner.operation.name for inner in op.regions[0].blocks[0].operations}
+    return names <= {"arith.mulf", "arith.truncf", "arith.bitcast", "linalg.yield"}
 
 
 def _group_of(groups, dim):

@@ -28,12 +28,12 @@ def _entry_body(text: str, entry: str) -> str:
     return body[:body.index("\n  }\n")]
 
 
-def _stream(tmp_path, layers: int) -> str:
+def _stream(tmp_path, layers: int, dtype: str = "f16") -> str:
     from halo_mlir.compile import device_flags, iree_compile_binary
 
-    mlir, out = tmp_path / f"l{layers}.mlir", tmp_path / f"l{layers}.stream.mlir"
-    halo("emit", "--model", "toy", "--layers", layers, "--tp", TP, "--bs-prefill", 4,
-         "--bs-decode", 4, "-o", mlir)
+    mlir, out = (tmp_path / f"l{layers}{dtype}.mlir", tmp_path / f"l{layers}{dtype}.stream.mlir")
+    halo("emit", "--model", "toy", "--layers", layers, "--tp", TP, "--dtype", dtype,
+         "--bs-prefill", 4, "--bs-decode", 4, "-o", mlir)
     subprocess.run([iree_compile_binary(), str(mlir), *device_flags("gfx942", TP),
                     "--compile-to=stream", "-o", str(out)], check=True)
     return _entry_body(out.read_text(), ENTRY)
@@ -59,3 +59,15 @@ def test_one_shot_decode_at_the_stream_level(tmp_path):
     # each all-reduce's sum reads the 8 partials and the residual: fused with the add
     assert per["sums of 8 partials"] == 2
     assert per["dispatches"] <= 18 and per["submissions"] <= 3
+
+
+def test_fp8_decode_all_reduces_one_shot(tmp_path):
+    """The fp8 matmul kernel returns its partial sums (scaled and rounded on each device) to
+    the caller, which all-reduces them at decode's static size: one-shot, as f16 (they were
+    reduce-scattered inside the kernel at its dynamic rows: 28 copies a layer)."""
+    two, three = (_counts(_stream(tmp_path, n, "fp8")) for n in (2, 3))
+    per = {k: (three[k] - two[k]) / TP for k in two}
+    print(f"toy fp8 TP{TP} decode bs4, per device per layer: {per}")
+    assert per["copies"] == 2 * (TP - 1)
+    assert per["submissions"] <= 3
+
