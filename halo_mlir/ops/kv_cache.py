@@ -62,18 +62,19 @@ def decode_tables(b: Builder, pages: Value, positions: Value, layers: int,
     positions[n])."""
     n, nb = b.dims(pages)
 
+    # Loop dims in order of appearance (Builder.generic): b, i, l, k, c.
     def read_row(page, _):
         which = b.linalg_index(4)
-        layer = b.cast(b.linalg_index(0), "i64")
-        kv = b.cast(b.linalg_index(1), "i64")
+        layer = b.cast(b.linalg_index(2), "i64")
+        kv = b.cast(b.linalg_index(3), "i64")
         inner = b.select(b.cmpi("eq", which, b.index(1)), layer, kv)
         return b.select(b.cmpi("eq", which, b.index(0)), page, inner)
 
     read = b.generic("bi->lkbic", [pages], [b.empty([layers, 2, n, nb, 3], "i64")], read_row)
     page = current_page(b, pages, positions, stride)  # [N,1]
 
-    def write_row(pg, _):
-        layer = b.cast(b.linalg_index(0), "i64")
+    def write_row(pg, _):  # loop dims b, i, l, c
+        layer = b.cast(b.linalg_index(2), "i64")
         return b.select(b.cmpi("eq", b.linalg_index(3), b.index(0)), pg, layer)
 
     write = b.generic("bi->lbic", [page], [b.empty([layers, n, 1, 2], "i64")], write_row)
