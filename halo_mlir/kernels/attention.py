@@ -1,8 +1,8 @@
-"""Paged attention kernels (decode, prefill) over the ABI.md cache and their numpy references.
+"""Paged attention kernels (decode, prefill) over the docs/ABI.md cache and their numpy references.
 
 The cache argument is the 6-D view [P, layers, 2, kv_heads, stride, head_dim]; `layer` is a
-runtime i64 so every layer of a model shares one kernel (IREE_FACTS.md: per-layer constants
-in kernels multiply the compiled kernels).
+runtime i64 so every layer of a model shares one kernel (per-layer constants in kernels
+multiply the compiled kernels: NOTES.md, "Kernel dedup across layers").
 """
 
 from __future__ import annotations
