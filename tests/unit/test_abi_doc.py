@@ -464,12 +464,14 @@ def doc_signature(rows, ns, *, n: int, dt: str, cdt: str) -> dict:
     return {"args": args, "aliased": aliased, "result": result}
 
 
-@pytest.mark.parametrize("tp, dtype, cache", [(1, "f16", "f16"), (2, "f16", "f16"),
-                                              (1, "fp8", "f8E4M3FNUZ"), (1, "f32", "f32")])
-def test_entry_points(tmp_path, tp, dtype, cache):
+@pytest.mark.parametrize("tp, dtype, cache, extra", [
+    (1, "f16", "f16", []), (2, "f16", "f16", []), (1, "fp8", "f8E4M3FNUZ", []),
+    (1, "f32", "f32", []), (2, "fp8", "f16", ["--kv-cache-dtype", "f16", "--layer-loop"])])
+def test_entry_points(tmp_path, tp, dtype, cache, extra):
     d = checkpoint(tmp_path / "ckpt", SMALL)
     text = emit(tmp_path, "m", "--hf-config", d / "config.json", "--bs-prefill", "1,4",
-                "--bs-decode", "2", "--block-seq-stride", 16, "--dtype", dtype, "--tp", tp)
+                "--bs-decode", "2", "--block-seq-stride", 16, "--dtype", dtype, "--tp", tp,
+                *extra)
     tables = doc_tables()
     ns = symbols(tables, cfg_of(SMALL), stride=16, tp=tp, bs_prefill=(1, 4), bs_decode=(2,))
     dt = "f16" if dtype == "fp8" else dtype
