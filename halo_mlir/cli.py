@@ -297,7 +297,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
                    "modules emitted with --layer-loop.")
 @click.option("--quantize", metavar="fp8",
               help="fp8: linear weights as f8E4M3FNUZ with per-tensor scales, activation "
-                   "scales by calibration (README: FP8 parameters).")
+                   "scales by calibration (docs/fp8.md).")
 @click.option("--calibration-text", type=click.Path(),
               help="With --quantize fp8: text to calibrate on (default: one shipped in the package).")
 @click.option("--calibration-tokens", type=int,
