@@ -309,7 +309,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @_reports_errors
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
                   calibration_text, calibration_tokens, tokenizer, output):
-    """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
+    """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
     if bool(st_path) == bool(gguf):

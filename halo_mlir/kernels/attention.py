@@ -1,10 +1,10 @@
-"""Paged attention kernels (decode, prefill) over the ABI.md cache and their numpy references.
+"""Paged attention kernels (decode, prefill) over the docs/ABI.md cache and their numpy references.
 
 The cache argument is the 6-D view [P, layers, 2, kv_heads, stride, head_dim]. The layer is
-a runtime value so every layer of a model shares one kernel (IREE_FACTS.md: per-layer
-constants in kernels multiply the compiled kernels): prefill takes `layer` as an i64, decode
-takes the gather rows (page, layer, k/v) that the model computes for every layer once per
-step (`kv_cache.decode_tables`).
+a runtime value so every layer of a model shares one kernel (per-layer constants in kernels
+multiply the compiled kernels: NOTES.md, "Kernel dedup across layers"): prefill takes
+`layer` as an i64, decode takes the gather rows (page, layer, k/v) that the model computes
+for every layer once per step (`kv_cache.decode_tables`).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class EmitOptions:
     template_dir: str | None = None
     # The KV cache's dtype; None: fp8 for an fp8 model, else the activation dtype.
     kv_cache_dtype: str | None = None
-    # An fp8 model's norms, residuals, attention output and logits (ABI.md: f16); f32 makes
+    # An fp8 model's norms, residuals, attention output and logits (docs/ABI.md: f16); f32 makes
     # the fp8 roundings the only difference from an f32 reference.
     fp8_activations: str = "f16"
 
@@ -98,7 +98,7 @@ class EmitOptions:
 
 
 def page_elems(cfg: LlamaConfig, opts: EmitOptions) -> int:
-    """Elements of one KV-cache page (ABI.md): layers * 2 * kv_heads * stride * head_dim."""
+    """Elements of one KV-cache page (docs/ABI.md): layers * 2 * kv_heads * stride * head_dim."""
     return cfg.n_layers * 2 * cfg.n_kv_heads * opts.block_seq_stride * cfg.head_dim
 
 
@@ -234,7 +234,7 @@ class _Model:
         name = f"prefill_bs{bs}"
         with b.function(f"{name}$impl", args, [logits_t, args[3]], private=True) as (
                 tokens, seq_lens, pages, cache):
-            # S is a multiple of the page size (ABI.md): tell IREE (`util.assume.int`), so
+            # S is a multiple of the page size (docs/ABI.md): tell IREE (`util.assume.int`), so
             # prefill matmuls with their dynamic M get MFMA on gfx942.
             self.mark_entry(name, 3, divisors=(0, 1, self.opts.block_seq_stride))
             impl = b.current_function
@@ -309,7 +309,7 @@ class _Stack:
     def loop(self, h: Value, positions: Value, seq_lens: Value, rotary: tuple) -> Value:
         """`scf.for %l` over the layers: layer %l's weights are slices of the stacked
         globals; the carried values are pinned to the device at the top of the body
-        (IREE_FACTS.md: otherwise IREE copies them every iteration)."""
+        (otherwise IREE copies them every iteration)."""
         m, b = self.m, self.m.b
         n = m.cfg.n_layers
         with b.at("blk"):

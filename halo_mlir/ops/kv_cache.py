@@ -1,4 +1,4 @@
-"""The paged KV cache (ABI.md layout): page writes and page gathers.
+"""The paged KV cache (docs/ABI.md layout): page writes and page gathers.
 
 `cache_state` is [P, page_elems]; viewed as 6-D it is [P, layer, k_or_v, kv_head, pos, d].
 The layer index is a runtime scalar (`layer`, kept opaque by the caller) so that every

@@ -1,6 +1,7 @@
 """What the GPU runs for the all-reduces: toy TP8 decode (bs 4) compiled for gfx942 to the
 stream level (`--compile-to=stream`, only the compiler: runs on CPU), counted per device per
-layer as the difference between 3 and 2 layers (STYLE.md, "Reading the compiled program").
+layer as the difference between 3 and 2 layers (what IREE inlines, fuses, clones and copies
+shows only there: the source IR hides it).
 
 `--allreduce auto` one-shots decode's all-reduces: each device receives the 7 other partial
 sums (2 all-reduces a layer: 14 cross-device copies, nothing else copied) and adds them in

@@ -1,6 +1,6 @@
 # RUN: %python %s decode | %FileCheck %s --check-prefix=DECODE
 # RUN: %python %s prefill | %FileCheck %s --check-prefix=PREFILL
-# Tests that the paged cache is viewed as [page, layer, k/v, kv_head, pos, d] (ABI.md), that
+# Tests that the paged cache is viewed as [page, layer, k/v, kv_head, pos, d] (docs/ABI.md), that
 # decode reads each row's current page (its K and V blocks of the layer together), merges
 # the new K/V at pos % stride and writes it back in one scatter, then gathers whole pages;
 # that prefill scatters whole blocks; that every scatter/gather indexes only (page, layer)
