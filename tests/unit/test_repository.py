@@ -16,13 +16,21 @@ OUTSIDE = ["../" + "shared", "/" + "work/", "shared" + "/", "IREE_" + "FACTS", "
 
 
 def scanned_files():
-    for name in SCANNED:
-        path = ROOT / name
-        files = [path] if path.is_file() else sorted(path.rglob("*"))
-        for f in files:
-            if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".irpa", ".gguf",
-                                                                                  ".vmfb"):
-                yield f
+    """The repository's own files: what git tracks (or would add), never test outputs such
+    as lit's Output/ folders, which hold the running machine's paths."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                             *SCANNED], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        candidates = [ROOT / line for line in listed.stdout.splitlines()]
+    else:  # not a git checkout: walk the folders, skipping generated ones
+        candidates = [f for name in SCANNED for f in ([ROOT / name] if (ROOT / name).is_file()
+                      else sorted((ROOT / name).rglob("*")))]
+    for f in candidates:
+        if (f.is_file() and not {"__pycache__", "Output"} & set(f.parts)
+                and f.suffix not in (".irpa", ".gguf", ".vmfb")):
+            yield f
 
 
 def test_nothing_refers_outside_the_repository():
