@@ -21,7 +21,6 @@ import subprocess
 from conftest import halo
 
 TP = 8
-ENTRY = "decode_bs4$async"
 
 
 def _entry_body(text: str, entry: str) -> str:
@@ -29,15 +28,16 @@ def _entry_body(text: str, entry: str) -> str:
     return body[:body.index("\n  }\n")]
 
 
-def _stream(tmp_path, layers: int, dtype: str = "f16") -> str:
+def _stream(tmp_path, layers: int, dtype: str = "f16", bs: int = 4) -> str:
     from halo_mlir.compile import device_flags, iree_compile_binary
 
-    mlir, out = (tmp_path / f"l{layers}{dtype}.mlir", tmp_path / f"l{layers}{dtype}.stream.mlir")
+    tag = f"l{layers}{dtype}bs{bs}"
+    mlir, out = tmp_path / f"{tag}.mlir", tmp_path / f"{tag}.stream.mlir"
     halo("emit", "--model", "toy", "--layers", layers, "--tp", TP, "--dtype", dtype,
-         "--bs-prefill", 4, "--bs-decode", 4, "-o", mlir)
+         "--bs-prefill", 4, "--bs-decode", bs, "-o", mlir)
     subprocess.run([iree_compile_binary(), str(mlir), *device_flags("gfx942", TP),
                     "--compile-to=stream", "-o", str(out)], check=True)
-    return _entry_body(out.read_text(), ENTRY)
+    return _entry_body(out.read_text(), f"decode_bs{bs}$async")
 
 
 def _counts(body: str) -> dict:
@@ -59,6 +59,16 @@ def test_one_shot_decode_at_the_stream_level(tmp_path):
     assert per["memcpy dispatches"] == 0  # no slicing or concatenation kernels
     # each all-reduce's sum reads the 8 partials and the residual: fused with the add
     assert per["sums of 8 partials"] == 2
+    assert per["dispatches"] <= 15 and per["submissions"] <= 3
+
+
+def test_one_shot_decode_at_batch_one(tmp_path):
+    """bs 1 (the latency case): the same kernels as bs 4 (batch-1 contractions stay generic,
+    see compile.py's gfx942 flags: 20 kernels before), the same one-shot copies."""
+    two, three = (_counts(_stream(tmp_path, n, bs=1)) for n in (2, 3))
+    per = {k: (three[k] - two[k]) / TP for k in two}
+    print(f"toy TP{TP} decode bs1, per device per layer: {per}")
+    assert per["copies"] == 2 * (TP - 1) and per["memcpy dispatches"] == 0
     assert per["dispatches"] <= 15 and per["submissions"] <= 3
 
 
