@@ -43,23 +43,24 @@ def dequantize(fmt: str, fields: list[np.ndarray]) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
-def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True) -> np.ndarray:
+def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
+                  top: float = 1.0) -> np.ndarray:
     """Raw GGUF blocks uint8 [n, k/block * block_bytes] of format `fmt_name`: Q8_0/Q4_1
     quantized from a normal weight by the gguf package; Q4_K/Q6_K (which it cannot quantize)
     built from random bytes, each super-block one of: random scales, the largest f16 d/dmin,
     the smallest (subnormal) ones, every 6-bit scale and min 63, all zero (kinds=False: only
-    random ones, with d chosen so weights stay within about +-1)."""
+    random ones, with d chosen so weights stay within about +-top)."""
     import gguf
 
     from halo_mlir.quant import FORMATS
 
     fmt = FORMATS[fmt_name]
     if fmt.block == 32:
-        w = rng.standard_normal((n, k)).astype(np.float32)
+        w = (top * rng.standard_normal((n, k))).astype(np.float32)
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.ggml])
     blocks = rng.integers(0, 256, (n, k // fmt.block, fmt.block_bytes), dtype=np.uint8)
     scale_at = {"q4_k": (0, 2), "q6_k": (208,)}[fmt_name]  # d (and dmin) byte offsets
-    top = 1.0 / (63 * 15) if fmt_name == "q4_k" else 1.0 / (127 * 32)
+    top = top / (63 * 15) if fmt_name == "q4_k" else top / (127 * 32)
     d = (rng.uniform(0.25, 1.0, (n, k // fmt.block, len(scale_at))) * top).astype(np.float16)
     kind = rng.integers(0, 5 if kinds else 1, (n, k // fmt.block))
     d[kind == 1] = np.float16(65504.0)
