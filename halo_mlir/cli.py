@@ -74,8 +74,9 @@ def main():
 
 
 def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
-                 layers: int | None, keep_quantized: bool = False):
-    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file."""
+                 layers: int | None, keep_quantized: bool = False, tp: int = 1):
+    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file;
+    kept-quantized weights checked to split `tp` ways at block boundaries."""
     from halo_mlir import config
 
     given = [name for name, v in (("--model", model), ("--hf-config", hf_config),
@@ -92,6 +93,11 @@ def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
         with GgufFile(gguf) as g:
             cfg = g.config()
             formats = weight_formats(g, cfg, keep_quantized)
+            if tp > 1:
+                from halo_mlir.params.names import param_shapes
+                from halo_mlir.sharding_passes.plan import check_quantized_split
+
+                check_quantized_split(formats, param_shapes(cfg), tp)
             note = dequantized_note(g, cfg, formats) if keep_quantized else None
             if note:
                 click.echo(note, err=True)
@@ -162,15 +168,12 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     from halo_mlir.io_utils import atomic_write
 
     start = time.perf_counter()
-    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
+    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized, tp)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype)
-    if tp > 1 and formats:
-        raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
-                        "weights (--dtype) for tensor parallelism")
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:

@@ -29,11 +29,11 @@ def q4_k_m(name: str) -> str:
     return "Q4_K"
 
 
-def shapes() -> dict[str, tuple[int, ...]]:
-    d, f, v = CFG["hidden"], CFG["ffn"], CFG["vocab"]
-    kv = CFG["kv_heads"] * d // CFG["heads"]
+def shapes(cfg: dict = CFG) -> dict[str, tuple[int, ...]]:
+    d, f, v = cfg["hidden"], cfg["ffn"], cfg["vocab"]
+    kv = cfg["kv_heads"] * d // cfg["heads"]
     out = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d)}
-    for i in range(CFG["layers"]):
+    for i in range(cfg["layers"]):
         out.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.ffn_norm.weight": (d,),
                     f"blk.{i}.attn_q.weight": (d, d), f"blk.{i}.attn_k.weight": (kv, d),
                     f"blk.{i}.attn_v.weight": (kv, d), f"blk.{i}.attn_output.weight": (d, d),
@@ -42,29 +42,31 @@ def shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write(path, qtype, seed: int = 0) -> dict[str, str]:
-    """Write the GGUF; `qtype(name)` is the GGML type of each matrix. Returns {name: type}."""
+def write(path, qtype, seed: int = 0, **changes) -> dict[str, str]:
+    """Write the GGUF (CFG with `changes`); `qtype(name)` is the GGML type of each matrix.
+    Returns {name: type}."""
     import gguf
 
     from halo_mlir.kernels.quantized import random_blocks
 
+    cfg = {**CFG, **changes}
     rng = np.random.default_rng(seed)
-    d = CFG["hidden"]
+    d = cfg["hidden"]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(CFG["layers"])
+    w.add_block_count(cfg["layers"])
     w.add_embedding_length(d)
-    w.add_feed_forward_length(CFG["ffn"])
-    w.add_head_count(CFG["heads"])
-    w.add_head_count_kv(CFG["kv_heads"])
+    w.add_feed_forward_length(cfg["ffn"])
+    w.add_head_count(cfg["heads"])
+    w.add_head_count_kv(cfg["kv_heads"])
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_context_length(256)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(CFG["vocab"])])
+    w.add_token_list([f"t{i}" for i in range(cfg["vocab"])])
     w.add_token_merges(["t 1"])
     w.add_eos_token_id(1)
     types = {}
-    for name, shape in shapes().items():
+    for name, shape in shapes(cfg).items():
         if len(shape) == 1:
             w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             continue
@@ -90,3 +92,11 @@ def dequantized(path) -> dict[str, np.ndarray]:
     reader = gguf.GGUFReader(str(path))
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
         [int(x) for x in reversed(t.shape.tolist())]) for t in reader.tensors}
+
+
+def tp_mix(name: str) -> str:
+    """Every native format in one file: layer 0 as q4_k_m (Q4_K, Q6_K, Q8_0), layer 1
+    Q4_1 attention and Q8_0 FFN, Q4_K embedding, Q6_K output."""
+    if name.startswith("blk.1."):
+        return "Q4_1" if "attn" in name else "Q8_0"
+    return q4_k_m(name)

@@ -14,7 +14,7 @@ from halo_mlir.params import irpa
 from halo_mlir.params.names import param_shapes
 from halo_mlir.params.safetensors_import import numpy_dtype
 from halo_mlir.quant import BY_GGML
-from halo_mlir.sharding_passes.plan import check_divisible
+from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
 
 _CHUNK_ROWS_BYTES = 64 << 20
 
@@ -82,11 +82,9 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         cfg = g.config()
         if tp > 1:
             check_divisible(cfg, tp)
-            if keep_quantized:
-                raise HaloError("--keep-quantized with --tp is not supported yet; import "
-                                "dequantized (--dtype) for tensor parallelism")
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized)
+        check_quantized_split(formats, shapes, tp)
         if keep_quantized and dequantized_note(g, cfg, formats):
             note(dequantized_note(g, cfg, formats))
         heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}

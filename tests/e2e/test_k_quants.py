@@ -60,3 +60,61 @@ def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix):
     assert tokens == ref_tokens
     assert err_prefill <= 1e-4 * max(scale, 1.0) and err_decode <= 1e-4 * max(scale, 1.0)
     assert scale > 0.1  # the logits are not degenerate
+
+
+def test_keep_quantized_tp2_equals_tp1(tmp_path):
+    """Kept-quantized weights under --tp 2 (Q4_K, Q6_K, Q8_0 and Q4_1 in one file, hidden
+    512 = 2 super-blocks, so attn_output/ffn_down split at a block boundary): block fields
+    split like their matrices, and the logits of prefill and decode equal TP1's at f32."""
+    from conftest import halo
+    from halo_mlir.runtime import Program
+
+    path = tmp_path / "m.gguf"
+    types = kq.write(path, kq.tp_mix, hidden=512)
+    assert {"Q4_K", "Q6_K", "Q8_0", "Q4_1"} <= set(types.values())
+    cfg = {**kq.CFG, "hidden": 512}
+    stride, head_dim = 32, 512 // cfg["heads"]
+    page_elems = cfg["layers"] * 2 * cfg["kv_heads"] * stride * head_dim
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, cfg["vocab"], (1, 64)).astype(np.int64)
+    steps = rng.integers(0, cfg["vocab"], (4, 1, 1)).astype(np.int64)
+    outs = {}
+    for tp in (1, 2):
+        irpa, mlir, vmfb = (tmp_path / f"tp{tp}.{ext}" for ext in ("irpa", "mlir", "vmfb"))
+        halo("import-params", "--gguf", path, "--keep-quantized", "--dtype", "f32",
+             "--tp", tp, "-o", irpa)
+        halo("emit", "--gguf", path, "--keep-quantized", "--dtype", "f32", "--tp", tp,
+             "--bs-prefill", 1, "--bs-decode", 1, "-o", mlir)
+        halo("compile", mlir, "--tp", tp, "-o", vmfb)
+        params = [tmp_path / f"tp{tp}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
+        if tp > 1:  # the block fields are split, not replicated
+            shard = entries(params[1])
+            assert "blk.0.attn_output.weight:qs.shard.1" in shard
+            assert tuple(np.frombuffer(shard["blk.0.attn_output.weight:sc.shard.1"].file_view,
+                                       np.int8).shape) == (512 * 1 * 8,)
+        got = []
+        with Program(vmfb, params, n_devices=tp) as prog:
+            caches = [prog.device_array(np.zeros((4, page_elems // tp), np.float32), i)
+                      for i in range(tp)]
+            ids = np.array([[0, 1, 2]], np.int64)
+            got.append(prog.prefill(tokens, np.array([60], np.int64), ids[:, :2].copy(),
+                                    caches)[:, :60])
+            for s, token in enumerate(steps):
+                got.append(prog.decode(token, np.array([61 + s], np.int64),
+                                       np.array([60 + s], np.int64), ids, caches))
+            del caches
+        outs[tp] = [np.asarray(x, np.float32) for x in got]
+    scale = max(float(np.abs(x).max()) for x in outs[1])
+    err = max(float(np.abs(a - b).max()) for a, b in zip(outs[1], outs[2]))
+    print(f"keep-quantized TP2 vs TP1: logits up to {scale:.3g}, max |difference| {err:.3g}")
+    # tests/e2e/test_tp.py's TP bound: the split contraction sums its partials in another
+    # order (logits ~6 here, where 1e-5 is ~20 f32 ulps); a misplaced block would be >1e-2.
+    assert scale > 0.1 and err <= 2e-5
+
+
+def entries(path):
+    import iree.runtime as rt
+
+    index = rt.ParameterIndex()
+    index.load(str(path))
+    return {k: e for k, e in index.items()}

@@ -207,3 +207,25 @@ def test_keep_quantized_k_quants(tmp_path):
     assert '"model"::"blk.0.attn_q.weight:qs"> : tensor<256x1x4x32xi8>' in proc.stdout
     assert '"model"::"blk.0.attn_v.weight:ql"> : tensor<128x1x2x64xi8>' in proc.stdout
     assert '"model"::"blk.1.ffn_down.weight"> : tensor<256x320xf16>' in proc.stdout
+
+
+def test_keep_quantized_tp_split_that_cuts_a_block(tmp_path):
+    """--tp with kept-quantized weights splits input columns only at block boundaries: with
+    hidden 256 (one Q4_K super-block), attn_output cannot split 2 ways: one line naming the
+    weight and the fix, from import-params (nothing written) and emit alike; 2 ways at
+    hidden 512 is accepted."""
+    import kquant_gguf as kq
+
+    path = tmp_path / "m.gguf"
+    kq.write(path, kq.Q4_K)
+    for cmd in (["import-params", "--gguf", path, "--keep-quantized", "--tp", 2, "-o",
+                 tmp_path / "m.irpa"],
+                ["emit", "--gguf", path, "--keep-quantized", "--tp", 2, "-o", tmp_path / "m.mlir"]):
+        assert_one_line_error(halo(*cmd, check=False), "--tp 2 would cut the Q4_K blocks of "
+                              "blk.0.attn_output.weight", "256 input columns are 1 block(s) of 256",
+                              "drop --keep-quantized")
+    assert os.listdir(tmp_path) == ["m.gguf"]
+    kq.write(path, kq.Q4_K, hidden=512)
+    proc = halo("emit", "--gguf", path, "--keep-quantized", "--tp", 2, "--bs-prefill", 1,
+                "--bs-decode", 1, "-o", tmp_path / "m.mlir")
+    assert "4 all-reduces" in proc.stdout + proc.stderr
