@@ -15,7 +15,7 @@ PROMPT = [int(t) for t in np.random.default_rng(5).integers(0, kq.CFG["vocab"], 
 NEW_TOKENS = 6
 
 
-def run(path, keep_quantized: bool):
+def run(path, keep_quantized: bool, layer_loop: bool = False):
     """(prefill logits [len(PROMPT), vocab], greedy tokens, their logits) of the model."""
     from halo_mlir.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
@@ -23,7 +23,7 @@ def run(path, keep_quantized: bool):
     notes = []
     with GgufFile(path) as g:
         files = build_from_gguf(g, dtype="f32", keep_quantized=keep_quantized, device="cpu",
-                                echo=notes.append)
+                                layer_loop=layer_loop, echo=notes.append)
     gen = Generator(files, pages=8)
     try:
         prefill = gen.prefill_logits(PROMPT, gen.pages.alloc(2))
@@ -34,8 +34,11 @@ def run(path, keep_quantized: bool):
     return prefill, tokens, np.stack(logits), notes
 
 
-@pytest.mark.parametrize("mix", ["q4_k", "q6_k", "q4_k_m"])
-def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix):
+@pytest.mark.parametrize("mix,layer_loop", [("q4_k", False), ("q6_k", False),
+                                             ("q4_k_m", False), ("q6_k", True)],
+                         ids=["q4_k", "q6_k", "q4_k_m", "q6_k-layer-loop"])
+def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix, layer_loop):
+    """(--layer-loop: the stack as one loop over stacked block fields.)"""
     monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / f"{mix}.gguf"
     types = kq.write(path, {"q4_k": kq.Q4_K, "q6_k": kq.Q6_K, "q4_k_m": kq.q4_k_m}[mix])
@@ -47,15 +50,15 @@ def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix):
     with GgufFile(path) as g:  # what runs natively: every K-quant matrix
         native = weight_formats(g, g.config(), True)
     assert {k for k, t in types.items() if t in ("Q4_K", "Q6_K")} <= set(native)
-    ref_prefill, ref_tokens, ref_logits, _ = run(path, False)
-    prefill, tokens, logits, notes = run(path, True)
+    ref_prefill, ref_tokens, ref_logits, _ = run(path, False, layer_loop)
+    prefill, tokens, logits, notes = run(path, True, layer_loop)
     fallback = [k for k, t in types.items() if t == "Q5_0"]
     assert all(k in " ".join(notes) for k in fallback) and bool(fallback) == any(
         "note: --keep-quantized" in n for n in notes), notes
     scale = float(np.abs(ref_prefill).max())
     err_prefill = float(np.abs(prefill - ref_prefill).max())
     err_decode = float(np.abs(logits - ref_logits).max())
-    print(f"{mix}: logits up to {scale:.3g}; max |native - dequantized| prefill "
+    print(f"{mix}{' --layer-loop' * layer_loop}: logits up to {scale:.3g}; max |native - dequantized| prefill "
           f"{err_prefill:.3g}, decode {err_decode:.3g}; greedy {tokens}")
     assert tokens == ref_tokens
     assert err_prefill <= 1e-4 * max(scale, 1.0) and err_decode <= 1e-4 * max(scale, 1.0)
