@@ -65,16 +65,25 @@ def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix, layer_loo
     assert scale > 0.1  # the logits are not degenerate
 
 
-def test_keep_quantized_tp2_equals_tp1(tmp_path):
-    """Kept-quantized weights under --tp 2 (Q4_K, Q6_K, Q8_0 and Q4_1 in one file, hidden
-    512 = 2 super-blocks, so attn_output/ffn_down split at a block boundary): block fields
-    split like their matrices, and the logits of prefill and decode equal TP1's at f32."""
+@pytest.mark.parametrize("mix,layer_loop", [("tp_mix", False), ("q6_k", True)],
+                         ids=["all-formats", "q6_k-layer-loop"])
+def test_keep_quantized_tp2_equals_tp1(tmp_path, mix, layer_loop):
+    """Kept-quantized weights under --tp 2 (Q4_K, Q6_K, Q8_0 and Q4_1 in one file; or Q6_K
+    stacked for --layer-loop; hidden 512 = 2 super-blocks, so attn_output/ffn_down split at
+    a block boundary): block fields split like their matrices, and the logits of prefill and
+    decode equal TP1's at f32."""
     from conftest import halo
     from halo_mlir.runtime import Program
 
     path = tmp_path / "m.gguf"
-    types = kq.write(path, kq.tp_mix, hidden=512)
-    assert {"Q4_K", "Q6_K", "Q8_0", "Q4_1"} <= set(types.values())
+    types = kq.write(path, {"tp_mix": kq.tp_mix, "q6_k": kq.Q6_K}[mix], hidden=512)
+    if mix == "tp_mix":
+        assert {"Q4_K", "Q6_K", "Q8_0", "Q4_1"} <= set(types.values())
+    loop = ["--layer-loop"] if layer_loop else []
+    layout = ["--layout", "stacked"] if layer_loop else []
+    field = "blk.attn_output.weight.stacked:{}.shard.1" if layer_loop else \
+        "blk.0.attn_output.weight:{}.shard.1"
+    big_field = "qs" if mix == "tp_mix" else "ql"
     cfg = {**kq.CFG, "hidden": 512}
     stride, head_dim = 32, 512 // cfg["heads"]
     page_elems = cfg["layers"] * 2 * cfg["kv_heads"] * stride * head_dim
@@ -85,16 +94,17 @@ def test_keep_quantized_tp2_equals_tp1(tmp_path):
     for tp in (1, 2):
         irpa, mlir, vmfb = (tmp_path / f"tp{tp}.{ext}" for ext in ("irpa", "mlir", "vmfb"))
         halo("import-params", "--gguf", path, "--keep-quantized", "--dtype", "f32",
-             "--tp", tp, "-o", irpa)
+             "--tp", tp, *layout, "-o", irpa)
         halo("emit", "--gguf", path, "--keep-quantized", "--dtype", "f32", "--tp", tp,
-             "--bs-prefill", 1, "--bs-decode", 1, "-o", mlir)
+             *loop, "--bs-prefill", 1, "--bs-decode", 1, "-o", mlir)
         halo("compile", mlir, "--tp", tp, "-o", vmfb)
         params = [tmp_path / f"tp{tp}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
-        if tp > 1:  # the block fields are split, not replicated
+        if tp > 1:  # the block fields are split (one super-block a row each), not replicated
             shard = entries(params[1])
-            assert "blk.0.attn_output.weight:qs.shard.1" in shard
-            assert tuple(np.frombuffer(shard["blk.0.attn_output.weight:sc.shard.1"].file_view,
-                                       np.int8).shape) == (512 * 1 * 8,)
+            assert field.format(big_field) in shard
+            sc = np.frombuffer(shard[field.format("sc")].file_view, np.int8)
+            per_block = 8 if mix == "tp_mix" else 16
+            assert sc.size == (2 if layer_loop else 1) * 512 * 1 * per_block
         got = []
         with Program(vmfb, params, n_devices=tp) as prog:
             caches = [prog.device_array(np.zeros((4, page_elems // tp), np.float32), i)
@@ -109,7 +119,7 @@ def test_keep_quantized_tp2_equals_tp1(tmp_path):
         outs[tp] = [np.asarray(x, np.float32) for x in got]
     scale = max(float(np.abs(x).max()) for x in outs[1])
     err = max(float(np.abs(a - b).max()) for a, b in zip(outs[1], outs[2]))
-    print(f"keep-quantized TP2 vs TP1: logits up to {scale:.3g}, max |difference| {err:.3g}")
+    print(f"keep-quantized {mix}{' --layer-loop' * layer_loop} TP2 vs TP1: logits up to {scale:.3g}, max |difference| {err:.3g}")
     # tests/e2e/test_tp.py's TP bound: the split contraction sums its partials in another
     # order (logits ~6 here, where 1e-5 is ~20 f32 ulps); a misplaced block would be >1e-2.
     assert scale > 0.1 and err <= 2e-5
