@@ -61,7 +61,10 @@ def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
     blocks = rng.integers(0, 256, (n, k // fmt.block, fmt.block_bytes), dtype=np.uint8)
     scale_at = {"q4_k": (0, 2), "q6_k": (208,)}[fmt_name]  # d (and dmin) byte offsets
     top = top / (63 * 15) if fmt_name == "q4_k" else top / (127 * 32)
-    d = (rng.uniform(0.25, 1.0, (n, k // fmt.block, len(scale_at))) * top).astype(np.float16)
+    d = rng.uniform(0.25, 1.0, (n, k // fmt.block, len(scale_at))) * top
+    if fmt_name == "q4_k":  # dmin = 7.5 d: the weights centre on 0 (q averages 7.5)
+        d[..., 1] = d[..., 0] * 7.5
+    d = d.astype(np.float16)
     kind = rng.integers(0, 5 if kinds else 1, (n, k // fmt.block))
     d[kind == 1] = np.float16(65504.0)
     d[kind == 2] = np.float16(2.0 ** -24)
