@@ -85,12 +85,12 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized)
         check_quantized_split(formats, shapes, tp)
-        if keep_quantized and dequantized_note(g, cfg, formats):
-            note(dequantized_note(g, cfg, formats))
         heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
+        if keep_quantized and dequantized_note(g, cfg, formats):
+            note(dequantized_note(g, cfg, formats))
         with irpa.writer(out, tp, layout) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)
