@@ -32,8 +32,8 @@ def dequantize(fmt: str, fields: list[np.ndarray]) -> np.ndarray:
         scale = f32(d)[..., None] * f32(sc.view(np.uint8))
         offset = f32(dmin)[..., None] * f32(m.view(np.uint8))
         w = scale[..., None] * nib - offset[..., None]
-    else:  # q6_k: element 128g + r: low 4 bits from ql (g, r % 64) nibble r // 64, high 2
-        d, sc, ql, qh = fields  # bits from qh (g, r % 32) bits 2 (r // 32)
+    else:  # q6_k, element 128g + r: low 4 bits in nibble r // 64 of ql (g, r % 64), high 2
+        d, sc, ql, qh = fields  # in bits 2 (r // 32) and up of qh (g, r % 32)
         lo = ql.view(np.uint8)[:, :, :, None, :] >> np.array([0, 4], np.uint8)[:, None]
         lo = (lo & 15).reshape(*ql.shape[:2], 2, 128)
         hi = qh.view(np.uint8)[:, :, :, None, :] >> np.array([0, 2, 4, 6], np.uint8)[:, None]
@@ -48,8 +48,8 @@ def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
     """Raw GGUF blocks uint8 [n, k/block * block_bytes] of format `fmt_name`: Q8_0/Q4_1
     quantized from a normal weight by the gguf package; Q4_K/Q6_K (which it cannot quantize)
     built from random bytes, each super-block one of: random scales, the largest f16 d/dmin,
-    the smallest (subnormal) ones, every 6-bit scale and min 63, all zero (kinds=False: only
-    random ones, with d chosen so weights stay within about +-top)."""
+    the smallest (subnormal) ones, every sub-block scale (and Q4_K min) 63, all zero
+    (kinds=False: only random ones, with d chosen so weights stay within about +-top)."""
     import gguf
 
     from halo_mlir.quant import FORMATS
