@@ -74,8 +74,9 @@ def main():
 
 
 def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
-                 layers: int | None, keep_quantized: bool = False):
-    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file."""
+                 layers: int | None, keep_quantized: bool = False, tp: int = 1):
+    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file;
+    kept-quantized weights checked to split `tp` ways at block boundaries."""
     from halo_mlir import config
 
     given = [name for name, v in (("--model", model), ("--hf-config", hf_config),
@@ -87,11 +88,19 @@ def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
     formats = {}
     if gguf:
         from halo_mlir.params.gguf_file import GgufFile
-        from halo_mlir.params.gguf_import import weight_formats
+        from halo_mlir.params.gguf_import import dequantized_note, weight_formats
 
         with GgufFile(gguf) as g:
             cfg = g.config()
             formats = weight_formats(g, cfg, keep_quantized)
+            if tp > 1:
+                from halo_mlir.params.names import param_shapes
+                from halo_mlir.sharding_passes.plan import check_quantized_split
+
+                check_quantized_split(formats, param_shapes(cfg), tp)
+            note = dequantized_note(g, cfg, formats) if keep_quantized else None
+            if note:
+                click.echo(note, err=True)
     elif hf_config:
         cfg = config.from_hf_config(hf_config)
     else:
@@ -110,7 +119,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
 @click.option("--keep-quantized", is_flag=True,
-              help="With --gguf: Q8_0/Q4_1 matrices run natively (import with the same flag).")
+              help="With --gguf: Q8_0/Q4_1/Q4_K/Q6_K matrices run natively (import with the same flag).")
 @click.option("--layers", type=int, help="Emit only the first N decoder blocks.")
 @click.option("--bs-prefill", default="4", callback=_int_list, show_default=True)
 @click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
@@ -159,15 +168,12 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     from halo_mlir.io_utils import atomic_write
 
     start = time.perf_counter()
-    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
+    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized, tp)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype)
-    if tp > 1 and formats:
-        raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
-                        "weights (--dtype) for tensor parallelism")
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:
@@ -288,7 +294,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="dtype of the float (or dequantized) parameters; with --quantize fp8, "
                    "of the embedding, norms and lm_head.")
 @click.option("--keep-quantized", is_flag=True,
-              help="With --gguf: keep Q8_0/Q4_1 matrices in their block format.")
+              help="With --gguf: keep Q8_0/Q4_1/Q4_K/Q6_K matrices in their block format.")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
 @click.option("--layout", default="per-layer", show_default=True,
@@ -337,7 +343,8 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
                 from halo_mlir.params.gguf_import import import_gguf
 
                 n = import_gguf(gguf, output, dtype=dtype, keep_quantized=keep_quantized,
-                                progress=progress, tp=tp, layout=layout)
+                                progress=progress, tp=tp, layout=layout,
+                                note=lambda m: click.echo(m, err=True))
             else:
                 from halo_mlir import config
                 from halo_mlir.params.safetensors_import import import_safetensors
@@ -459,7 +466,7 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
 @click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]),
               help="Activations and KV cache (default: f32 on cpu, f16 on gfx942); with "
                    "--params, the dtype they were imported with.")
-@click.option("--keep-quantized", is_flag=True, help="With --gguf: run Q8_0/Q4_1 natively.")
+@click.option("--keep-quantized", is_flag=True, help="With --gguf: run Q8_0/Q4_1/Q4_K/Q6_K natively.")
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV-cache pages shortfin allocates.")
 @click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out.")
@@ -510,7 +517,7 @@ def _model_options(fn):
                      help="Activation dtype (default: f32 on cpu, f16 on GPUs); fp8: FP8 "
                           "weights and KV cache (imported with calibrated scales)."),
         click.option("--keep-quantized", is_flag=True,
-                     help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
+                     help="Run Q8_0/Q4_1/Q4_K/Q6_K weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
         click.option("--layer-loop", is_flag=True,
                      help="With --gguf: build the program with the decoder stack as a loop."),
