@@ -88,6 +88,9 @@ def check_divisible(cfg: LlamaConfig, tp: int) -> None:
     """Every split dimension must divide by tp: one clear error naming the first that doesn't."""
     if tp < 1:
         raise HaloError(f"--tp must be at least 1, got {tp}")
+    if tp > 1 and cfg.is_moe:
+        raise HaloError(f"--tp {tp} with the {cfg.family} family (mixture of experts) is not "
+                        "supported yet; use --tp 1")
     for what, size in (("kv heads", cfg.n_kv_heads), ("attention heads", cfg.n_heads),
                        ("ffn dim", cfg.ffn_dim), ("hidden size", cfg.hidden_size)):
         if size % tp:
