@@ -34,6 +34,10 @@ KV_CACHE_DTYPES = ("f16", "bf16", "f32", "fp8")
 # paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
 # fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul.
 ATTENTION_FORMS = ("paged", *ATTENTION)
+# How a mixture-of-experts prefill runs its experts (ops/moe.py): `grouped` sorts the
+# (token, slot) pairs by expert and runs one matmul chain per expert; `gather` reads each
+# token's experts' weights inside the contraction (the decode form).
+MOE_PREFILL_FORMS = ("grouped", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,8 @@ class EmitOptions:
     # An fp8 model's norms, residuals, attention output and logits (ABI.md: f16); f32 makes
     # the fp8 roundings the only difference from an f32 reference.
     fp8_activations: str = "f16"
+    # Mixture-of-experts families only: the prefill's expert form (MOE_PREFILL_FORMS).
+    moe_prefill: str = "grouped"
 
     @property
     def activation_dtype(self) -> str:
@@ -91,6 +97,9 @@ class EmitOptions:
         if self.attention not in ATTENTION_FORMS:
             raise HaloError(f"unknown --attention {self.attention!r}: choose one of "
                             f"{', '.join(ATTENTION_FORMS)}")
+        if self.moe_prefill not in MOE_PREFILL_FORMS:
+            raise HaloError(f"unknown --moe-prefill {self.moe_prefill!r}: choose one of "
+                            f"{', '.join(MOE_PREFILL_FORMS)}")
         if self.block_seq_stride <= 0:
             raise HaloError(f"--block-seq-stride must be positive, got {self.block_seq_stride}")
         for bs in (*self.bs_prefill, *self.bs_decode):

@@ -89,16 +89,16 @@ def expert_linear(b: Builder, x: Value, experts: Value, w: Value, *, dtype: str)
     return b.map("bsko->bsko", [acc], dtype, lambda a: b.cast(a, dtype))
 
 
+def _silu_mul(b: Builder, g: Value, u: Value, dtype: str) -> Value:
+    """silu(g) * u for one element, in f32, cast to dtype (as ops.ffn.silu_mul)."""
+    g32 = b.cast(g, "f32")
+    silu = b.divf(g32, b.addf(b.scalar(1.0, "f32"), b.exp(b.negf(g32))))
+    return b.cast(b.mulf(silu, b.cast(u, "f32")), dtype)
+
+
 def silu_mul_slots(b: Builder, gate: Value, up: Value, *, dtype: str) -> Value:
     """gate[N,S,K,F], up[N,S,K,F] -> silu(gate) * up, in f32, cast to dtype."""
-    one = b.scalar(1.0, "f32")
-
-    def body(g, u):
-        g32 = b.cast(g, "f32")
-        silu = b.divf(g32, b.addf(one, b.exp(b.negf(g32))))
-        return b.cast(b.mulf(silu, b.cast(u, "f32")), dtype)
-
-    return b.map("bskf,bskf->bskf", [gate, up], dtype, body)
+    return b.map("bskf,bskf->bskf", [gate, up], dtype, lambda g, u: _silu_mul(b, g, u, dtype))
 
 
 def combine(b: Builder, y: Value, weights: Value, *, dtype: str) -> Value:
@@ -118,3 +118,86 @@ def moe_ffn(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
     up = expert_linear(b, x, experts, w_up, dtype=dtype)
     act = silu_mul_slots(b, gate, up, dtype=dtype)
     return combine(b, expert_linear(b, act, experts, w_down, dtype=dtype), weights, dtype=dtype)
+
+
+# ---- prefill: tokens grouped by expert -------------------------------------------------
+def _iota(b: Builder, size) -> Value:
+    """[0, 1, ..., size-1] as i64 [size]."""
+    return b.generic("->p", [], [b.empty([size], "i64")], lambda _: b.cast(b.linalg_index(0), "i64"))
+
+
+def _rows_linear(b: Builder, x: Value, w: Value, *, dtype: str) -> Value:
+    """x[M,K], w[O,K] -> x @ w^T [M,O], accumulated in f32, cast to dtype."""
+    m = b.dims(x)[0]
+    acc = b.matmul_t(x, w, b.filled([m, b.shape(w)[0]], 0.0, "f32"))
+    return b.map("mo->mo", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def group_by_expert(b: Builder, experts: Value, n_experts: int) -> tuple[Value, ...]:
+    """experts[N,S,K] i64 -> (perm[P], inv[P], counts[E], offsets[E]) over the P = N*S*K
+    (token, slot) pairs (pair p = token * K + slot), ordered by expert and, within an
+    expert, by pair: expert e's pairs are perm[offsets[e] : offsets[e] + counts[e]], and
+    pair p sits at inv[p] (a counting sort: inv[p] = offsets[expert] + the pairs before p
+    with the same expert; O(P^2) integer compares, small beside the experts' matmuls)."""
+    flat = b.reshape(experts, [[0, 1, 2]], [None])
+    pairs = b.dims(flat)[0]
+    zero, one = b.scalar(0, "i64"), b.scalar(1, "i64")
+
+    def count(e, acc):  # dims (p, e)
+        mine = b.cmpi("eq", e, b.cast(b.linalg_index(1), "i64"))
+        return b.addi(acc, b.select(mine, one, zero))
+
+    counts = b.generic("p->e", [flat], [b.filled([n_experts], 0, "i64")], count)
+
+    def before(c, acc):  # dims (f, e): the counts of the experts below e
+        return b.addi(acc, b.select(b.cmpi("ult", b.linalg_index(0), b.linalg_index(1)), c, zero))
+
+    offsets = b.generic("f->e", [counts], [b.filled([n_experts], 0, "i64")], before)
+
+    def rank(other, mine, acc):  # dims (q, p): pairs q < p with p's expert
+        same = b.andi(b.cmpi("eq", other, mine), b.cmpi("ult", b.linalg_index(0),
+                                                         b.linalg_index(1)))
+        return b.addi(acc, b.select(same, one, zero))
+
+    ranks = b.generic("q,p->p", [flat, flat], [b.filled([pairs], 0, "i64")], rank)
+    inv = b.map("p,p->p", [flat, ranks], "i64", lambda e, r: b.addi(
+        r, b.extract(offsets, [b.cast(e, "index")])))
+    perm = b.scatter(_iota(b, pairs), b.reshape(inv, [[0, 1]], [pairs, 1]),
+                     b.filled([pairs], 0, "i64"), [0])
+    return perm, inv, counts, offsets
+
+
+def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
+                    w_down: Value, *, k: int, renormalize: bool, dtype: str) -> Value:
+    """As `moe_ffn`, with the (token, slot) pairs sorted by expert: each expert runs one
+    matmul chain (gate, up, down) over the rows of the tokens that picked it, so each
+    expert's weights are read once and the FLOPs are those of the K picked experts.
+    The group sizes are read on the host (a device -> host read per layer) to size the
+    per-expert matmuls."""
+    weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
+    n_experts, d = b.shape(w_gate)[0], b.shape(x)[2]
+    n, s, _ = b.dims(x)
+    rows = b.reshape(x, [[0, 1], [2]], [None, d])
+    perm, inv, counts, offsets = group_by_expert(b, experts, n_experts)
+    pairs = b.dims(perm)[0]
+    k_i64 = b.scalar(k, "i64")
+    # The pairs' token rows in expert order: xs[q] = x[perm[q] // K].
+    xs = b.generic("p->pd", [perm], [b.empty([pairs, d], dtype)], lambda p, _: b.extract(
+        rows, [b.cast(b.divsi(p, k_i64), "index"), b.linalg_index(1)]))
+    ys = b.filled([pairs, d], 0.0, dtype)
+    for e in range(n_experts):
+        at = b.index(e)
+        off, cnt = (b.cast(b.extract(t, [at]), "index") for t in (offsets, counts))
+        xe = b.slice(xs, [off, 0], [cnt, d])
+        expert = b.barrier(b.index(e))  # opaque: every expert reuses the same kernels
+        wg, wu, wd = (b.layer_slice(w, expert) for w in (w_gate, w_up, w_down))
+        act = b.map("mf,mf->mf", [_rows_linear(b, xe, wg, dtype=dtype),
+                                  _rows_linear(b, xe, wu, dtype=dtype)], dtype,
+                    lambda g, u: _silu_mul(b, g, u, dtype))
+        ys = b.insert(_rows_linear(b, act, wd, dtype=dtype), ys, [off, 0], [cnt, d])
+    # Back to token order: slot j of token t is row inv[t*K + j] of ys.
+    inv = b.reshape(inv, [[0, 1, 2]], [n, s, k])
+    acc = b.generic("bsk,bsk->bsd", [weights, inv], [b.filled([n, s, d], 0.0, "f32")],
+                    lambda wt, q, a: b.addf(a, b.mulf(b.cast(b.extract(
+                        ys, [b.cast(q, "index"), b.linalg_index(3)]), "f32"), wt)))
+    return b.map("bsd->bsd", [acc], dtype, lambda a: b.cast(a, dtype))
