@@ -145,8 +145,8 @@ def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
     """A LlamaConfig from the keys of an HF config.json (Llama family, or Mixtral)."""
     model_type = d.get("model_type", "llama")
     if model_type not in HF_MODEL_TYPES:
-        raise HaloError(f"{where}: model_type {model_type!r} is not supported; halo_mlir emits "
-                        f"{', '.join(HF_MODEL_TYPES)}")
+        raise HaloError(f"{where}: model_type {model_type!r} is not a Llama-family model or "
+                        f"Mixtral; halo_mlir emits {', '.join(HF_MODEL_TYPES)}")
     if d.get("hidden_act", "silu") != "silu":
         raise HaloError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; "
                         "Llama uses silu")
