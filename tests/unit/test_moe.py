@@ -158,3 +158,27 @@ def test_unsupported_options_are_one_line_errors(tmp_path, args, needles):
                 check=False)
     assert_one_line_error(proc, *needles)
     assert not out.exists()
+
+
+def test_plan_is_a_one_line_error(tmp_path):
+    proc = halo("plan", "--model", "mixtral-8x7b", check=False)
+    assert_one_line_error(proc, "plan does not model the mixtral family's experts")
+
+
+def test_moe_gguf_is_a_one_line_error(tmp_path):
+    """A llama.cpp MoE GGUF (expert_count set) is refused by name, not half-imported."""
+    import gguf
+
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.expert_count", 8)
+    w.add_uint32("llama.block_count", 1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "x.irpa"
+    proc = halo("import-params", "--gguf", path, "-o", out, check=False)
+    assert_one_line_error(proc, "mixture-of-experts GGUF", "expert_count = 8")
+    assert not out.exists()
