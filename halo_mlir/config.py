@@ -187,6 +187,9 @@ def _moe_from_hf(d: dict, family: str) -> dict:
     """The family's fields: Mixtral's expert count and top-k (it renormalizes the k weights)."""
     if family == "llama":
         return {}
+    if d.get("sliding_window") is not None:
+        raise HaloError(f"config.json: sliding_window {d['sliding_window']} is not supported "
+                        "(halo_mlir attends to the whole context); set it to null")
     return dict(family=family, n_experts=int(d["num_local_experts"]),
                 experts_per_token=int(d["num_experts_per_tok"]), moe_renormalize=True)
 

@@ -50,6 +50,7 @@ def test_hf_config_equals_preset():
 @pytest.mark.parametrize("change,message", [
     (dict(num_experts_per_tok=9), "experts_per_token must be in 1..8"),
     (dict(num_local_experts=0), "needs n_experts >= 1"),
+    (dict(sliding_window=4096), "sliding_window 4096 is not supported"),
     (dict(model_type="grok"), "model_type 'grok' is not a Llama-family model or Mixtral"),
 ])
 def test_bad_hf_config(change, message):
