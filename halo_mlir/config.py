@@ -171,7 +171,7 @@ def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_seq_len=int(d.get("max_position_embeddings", 8192)),
             name=str(d.get("_name_or_path") or "hf"),
-            **_moe_from_hf(d, HF_MODEL_TYPES[model_type]),
+            **_moe_from_hf(d, HF_MODEL_TYPES[model_type], where),
         )
     except KeyError as e:
         raise HaloError(f"{where}: missing key {e.args[0]!r}; is this a Llama config.json?") from None
@@ -183,12 +183,12 @@ def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "mixtral": "mixtral"}
 
 
-def _moe_from_hf(d: dict, family: str) -> dict:
+def _moe_from_hf(d: dict, family: str, where: str) -> dict:
     """The family's fields: Mixtral's expert count and top-k (it renormalizes the k weights)."""
     if family == "llama":
         return {}
     if d.get("sliding_window") is not None:
-        raise HaloError(f"config.json: sliding_window {d['sliding_window']} is not supported "
+        raise HaloError(f"{where}: sliding_window {d['sliding_window']} is not supported "
                         "(halo_mlir attends to the whole context); set it to null")
     return dict(family=family, n_experts=int(d["num_local_experts"]),
                 experts_per_token=int(d["num_experts_per_tok"]), moe_renormalize=True)
