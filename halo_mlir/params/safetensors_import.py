@@ -102,9 +102,12 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
         writer = stack.enter_context(irpa.writer(out, tp, layout))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
-            names = hf_sources(key, cfg)  # several: experts stacked in order, [E, ...]
-            writer.add_chunks(key, (block for name in names
-                                    for block in _row_blocks(file_of(name), name, np_dtype)))
+            names = hf_sources(key, cfg)
+            if len(names) == 1:
+                writer.add_chunks(key, _row_blocks(file_of(name := names[0]), name, np_dtype))
+            else:  # experts stacked in order, one [1, ...] piece each: [E, ...]
+                writer.add_chunks(key, (np.concatenate(list(_row_blocks(
+                    file_of(name), name, np_dtype)))[None] for name in names))
         progress(len(shapes), len(shapes), "")
         writer.commit()
         return writer.nbytes

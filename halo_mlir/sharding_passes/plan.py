@@ -54,6 +54,11 @@ WEIGHT_STYLES = {
     "ffn_up.weight": Split(0),
     "attn_output.weight": Split(1),
     "ffn_down.weight": Split(1),
+    # Mixture of experts: each expert's ffn rows split like the dense FFN ([experts, ffn,
+    # hidden] / [experts, hidden, ffn]); the router (`ffn_gate_inp`) is replicated.
+    "ffn_gate_exps.weight": Split(1),
+    "ffn_up_exps.weight": Split(1),
+    "ffn_down_exps.weight": Split(2),
     "output.weight": Split(0),
 }
 _BLOCK = re.compile(r"^blk\.\d+\.(.+)$")
@@ -88,9 +93,6 @@ def check_divisible(cfg: LlamaConfig, tp: int) -> None:
     """Every split dimension must divide by tp: one clear error naming the first that doesn't."""
     if tp < 1:
         raise HaloError(f"--tp must be at least 1, got {tp}")
-    if tp > 1 and cfg.is_moe:
-        raise HaloError(f"--tp {tp} with the {cfg.family} family (mixture of experts) is not "
-                        "supported yet; use --tp 1")
     for what, size in (("kv heads", cfg.n_kv_heads), ("attention heads", cfg.n_heads),
                        ("ffn dim", cfg.ffn_dim), ("hidden size", cfg.hidden_size)):
         if size % tp:

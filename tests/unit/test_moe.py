@@ -149,7 +149,6 @@ def test_emission_is_deterministic_and_verifies(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--tp", "2"], ["--tp 2 with the mixtral family", "use --tp 1"]),
     (["--dtype", "fp8"], ["--dtype fp8 is not supported for the mixtral family"]),
     (["--layer-loop"], ["--layer-loop is not supported for the mixtral family"]),
 ])
@@ -183,3 +182,19 @@ def test_moe_gguf_is_a_one_line_error(tmp_path):
     proc = halo("import-params", "--gguf", path, "-o", out, check=False)
     assert_one_line_error(proc, "mixture-of-experts GGUF", "expert_count = 8")
     assert not out.exists()
+
+
+def test_tp2_splits_each_experts_ffn_rows(tmp_path):
+    """--tp 2: gate/up experts split along ffn rows, down along its ffn columns, the router
+    replicated (one global per device), and the emission verifies."""
+    out = tmp_path / "tp2.mlir"
+    proc = halo("emit", "--model", "mixtral-8x7b", "--layers", "1", "--tp", "2", "-o", out)
+    text = out.read_text()
+    for i in range(2):
+        assert f'"model"::"blk.0.ffn_gate_exps.weight.shard.{i}"> : tensor<8x7168x4096xf16>' in text
+        assert f'"model"::"blk.0.ffn_up_exps.weight.shard.{i}"> : tensor<8x7168x4096xf16>' in text
+        assert f'"model"::"blk.0.ffn_down_exps.weight.shard.{i}"> : tensor<8x4096x7168xf16>' in text
+    assert text.count('"model"::"blk.0.ffn_gate_inp.weight"> : tensor<8x4096xf16>') == 2
+    assert "ffn_gate_inp.weight.shard" not in text
+    # one all-reduce per layer and entry (attention output, experts): 2 per entry here
+    assert "prefill_bs4: " in proc.stderr and "2 all-reduces" in proc.stderr
