@@ -61,7 +61,7 @@ _MOE_TODO = "the experts have no such path"
 FAMILIES = {
     "llama": Family("llama", dense_ffn),
     "mixtral": Family("mixtral", mixture_ffn, unsupported=(
-        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO), ("layer-loop", _MOE_TODO))),
+        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO))),
 }
 
 

@@ -42,27 +42,33 @@ def test_router_choices_are_not_trivial(checkpoint):
         assert len(pairs) >= 5, (layer, pairs)  # distinct expert pairs over 32 tokens
 
 
-def build(d, dtype, prefill):
-    irpa, mlir, vmfb = d / f"w_{dtype}.irpa", d / f"m_{dtype}_{prefill}.mlir", \
-        d / f"m_{dtype}_{prefill}.vmfb"
+def build(d, dtype, prefill, loop=False):
+    """`loop`: the stack as one scf.for over stacked parameters (--layer-loop)."""
+    tag = f"{dtype}_{prefill}" + ("_loop" if loop else "")
+    irpa = d / (f"w_{dtype}_stacked.irpa" if loop else f"w_{dtype}.irpa")
+    mlir, vmfb = d / f"m_{tag}.mlir", d / f"m_{tag}.vmfb"
     if not irpa.exists():
-        halo("import-params", "--safetensors", d, "--dtype", dtype, "-o", irpa)
+        halo("import-params", "--safetensors", d, "--dtype", dtype, "-o", irpa,
+             *(["--layout", "stacked"] if loop else []))
     halo("emit", "--hf-config", d / "config.json", "--dtype", dtype, "--moe-prefill", prefill,
+         *(["--layer-loop"] if loop else []),
          "--bs-prefill", 2, "--bs-decode", 2, "--block-seq-stride", STRIDE, "-o", mlir)
     halo("compile", mlir, "--target", "cpu", "-o", vmfb)
     return vmfb, irpa
 
 
-# (dtype, --moe-prefill, max |logit error| vs transformers in f32). Logits here reach ~5.
-CASES = [("f32", "grouped", 1e-3), ("f32", "gather", 1e-3), ("f16", "grouped", 5e-2)]
+# (dtype, --moe-prefill, --layer-loop, max |logit error| vs transformers in f32). Logits
+# here reach ~5.
+CASES = [("f32", "grouped", False, 1e-3), ("f32", "gather", False, 1e-3),
+         ("f16", "grouped", False, 5e-2), ("f32", "grouped", True, 1e-3)]
 
 
-@pytest.mark.parametrize("dtype,prefill,tol", CASES)
-def test_prefill_then_decode_matches_transformers(checkpoint, dtype, prefill, tol):
+@pytest.mark.parametrize("dtype,prefill,loop,tol", CASES)
+def test_prefill_then_decode_matches_transformers(checkpoint, dtype, prefill, loop, tol):
     from halo_mlir.runtime import Program
 
     d, model = checkpoint
-    vmfb, irpa = build(d, dtype, prefill)
+    vmfb, irpa = build(d, dtype, prefill, loop)
     rng = np.random.default_rng(1)
     vocab = MIXTRAL_AWKWARD["vocab_size"]
     tokens = rng.integers(0, vocab, size=(2, PREFILL_LEN)).astype(np.int64)
@@ -84,5 +90,5 @@ def test_prefill_then_decode_matches_transformers(checkpoint, dtype, prefill, to
                 errors.append((np.abs(out[b, 0] - logits(model, seqs[b])[-1]).max(),
                                f"decode {step} row {b}"))
     worst = max(errors)
-    print(f"mixtral {dtype}/{prefill}: max |logit error| = {worst[0]:.3g} ({worst[1]})")
+    print(f"mixtral {dtype}/{prefill}{'/loop' if loop else ''}: max |logit error| = {worst[0]:.3g} ({worst[1]})")
     assert worst[0] <= tol, worst

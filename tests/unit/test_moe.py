@@ -150,7 +150,6 @@ def test_emission_is_deterministic_and_verifies(tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["--dtype", "fp8"], ["--dtype fp8 is not supported for the mixtral family"]),
-    (["--layer-loop"], ["--layer-loop is not supported for the mixtral family"]),
 ])
 def test_unsupported_options_are_one_line_errors(tmp_path, args, needles):
     out = tmp_path / "x.mlir"
