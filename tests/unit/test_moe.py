@@ -197,3 +197,29 @@ def test_tp2_splits_each_experts_ffn_rows(tmp_path):
     assert "ffn_gate_inp.weight.shard" not in text
     # one all-reduce per layer and entry (attention output, experts): 2 per entry here
     assert "prefill_bs4: " in proc.stderr and "2 all-reduces" in proc.stderr
+
+
+def test_import_tp2_stacked_splits_each_expert(tmp_path):
+    """`import-params --tp 2 --layout stacked`: device r holds rows [r*F/2, (r+1)*F/2) of
+    every expert's gate (and the same columns of down) of every layer; the router is
+    stored once (replicated)."""
+    import iree.runtime as rt
+
+    tensors = _tiny_checkpoint(tmp_path)
+    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "--tp", 2,
+         "--layout", "stacked", "-o", tmp_path / "s.irpa")
+    f, half = TINY["intermediate_size"], TINY["intermediate_size"] // 2
+    for r in range(2):
+        index = rt.ParameterIndex()
+        index.load(str(tmp_path / f"s.rank{r}.irpa"))
+        got = {k: np.frombuffer(memoryview(v.file_view), np.float32) for k, v in index.items()}
+        assert ("blk.ffn_gate_inp.weight.stacked" in got) == (r == 0)
+        gate = got[f"blk.ffn_gate_exps.weight.stacked.shard.{r}"].reshape(2, 3, half, 32)
+        down = got[f"blk.ffn_down_exps.weight.stacked.shard.{r}"].reshape(2, 3, 32, half)
+        for layer in range(2):
+            for e in range(3):
+                w1 = tensors[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"]
+                w2 = tensors[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"]
+                np.testing.assert_array_equal(gate[layer, e], w1[r * half:(r + 1) * half])
+                np.testing.assert_array_equal(down[layer, e], w2[:, r * half:(r + 1) * half])
+        assert f == 2 * half
