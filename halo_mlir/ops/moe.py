@@ -5,7 +5,9 @@ The experts' weights are stacked per kind (`w_gate[E,F,D]`, `w_up[E,F,D]`, `w_do
 and each token reads only the rows of the k experts it picked: the contractions index the
 stacked weight with the token's expert id inside the loop body (a gather fused into the
 contraction), so no expert runs on a token that did not pick it and no gathered copy of
-the weights is made.
+the weights is made (`moe_ffn`, the decode form). `moe_ffn_grouped` (prefill) orders the
+(token, slot) pairs by expert and runs one matmul chain per expert over its rows, reading
+each expert's weights once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def _softmax(b: Builder, logits: Value) -> Value:
 
 def top_k(b: Builder, probs: Value, k: int) -> tuple[Value, Value]:
     """probs[N,S,E] f32 -> (the k largest [N,S,K] f32, their experts [N,S,K] i64), largest
-    first; of equal values the lower expert comes first (torch.topk's order).
+    first; of equal values the lower expert comes first (torch.topk orders exact ties its
+    own way; real router probabilities do not tie).
 
     An expert's slot is its rank: how many experts beat it (a larger value, or an equal one
     with a lower index). Order-free, so it does not depend on how the reduction is tiled."""
