@@ -560,6 +560,9 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
     of the stride as docs/ABI.md requires)."""
+    if cfg.is_moe:
+        raise HaloError(f"plan does not model the {cfg.family} family's experts yet; it "
+                        "plans Llama-family models")
     spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:

@@ -115,8 +115,10 @@ def _in_layers(key: str, n_layers: int) -> bool:
 
 
 @main.command()
-@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default toy).")
-@click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy (default), mixtral-8x7b or "
+                                "mixtral-8x22b.")
+@click.option("--hf-config", type=click.Path(), help="An HF config.json (Llama family or "
+                                                     "Mixtral).")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: Q8_0/Q4_1/Q4_K/Q6_K matrices run natively (import with the same flag).")
@@ -143,6 +145,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--template-dir", type=click.Path(file_okay=False),
               help="Render templated kernels from this folder (an edited copy of "
                    "halo_mlir/templates).")
+@click.option("--moe-prefill", default="grouped", show_default=True,
+              type=click.Choice(["grouped", "gather"]),
+              help="Mixture-of-experts models: grouped: prefill sorts the tokens by expert "
+                   "and runs one matmul chain per expert; gather: each token reads its "
+                   "experts' weights (the decode form; weights read once per token).")
 @click.option("--layer-loop", is_flag=True,
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
@@ -159,7 +166,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          block_seq_stride, dtype, kv_cache_dtype, activation_dtype, attention, template_dir,
-         layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
+         moe_prefill, layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
@@ -173,7 +180,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
-                       fp8_activations=activation_dtype)
+                       fp8_activations=activation_dtype, moe_prefill=moe_prefill)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:

@@ -54,6 +54,11 @@ WEIGHT_STYLES = {
     "ffn_up.weight": Split(0),
     "attn_output.weight": Split(1),
     "ffn_down.weight": Split(1),
+    # Mixture of experts: each expert's ffn rows split like the dense FFN ([experts, ffn,
+    # hidden] / [experts, hidden, ffn]); the router (`ffn_gate_inp`) is replicated.
+    "ffn_gate_exps.weight": Split(1),
+    "ffn_up_exps.weight": Split(1),
+    "ffn_down_exps.weight": Split(2),
     "output.weight": Split(0),
 }
 _BLOCK = re.compile(r"^blk\.\d+\.(.+)$")

@@ -197,7 +197,8 @@ def test_presets_and_symbols():
 
     tables = doc_tables()
     rows = table(tables, "Model hyperparameters")
-    assert [r["preset"] for r in rows] == list(PRESETS)
+    # The Llama presets; the mixture-of-experts ones are in docs/moe.md.
+    assert [r["preset"] for r in rows] == [p for p in PRESETS if PRESETS[p].family == "llama"]
     for r in rows:
         c = PRESETS[r["preset"]]
         assert [int(r[k]) for k in ("hidden", "layers", "n_heads", "n_kv_heads", "head_dim",
