@@ -355,8 +355,8 @@ def test_combined_forms(form, fp8_ckpt, tmp_path):
 
 def test_kept_quantized_fields(tmp_path):
     """A GGUF with Q8_0 and Q4_1 matrices (the embedding and lm_head too): the import's
-    fields and the module's globals, per layer and stacked; the doc's byte ranges equal
-    quant.py's block layout."""
+    fields and the module's globals, per layer and stacked; the doc's fields, block sizes,
+    shapes and dtypes for every kept format equal quant.py's."""
     from test_gguf import CFG, write_gguf
 
     from halo_mlir.params.gguf_file import GgufFile
@@ -376,13 +376,12 @@ def test_kept_quantized_fields(tmp_path):
         mine = [r for r in rows if r["format"].lower() == name]
         fields = {r["key"].split(":")[1]: r for r in mine}
         assert list(fields) == list(fmt.fields), name
-        for field, (offset, size, dtype, tail) in fmt.fields.items():
-            start, end = map(int, fields[field]["bytes"].split("-"))
-            assert (start, end - start) == (offset, size), (name, field)
-            shape = shape_of(fields[field]["shape"], {"rows": 3, "cols": 64})
+        for field, (dtype, tail) in fmt.fields.items():
+            row = fields[field]
+            assert (int(row["block"]), int(row["GGUF bytes"])) == (fmt.block, fmt.block_bytes)
+            shape = shape_of(row["shape"], {"rows": 3, "cols": 2 * fmt.block})
             assert shape == (3, 2, *tail), (name, field)
-            assert fields[field]["dtype"] == {np.float16: "f16", np.int8: "i8"}[dtype]
-        assert max(int(r["bytes"].split("-")[1]) for r in mine) == fmt.block_bytes
+            assert row["dtype"] == {np.float16: "f16", np.int8: "i8"}[dtype]
 
     ns = symbols(tables, cfg)
     flat = expand(table(tables, "Float parameters"), ns, dt="f16")
