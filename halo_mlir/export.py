@@ -235,14 +235,16 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
             if formats:
                 raise HaloError("--keep-quantized with --tp is not supported yet")
             check_divisible(cfg, tp)
-        from halo_mlir import compat
+        from halo_mlir.model.attention_form import resolve
 
         opts = EmitOptions(bs_prefill=tuple(bs), bs_decode=tuple(bs), dtype=dtype,
-                           attention=compat.current().attention_for(target),
                            weight_formats=tuple(sorted(formats.items())))
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
         check_release()
+        # auto: what the installed release (shortfin's) compiles for `target`
+        opts, chosen = resolve(cfg, opts, target=target)
+        echo(chosen)
         names = [f"model.rank{i}.irpa" for i in range(tp)] if tp > 1 else ["model.irpa"]
 
         # Everything checked: build in a temporary directory beside `out`.
