@@ -719,7 +719,7 @@ def _describe(inst) -> str:
     return f"{inst.kernel.name} [{shown}] at [{sizes}]"
 
 
-@kernel_group.command("list")
+@kernel_group.command("list", short_help="Kernels, their parameters and sizes.")
 def kernel_list():
     """Every kernel with its parameters and harness sizes."""
     from halo_mlir.kernels import KERNELS
@@ -733,7 +733,7 @@ def kernel_list():
                 click.echo(f"    --size {s}=  {doc} (check {check}, bench {bench})")
 
 
-@kernel_group.command("show")
+@kernel_group.command("show", short_help="Print the MLIR of one specialisation.")
 @_kernel_options
 @click.option("--harness", is_flag=True, help="Also print the `main` that check/compile use.")
 @_reports_errors

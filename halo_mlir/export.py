@@ -158,7 +158,11 @@ def check_params_dtype(files: list[Path], cfg, dtype: str) -> None:
     the import's dtype; a mismatch with --dtype would only show when shortfin loads it."""
     import iree.runtime as rt
 
+    from halo_mlir.io_utils import check_header
+
     sizes = {"f32": 4, "f16": 2, "bf16": 2}
+    for f in files:
+        check_header(f, "an IRPA parameter file", (b"IRPA",))
     idx = rt.ParameterIndex()
     try:
         idx.load(str(files[0]))
