@@ -215,8 +215,6 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype)
     opts, chosen = resolve(cfg, opts)
-    if chosen:
-        click.echo(chosen, err=True)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
@@ -229,6 +227,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
             f.write("\n")
     if report:
         _print_report(report, cfg, opts)
+    if chosen:  # after the writes: an error stays the only line
+        click.echo(chosen, err=True)
     click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
                f"{time.perf_counter() - start:.2f} s", err=True)
 
