@@ -43,7 +43,7 @@ def choose(cfg: LlamaConfig, opts, *, target: str | None = None, iree=None) -> t
         return "decomposed", (f"IREE {iree.release} cannot compile the fused attention op for "
                               f"{target}")
     if not iree.paged_attention:
-        return "fused", f"IREE {iree.release} cannot compile the paged kernels for CPU"
+        return "fused", f"IREE {iree.release} cannot compile the paged kernels"
     if opts.layer_loop:
         return "fused", "--layer-loop attends with the fused op inside the loop"
     if opts.cache_dtype == fp8.FP8:
