@@ -96,6 +96,8 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaloError(f"{src}: no such file")
+    if src.stat().st_size == 0:
+        raise HaloError(f"{src} is empty; expected MLIR (write it with `halo-mlir emit`)")
     _check_attention(src, target)
     _check_fp8(src, target, extra_flags or [])
     cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]

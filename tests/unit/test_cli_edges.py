@@ -251,6 +251,13 @@ def test_export_shortfin_checks_its_irpa(tmp_path):
         assert not out.exists()
 
 
+def test_compile_an_empty_module(tmp_path):
+    (tmp_path / "e.mlir").write_text("")
+    assert_cli_error(cli("compile", tmp_path / "e.mlir", "-o", tmp_path / "e.vmfb"),
+                     "e.mlir is empty", "halo-mlir emit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.mlir"]
+
+
 # ---- the kernel workbench --------------------------------------------------------------
 def test_kernel_check_streams():
     """The result on stdout alone; an error on stderr alone."""
