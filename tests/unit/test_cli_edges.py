@@ -59,6 +59,13 @@ def test_auto_picks_fused_where_the_paged_kernels_do_not_fit(tmp_path):
     assert choose(preset("8b"), EmitOptions(), iree=old)[0] == "fused"
     assert choose(preset("8b"), EmitOptions(), target="gfx942", iree=old)[0] == "decomposed"
     assert choose(preset("8b"), EmitOptions(), target="gfx942")[0] == "paged"
+    # An fp8 cache: the fused op, except at decode batch 1 with 1-2 query heads per kv
+    # head (IREE's CPU codegen fails there): decomposed.
+    toy = preset("toy")  # 8 heads, 8 kv heads
+    form, why = choose(toy, EmitOptions(dtype="fp8", bs_decode=(1, 4)))
+    assert form == "decomposed" and "1 query head(s) per kv head" in why, why
+    assert choose(toy, EmitOptions(dtype="fp8", bs_decode=(2, 4)))[0] == "fused"
+    assert choose(preset("8b"), EmitOptions(dtype="fp8", bs_decode=(1,)))[0] == "fused"  # 4
 
 
 def test_emit_auto_says_what_it_picked(tmp_path):
@@ -249,6 +256,22 @@ def test_export_shortfin_checks_its_irpa(tmp_path):
         assert_cli_error(cli("export-shortfin", "--hf-config", cfg, "--params", f, "--out", out),
                          str(f), needle)
         assert not out.exists()
+
+
+def test_compile_refuses_the_fp8_attention_cpu_codegen_fails_on(tmp_path):
+    """Found by experiment (IREE 3.13): llvm-cpu fails on the fp8 decode attention op at
+    batch 1 with 1-2 query heads per kv head; compile says so on one line before running
+    iree-compile, and compiles the other batch sizes' modules as before."""
+    mlir = tmp_path / "t.mlir"
+    halo("emit", "--model", "toy", "--layers", 1, "--dtype", "fp8", "--attention", "fused",
+         "--bs-prefill", 1, "--bs-decode", 1, "-o", mlir)
+    result = cli("compile", mlir, "--target", "cpu", "-o", tmp_path / "t.vmfb")
+    assert_cli_error(result, "fp8 decode attention at batch 1 with 1 query head(s) per kv head",
+                     "--attention decomposed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.mlir"]
+    from halo_mlir.compile import _check_cpu_fp8_attention
+
+    _check_cpu_fp8_attention(mlir, "gfx942")  # other targets compile it
 
 
 def test_compile_an_empty_module(tmp_path):
