@@ -35,6 +35,9 @@ class IreeCompat:
     # our i1 mask (3.9 gfx942 crashes in the online-attention masking interface,
     # FloatType::getFloatSemantics on i1); `--attention decomposed` compiles there.
     no_fused_attention: tuple[str, ...] = ()
+    # Whether the paged attention kernels compile here (3.9 on CPU: the paged decode
+    # kernel's page gather needs 256 KiB of stack, the limit is 32 KiB; NOTES.md).
+    paged_attention: bool = True
     # Extra iree-compile flags per target.
     extra_flags: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
@@ -50,6 +53,7 @@ TABLE: dict[str, IreeCompat] = {
         gather_scatter_segments=True,
         shortfin="3.9.0",
         no_fused_attention=("gfx942",),
+        paged_attention=False,
     ),
     "3.13": IreeCompat(
         release="3.13",

@@ -176,6 +176,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     from halo_mlir import __version__
     from halo_mlir.api import module_text, write_module
     from halo_mlir.compile import compile_file
+    from halo_mlir.model.attention_form import resolve
     from halo_mlir.model.llama import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
     from halo_mlir.params.gguf_import import import_gguf, weight_formats
@@ -204,6 +205,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop)
+    opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
     with module.context:
         text = module_text(module, locations=False)
@@ -214,5 +216,6 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         out.mkdir(parents=True, exist_ok=True)
         with module.context:
             write_module(module, out / "model.mlir", locations=True)
+        echo(chosen)
         compile_file(out / "model.mlir", vmfb, target=target, echo=echo)
     return ModelFiles(vmfb, [params], service_config(cfg, opts))
