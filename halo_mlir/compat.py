@@ -60,6 +60,11 @@ TABLE: dict[str, IreeCompat] = {
         rocm_target_flag="--iree-rocm-target",
         gather_scatter_segments=False,
         shortfin=None,
+        # The fp8 cache write of a bs 4 decode at the toy's page size vectorizes to 32 KiB
+        # vectors on llvm-cpu, which 3.13 refuses by default ("large vector sizes"); allowed,
+        # it compiles and runs (tests/e2e/test_fp8.py). 3.9 has no such check.
+        extra_flags={t: ("--iree-llvmcpu-fail-on-large-vector=false",)
+                     for t in ("cpu", "cpu-generic")},
     ),
 }
 

@@ -252,3 +252,14 @@ def test_fp8_two_query_heads_per_kv_head_at_batch_1(tmp_path):
     print(f"fp8 G=2 bs 1 decomposed vs fake-quant reference: {per_result}")
     assert sum(e < 1e-3 for e in per_result) >= len(per_result) // 2, per_result
     assert per_result[-1] < 0.2, per_result
+
+
+def test_fp8_cache_write_compiles_for_cpu_at_batch_4(tmp_path):
+    """The toy preset's fp8 cache write at decode bs 4 (32 KiB page blocks) vectorizes past
+    llvm-cpu's large-vector check; compat.py lifts the check for CPU targets under 3.13
+    (it failed with "One or more operations with large vector sizes")."""
+    mlir = tmp_path / "toy-fp8.mlir"
+    halo("emit", "--model", "toy", "--layers", 1, "--dtype", "fp8", "--bs-prefill", 4,
+         "--bs-decode", 4, "-o", mlir)
+    halo("compile", mlir, "--target", "cpu", "-o", tmp_path / "toy-fp8.vmfb")
+    assert (tmp_path / "toy-fp8.vmfb").stat().st_size > 0
