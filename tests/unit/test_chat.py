@@ -115,7 +115,8 @@ def test_special_tokens_and_stop_ids(toks):
     named = ("bos_token", "eos_token", "unk_token", "pad_token")
     assert ours.special_tokens() == {k: getattr(hf_tok, k) for k in named}
     # SmolLM2: eos is <|im_end|> (id 2), the ChatML end of turn.
-    assert ChatFormat.of(ours).stop_ids == {hf_tok.eos_token_id, hf_tok.convert_tokens_to_ids("<|im_end|>")}
+    im_end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    assert ChatFormat.of(ours).stop_ids == {hf_tok.eos_token_id, im_end}
     assert ours.special_id("<|im_end|>") == 2 and ours.special_id("hello") is None
 
 
