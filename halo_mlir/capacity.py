@@ -7,17 +7,17 @@ seconds; "GB" in messages and tables means 1e9 bytes, as GPU vendors state capac
 
 The model, term by term (each term is one function below):
 
-- weights: the tensors of ABI.md's parameter list, sharded like `sharding_passes/plan.py`
+- weights: the tensors of docs/ABI.md's parameter list, sharded like `sharding_passes/plan.py`
   (q/k/v/gate/up/attn_output/down and lm_head split by `tp`, norms and the token embedding
   replicated; tied embeddings have no separate lm_head). Element widths by `--dtype`:
   f32 4 bytes, f16/bf16 2; fp8 stores the block matmul weights in 1 byte and keeps norms,
   the token embedding and lm_head in f16 (as Meta's and AMD Quark's FP8 Llama checkpoints
-  do: lm_head stays unquantized), and computes activations in f16 (ABI.md: logits are f16
-  when the model computes in fp8).
+  do: lm_head stays unquantized), and computes activations in f16 (docs/ABI.md: an fp8
+  model's activation dtype defaults to f16).
 - KV cache: `batch` sequences of `max_seq_len` tokens, each rounded up to whole pages of
   `block_seq_stride` tokens; a page holds `page_elems = layers*2*(kv_heads/tp)*stride*
-  head_dim` elements per device (ABI.md). The cache dtype defaults to the activation dtype
-  (that is what `cache_state: DT[...]` means in ABI.md), and to fp8 for fp8 models.
+  head_dim` elements per device (docs/ABI.md). The cache dtype defaults to the activation
+  dtype, and to fp8 for fp8 models (docs/ABI.md's `CDT`).
 - activations: the peak of live buffers inside one transformer block (buffers are reused
   block to block), plus the logits, for the larger of the two calls: a prefill of `batch`
   rows of `prefill_len` tokens, and a decode step of `batch` tokens at `max_seq_len`.
@@ -93,7 +93,7 @@ class Tensor:
 
 
 def weight_inventory(cfg: LlamaConfig) -> list[Tensor]:
-    """Every parameter tensor of the model, under its ABI.md key."""
+    """Every parameter tensor of the model, under its docs/ABI.md key."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
     block = [("attn_norm.weight", (h,), "norm"), ("attn_q.weight", (q, h), "matmul"),
@@ -528,7 +528,7 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
-    of the stride as ABI.md requires)."""
+    of the stride as docs/ABI.md requires)."""
     spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:

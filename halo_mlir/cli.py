@@ -297,7 +297,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
                    "modules emitted with --layer-loop.")
 @click.option("--quantize", metavar="fp8",
               help="fp8: linear weights as f8E4M3FNUZ with per-tensor scales, activation "
-                   "scales by calibration (README: FP8 parameters).")
+                   "scales by calibration (docs/fp8.md).")
 @click.option("--calibration-text", type=click.Path(),
               help="With --quantize fp8: text to calibrate on (default: one shipped in the package).")
 @click.option("--calibration-tokens", type=int,
@@ -309,7 +309,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @_reports_errors
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
                   calibration_text, calibration_tokens, tokenizer, output):
-    """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
+    """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
     if bool(st_path) == bool(gguf):

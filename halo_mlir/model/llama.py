@@ -50,7 +50,7 @@ class EmitOptions:
     template_dir: str | None = None
     # The KV cache's dtype; None: fp8 for an fp8 model, else the activation dtype.
     kv_cache_dtype: str | None = None
-    # An fp8 model's norms, residuals, attention output and logits (ABI.md: f16); f32 makes
+    # An fp8 model's norms, residuals, attention output and logits (docs/ABI.md: f16); f32 makes
     # the fp8 roundings the only difference from an f32 reference.
     fp8_activations: str = "f16"
 
@@ -98,7 +98,7 @@ class EmitOptions:
 
 
 def page_elems(cfg: LlamaConfig, opts: EmitOptions) -> int:
-    """Elements of one KV-cache page (ABI.md): layers * 2 * kv_heads * stride * head_dim."""
+    """Elements of one KV-cache page (docs/ABI.md): layers * 2 * kv_heads * stride * head_dim."""
     return cfg.n_layers * 2 * cfg.n_kv_heads * opts.block_seq_stride * cfg.head_dim
 
 
@@ -234,7 +234,7 @@ class _Model:
         name = f"prefill_bs{bs}"
         with b.function(f"{name}$impl", args, [logits_t, args[3]], private=True) as (
                 tokens, seq_lens, pages, cache):
-            # S is a multiple of the page size (ABI.md): tell IREE (`util.assume.int`), so
+            # S is a multiple of the page size (docs/ABI.md): tell IREE (`util.assume.int`), so
             # prefill matmuls with their dynamic M get MFMA on gfx942.
             self.mark_entry(name, 3, divisors=(0, 1, self.opts.block_seq_stride))
             impl = b.current_function
@@ -285,6 +285,12 @@ class _Stack:
         self.m, self.entry, self.cache, self.pages, self.start = m, entry, cache6, pages, start
         self.acc: Value | None = None  # the loop's K/V accumulator
         self.functions: dict[tuple, str] = {}
+        # Decode: every layer's gather rows, once per step (kv_cache.decode_tables).
+        self.tables: tuple[Value, ...] = ()
+        if start is not None:
+            with m.b.at("kv_cache"):
+                self.tables = kv_cache.decode_tables(m.b, pages, start, m.cfg.n_layers,
+                                                     m.opts.block_seq_stride)
 
     def run(self, h: Value, positions: Value, seq_lens: Value, rotary: tuple) -> Value:
         """Every decoder block: one call per layer, or one `scf.for` (`layer_loop`)."""
@@ -303,7 +309,7 @@ class _Stack:
     def loop(self, h: Value, positions: Value, seq_lens: Value, rotary: tuple) -> Value:
         """`scf.for %l` over the layers: layer %l's weights are slices of the stacked
         globals; the carried values are pinned to the device at the top of the body
-        (IREE_FACTS.md: otherwise IREE copies them every iteration)."""
+        (otherwise IREE copies them every iteration)."""
         m, b = self.m, self.m.b
         n = m.cfg.n_layers
         with b.at("blk"):
@@ -361,7 +367,7 @@ class _Stack:
 
     def call(self, h, positions, seq_lens, rotary, layer, weights, formats) -> Value:
         """Call the layer function; updates the cache (unrolled) or the accumulator."""
-        extra = [self.pages] + ([self.start] if self.start is not None else [])
+        extra = [self.pages] + ([self.start, *self.tables] if self.start is not None else [])
         state = [self.cache] + ([self.acc] if self.acc is not None else [])
         args = [h, positions, seq_lens, *rotary, *extra, *state, layer, *weights]
         fn = self.functions.get(formats) or self.define(formats, args)
@@ -381,9 +387,9 @@ class _Stack:
                         private=True) as params, b.at("blk"):
             h, positions, seq_lens, cos, sin, pages = params[:6]
             rest = params[6:]
-            start = None
+            start = read_rows = write_rows = None
             if self.start is not None:
-                start, rest = rest[0], rest[1:]
+                start, read_rows, write_rows, rest = rest[0], rest[1], rest[2], rest[3:]
             cache, rest = rest[0], rest[1:]
             acc = None
             if looped:
@@ -405,6 +411,9 @@ class _Stack:
             # The loop reads a read-only cache; the paged kernels take f16/bf16/f32 only.
             paged = form == "paged" and not looped and not m.kv_fp8
 
+            def rows(which):  # this layer's gather rows of K (0) or V (1)
+                return kv_cache.layer_rows(b, read_rows, layer, which)
+
             def gathered(k, v):
                 """(K, V) attention reads: the fresh ones (prefill) or the pages (decode)."""
                 if looped and start is None:  # prefill: fresh K/V, kept for the write
@@ -414,10 +423,10 @@ class _Stack:
                 # stride,D], the gathers fuse into its dispatch); decomposed reads [N,KVH,T,D].
                 if form == "decomposed":
                     def read(c, which, separate=True):
-                        return kv_cache.read_pages(b, c, pages, layer, which, separate)
+                        return kv_cache.read_pages(b, c, rows(which), separate)
                 else:
                     def read(c, which, separate=True):
-                        return kv_cache.read_blocks(b, c, pages, layer, which)
+                        return kv_cache.read_blocks(b, c, rows(which))
                 if looped:  # decode: the cache's pages with this token's K/V in place
                     state["acc"] = kv_cache.decode_accumulate(b, state["acc"], k, v, layer)
                     return tuple(kv_cache.with_position(b, read(cache, which, False), x, start)
@@ -425,8 +434,8 @@ class _Stack:
                 if start is None:  # prefill: the fresh K/V are the keys and values
                     state["cache"] = kv_cache.write_blocks(b, state["cache"], k, v, pages, layer)
                     return k, v
-                c = state["cache"] = kv_cache.write_position(b, state["cache"], k, v, pages,
-                                                             start, layer)
+                c = state["cache"] = kv_cache.write_position(
+                    b, state["cache"], k, v, kv_cache.layer_rows(b, write_rows, layer), start)
                 return read(c, 0), read(c, 1)
 
             def kv(_, q, k, v):
@@ -439,9 +448,10 @@ class _Stack:
                     return o
                 if paged:
                     with b.at("blk.*.kv_cache"):
-                        state["cache"] = kv_cache.write_position(b, state["cache"], k, v,
-                                                                 pages, start, layer)
-                    return paged_decode(b, q, state["cache"], pages, layer, seq_lens,
+                        state["cache"] = kv_cache.write_position(
+                            b, state["cache"], k, v, kv_cache.layer_rows(b, write_rows, layer),
+                            start)
+                    return paged_decode(b, q, state["cache"], rows(0), rows(1), seq_lens,
                                         dtype=m.dt)
                 with b.at("blk.*.kv_cache"):
                     k_all, v_all = gathered(k, v)

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) -> IRPA with ABI.md keys: dequantized, or kept in native block formats."""
+"""GGUF (llama.cpp) -> IRPA with docs/ABI.md keys: dequantized, or kept in native block formats."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ABI.md parameter keys, their shapes, and the HF checkpoint names they come from."""
+"""docs/ABI.md parameter keys, their shapes, and the HF checkpoint names they come from."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.*)$")
 
-# Parameter layouts: `per-layer` (ABI.md, the default: `blk.{i}.attn_q.weight`) or `stacked`
+# Parameter layouts: `per-layer` (docs/ABI.md, the default: `blk.{i}.attn_q.weight`) or `stacked`
 # (one entry per weight kind holding every layer, `[layers, ...]`, for `--layer-loop`).
 LAYOUTS = ("per-layer", "stacked")
 STACKED_SUFFIX = ".stacked"

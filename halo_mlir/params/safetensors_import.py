@@ -1,4 +1,4 @@
-"""HF safetensors checkpoint (one file or a sharded index) -> IRPA with ABI.md keys."""
+"""HF safetensors checkpoint (one file or a sharded index) -> IRPA with docs/ABI.md keys."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_kv_bytes_per_token_and_page():
     assert kv_bytes_per_token(cfg, 1, "f16") == 131_072
     assert kv_bytes_per_token(cfg, 2, "f16") == 65_536     # 4 kv heads a device
     assert kv_bytes_per_token(cfg, 1, "fp8") == 65_536
-    # page_elems (ABI.md) = 32 * 2 * 8 * 32 * 128 = 2,097,152 elems = 4,194,304 bytes
+    # page_elems (docs/ABI.md) = 32 * 2 * 8 * 32 * 128 = 2,097,152 elems = 4,194,304 bytes
     assert page_elems(cfg, 1, 32) == 2_097_152
     assert plan(cfg, max_seq_len=4096).page_bytes == 4_194_304
 
