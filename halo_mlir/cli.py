@@ -629,34 +629,63 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
     return Generator(files, driver=DEVICES[device][1], pages=pages), tok
 
 
-@main.command(short_help="Greedy text generation from a GGUF/vmfb.")
+@main.command(short_help="Chat or text generation from a GGUF/vmfb.")
 @_model_options
-@click.option("--prompt", required=True, help="The text to continue.")
-@click.option("--max-tokens", default=32, show_default=True, type=int,
-              help="Stop after this many generated tokens (or at end of sequence).")
+@click.option("--prompt", required=True,
+              help="The user's message (with --raw, or a model without a chat template: the "
+                   "text to continue).")
+@click.option("--system", help="A system message before the prompt (chat templates with a "
+                               "system role).")
+@click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the "
+                                          "chat template.")
+@click.option("--max-tokens", default=128, show_default=True, type=int,
+              help="Stop after this many generated tokens (or at the end of the turn).")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0: greedy; above 0: sample from softmax(logits / T).")
+@click.option("--top-p", default=1.0, show_default=True, type=float,
+              help="Sample from the fewest most likely tokens whose probability reaches P.")
+@click.option("--top-k", default=0, show_default=True, type=int,
+              help="Sample from the K most likely tokens (0: all).")
+@click.option("--seed", type=int, help="Seed for sampling (the same seed, the same text).")
 @_reports_errors
-def generate(prompt, max_tokens, **model):
-    """Greedy generation, streaming the text as it comes."""
+def generate(prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, **model):
+    """Answer the prompt with the model's chat template (or continue it with --raw),
+    streaming the text to stdout as it comes."""
+    from halo_mlir.chat import ChatFormat
+    from halo_mlir.generate import Sampling, chat, complete
+
+    sampling = Sampling(temperature, top_p, top_k, seed)  # bad values fail before the build
+    if max_tokens < 1:
+        raise HaloError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if raw and system is not None:
+        raise HaloError("--system needs the chat template; drop --raw or --system")
     gen, tok = _open_model(**model)
     try:
-        ids = tok.encode(prompt)
-        out: list[int] = []
-        shown = ""
-        start = time.perf_counter()
-        first = None
-        click.echo(prompt, nl=False)
-        for token in gen.generate(ids, max_tokens, stop=lambda t: t == tok.eos_id):
-            first = first or time.perf_counter()
-            out.append(token)
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                click.echo(text[len(shown):], nl=False)
-                shown = text
-        click.echo(tok.decode(out)[len(shown):])
-        elapsed = time.perf_counter() - start
-        rate = (len(out) - 1) / (time.perf_counter() - first) if len(out) > 1 else 0.0
-        click.echo(f"[{len(ids)} prompt tokens, {len(out)} generated in {elapsed:.2f} s; "
-                   f"first token {first - start:.2f} s, then {rate:.1f} tokens/s]", err=True)
+        if not raw and ChatFormat.of(tok) is None:
+            if system is not None:
+                raise HaloError("the model has no chat template (tokenizer.chat_template), so "
+                                "no system message; drop --system")
+            click.echo("note: the model has no chat template (tokenizer.chat_template); "
+                       "continuing the prompt as plain text", err=True)
+            raw = True
+
+        def show(piece):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+
+        if raw:
+            show(prompt)
+            out = complete(gen, tok, prompt, max_tokens, sampling=sampling, on_text=show)
+        else:
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            messages.append({"role": "user", "content": prompt})
+            out = chat(gen, tok, messages, max_tokens, sampling=sampling, on_text=show)
+        click.echo()
+        end = "stop token" if out.stopped else "--max-tokens"
+        click.echo(f"[{len(out.prompt_ids)} prompt tokens, {len(out.tokens)} generated "
+                   f"(to {end}) in {out.seconds:.2f} s; first token "
+                   f"{out.first_token_seconds:.2f} s, then {out.tokens_per_second:.1f} tokens/s]",
+                   err=True)
     finally:
         gen.close()
 
