@@ -53,7 +53,7 @@ class _Axis:
 
 
 def _frame(title, x_label, y_label, xa: _Axis | None, ya: _Axis, legend: list[str],
-           markers: list[str] | None = None) -> list[str]:
+           markers: list[str] | None = None, W: int = W) -> list[str]:
     out = [f'<svg width="{W}" height="{H}" '
            f'viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}">',
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
@@ -124,7 +124,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
 
 
 def bar_chart(categories: list[str], series: dict[str, list[float | None]], *, title: str,
-              y_label: str, x_label: str = "", log_y=False, value_fmt="{:g}") -> str:
+              y_label: str, x_label: str = "", log_y=False, value_fmt="{:g}",
+              width: int = W) -> str:
     """Grouped vertical bars: one group per category, one bar per series (None: no bar).
     Each bar carries its value above it."""
     vals = [v for s in series.values() for v in s if v is not None]
@@ -132,7 +133,8 @@ def bar_chart(categories: list[str], series: dict[str, list[float | None]], *, t
         return ""
     ya = _Axis(min(vals) if log_y else 0, max(vals) * (1.0 if log_y else 1.15),
                H - BOTTOM, TOP + 12 + 15 * len(series), log_y)
-    out = _frame(title, x_label, y_label, None, ya, list(series))
+    W = width  # noqa: N806 (the frame's width)
+    out = _frame(title, x_label, y_label, None, ya, list(series), W=W)
     group_w = (W - LEFT - RIGHT) / len(categories)
     bar_w = min(28.0, group_w * 0.8 / max(len(series), 1))
     base = ya(ya.lo)
