@@ -389,11 +389,13 @@ def _key_values(output: str) -> dict:
 
 
 def _last_error(output: str) -> str:
-    lines = [ln for ln in output.splitlines() if ln.strip() and not ln.startswith("[dashboard]")]
-    for ln in reversed(lines):
-        if ln.startswith(("error:", "Error:", "failed")) or "Error" in ln.split(":")[0]:
-            return ln[:200]
-    return lines[-1][:200] if lines else ""
+    """The cell's note: the first error line (the cause; later ones restate it), else the
+    last line of output."""
+    lines = [ln for ln in output.splitlines() if ln.strip() and not ln.startswith(("[dashboard]", "$ "))]
+    for ln in lines:
+        if re.search(r"\berror:|^Error|^failed|Error\b", ln):
+            return re.sub(r"^<unknown>:0: ", "", ln)[:240]
+    return lines[-1][:240] if lines else ""
 
 
 def shortfin_python() -> str | None:
