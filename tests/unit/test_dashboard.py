@@ -133,7 +133,7 @@ def test_page_is_self_contained(rendered):
 
 
 def test_bad_options_are_one_error_line_and_write_nothing(tmp_path):
-    for args in (["--models", "nosuch"], ["--tp", "3"],
+    for args in (["--models", "nosuch"], ["--tp", "3"], ["--models", "toy", "--layers", "9"],
                  ["--models", "toy", "--cell-extra", "toy-f16-tp9-paged=--x"]):
         out = tmp_path / "out"
         proc = dashboard(out, *args)

@@ -652,7 +652,15 @@ def run(args) -> int:
                                  "toy-f16-tp1-paged='--block-seq-stride 16'")
         cell_extra[row_id] = flags
     args.cell_extra = cell_extra
+    if args.layers is not None and args.layers < 1:
+        raise DashboardError(f"--layers {args.layers}: pass a depth of at least 1")
     rows = select(all_rows(args.layers), args)
+    from halo_mlir.config import PRESETS
+
+    for r in rows:
+        if r.model in PRESETS and r.layers > PRESETS[r.model].n_layers:
+            raise DashboardError(f"--layers {r.layers}: {r.model} has "
+                                 f"{PRESETS[r.model].n_layers} layers; pass at most that")
     if not rows:
         raise DashboardError("the selection is empty; widen --models/--dtypes/--tp/--attention")
     unknown = sorted(set(cell_extra) - {r.id for r in rows})

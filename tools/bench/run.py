@@ -404,7 +404,8 @@ def write(path: Path, head: list[str], sections: dict[str, list[str]]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI); with --dashboard: one gfx942 "
+                    "compile and no full-depth measurements")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections among {', '.join(SECTIONS)}")
     ap.add_argument("-o", "--output", default=str(ROOT / "BENCHMARKS.md"))
