@@ -147,6 +147,25 @@ def test_unsupported_options_are_one_line_errors(tmp_path, args, needles):
     assert not out.exists()
 
 
-def test_plan_is_a_one_line_error():
-    proc = halo("plan", "--model", "grok-1", "--tp", "8", check=False)
-    assert_one_line_error(proc, "plan does not model the grok family's experts")
+def test_plan_accounts_the_experts():
+    """plan --model grok-1 --tp 8: the weights are every expert's (Grok-1's 314B-class
+    parameter count, from the shapes), a bs-1 decode reads 2 of 8 experts a layer and does
+    the FLOPs of the 2 (short context, so attention is negligible)."""
+    import json
+
+    c = PRESETS["grok-1"]
+    h, f, e, hd = c.hidden_size, c.ffn_dim, c.n_experts, c.head_dim
+    attn = h * (c.n_heads + 2 * c.n_kv_heads) * hd + c.n_heads * hd * h
+    experts = 3 * e * f * h
+    params = c.vocab_size * h + h + c.n_layers * (attn + e * h + 4 * h + experts)
+    proc = halo("plan", "--model", "grok-1", "--tp", "8", "--max-seq-len", "32", "--json")
+    p = json.loads(proc.stdout)
+    assert p["params"] == params and 314e9 < params < 317e9
+    # per device: split matrices / 8, the router, norms and the tied embedding whole
+    replicated = c.vocab_size * h + h + c.n_layers * (e * h + 4 * h)
+    assert p["per_device"]["weight_bytes"] == 2 * (replicated + c.n_layers * (attn + experts) // 8)
+    active = c.n_layers * (attn + experts * 2 // 8) // 8 + c.n_layers * e * h
+    flops = 2 * (active + c.vocab_size * h)  # + the tied lm_head
+    assert abs(p["decode"]["flops"] - flops) / flops < 0.01, (p["decode"]["flops"], flops)
+    weights_read = 2 * (active + c.vocab_size * h + h + c.n_layers * 4 * h)
+    assert abs(p["decode"]["bytes_read"] - weights_read) / weights_read < 0.01
