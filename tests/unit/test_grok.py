@@ -169,3 +169,15 @@ def test_plan_accounts_the_experts():
     assert abs(p["decode"]["flops"] - flops) / flops < 0.01, (p["decode"]["flops"], flops)
     weights_read = 2 * (active + c.vocab_size * h + h + c.n_layers * 4 * h)
     assert abs(p["decode"]["bytes_read"] - weights_read) / weights_read < 0.01
+
+
+def test_moe_compile_flags(tmp_path):
+    """compile adds the gfx942 MoE flag for modules with stacked experts only."""
+    from halo_mlir.compile import MOE_FLAGS, _moe_flags
+
+    grok, toy = tmp_path / "g.mlir", tmp_path / "t.mlir"
+    halo("emit", "--model", "grok-1", "--layers", "1", "-o", grok)
+    halo("emit", "--model", "toy", "--layers", "1", "-o", toy)
+    assert _moe_flags(grok, "gfx942") == MOE_FLAGS["gfx942"]
+    assert _moe_flags(toy, "gfx942") == []
+    assert _moe_flags(grok, "cpu") == []
