@@ -195,16 +195,20 @@ def test_reference_exercises_cap_and_routing(model):
     assert capped.std() > 0.3  # logits of a useful size
 
 
-def _build(d, prefill: str, tp: int = 1):
-    """Import (once per tp), emit and compile; returns (vmfb, parameter files)."""
-    gguf_path, irpa = d / "grok-tiny.gguf", d / f"w_tp{tp}.irpa"
-    mlir, vmfb = d / f"m_{prefill}_tp{tp}.mlir", d / f"m_{prefill}_tp{tp}.vmfb"
-    if not irpa.exists() and not (d / f"w_tp{tp}.rank0.irpa").exists():
-        halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "--tp", tp, "-o", irpa)
+def _build(d, prefill: str, tp: int = 1, loop: bool = False):
+    """Import (once per tp and layout), emit and compile; returns (vmfb, parameter files).
+    `loop`: parameters imported `--layout stacked`, the stack emitted as one loop."""
+    tag = f"tp{tp}" + ("_loop" if loop else "")
+    gguf_path, irpa = d / "grok-tiny.gguf", d / f"w_{tag}.irpa"
+    mlir, vmfb = d / f"m_{prefill}_{tag}.mlir", d / f"m_{prefill}_{tag}.vmfb"
+    if not irpa.exists() and not (d / f"w_{tag}.rank0.irpa").exists():
+        halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "--tp", tp,
+             *(["--layout", "stacked"] if loop else []), "-o", irpa)
     halo("emit", "--gguf", gguf_path, "--dtype", "f32", "--moe-prefill", prefill, "--tp", tp,
+         *(["--layer-loop"] if loop else []),
          "--bs-prefill", 2, "--bs-decode", 2, "--block-seq-stride", STRIDE, "-o", mlir)
     halo("compile", mlir, "--target", "cpu", "--tp", tp, "-o", vmfb)
-    return vmfb, [d / f"w_tp{tp}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
+    return vmfb, [d / f"w_{tag}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
 
 
 def _worst_error(w, vmfb, params, tp: int = 1):
@@ -236,11 +240,13 @@ def _worst_error(w, vmfb, params, tp: int = 1):
     return max(errors)
 
 
-@pytest.mark.parametrize("prefill", ["grouped", "gather"])
-def test_prefill_then_decode_matches_reference(model, prefill):
+@pytest.mark.parametrize("prefill,loop", [("grouped", False), ("gather", False),
+                                          ("grouped", True)])
+def test_prefill_then_decode_matches_reference(model, prefill, loop):
     d, w = model
-    worst = _worst_error(w, *_build(d, prefill))
-    print(f"grok f32/{prefill}: max |logit error| = {worst[0]:.3g} ({worst[1]})")
+    worst = _worst_error(w, *_build(d, prefill, loop=loop))
+    print(f"grok f32/{prefill}{'/loop' if loop else ''}: max |logit error| = "
+          f"{worst[0]:.3g} ({worst[1]})")
     assert worst[0] <= min(1e-3, GELU_BOUND), worst
 
 
