@@ -115,8 +115,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 
 
 @main.command()
-@click.option("--model", help="Preset: 8b, 70b, 405b, toy (default), mixtral-8x7b or "
-                                "mixtral-8x22b.")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy (default), mixtral-8x7b, "
+                                "mixtral-8x22b or grok-1.")
 @click.option("--hf-config", type=click.Path(), help="An HF config.json (Llama family or "
                                                      "Mixtral).")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
@@ -403,7 +403,8 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
 
 
 @main.command("plan")
-@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default 8b).")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b, mixtral-8x22b or "
+                                "grok-1 (default 8b).")
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
 @click.option("--tp", default=1, show_default=True, type=int)
 @click.option("--dtype", default="f16", show_default=True,

@@ -1,5 +1,5 @@
-"""Model hyperparameters: a dataclass, the presets (Llama 3.1, Mixtral), and HF config.json
-parsing."""
+"""Model hyperparameters: a dataclass, the presets (Llama 3.1, Mixtral, Grok-1), and HF
+config.json parsing."""
 
 from __future__ import annotations
 
