@@ -18,8 +18,9 @@ from halo_mlir.ops.rope import inv_freq
 
 SUPPORTED_ARCHS = ("llama", "grok")
 
-# Grok-1's published constants (xai-org/grok-1 run.py), the values llama.cpp assumes for a
-# `grok` GGUF without the keys: metadata key (after `grok.`) -> (LlamaConfig field, default).
+# Grok-1's published constants (xai-org/grok-1 run.py / model.py), used for a `grok` GGUF
+# without the keys (gguf-py's key names): metadata key (after `grok.`) -> (LlamaConfig
+# field, default).
 GROK_SCALES = {
     "attention.output_scale": ("attn_scale", 0.08838834764831845),
     "attn_logit_softcapping": ("attn_softcap", 30.0),

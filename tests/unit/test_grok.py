@@ -79,7 +79,7 @@ def _grok_gguf(path, scales: bool):
 @pytest.mark.parametrize("scales", [True, False])
 def test_gguf_metadata(tmp_path, scales):
     """A `grok` GGUF reads as the grok family; without the scale keys, Grok-1's published
-    values (what llama.cpp assumes for such files)."""
+    values."""
     from halo_mlir.params.gguf_file import GgufFile
 
     path = tmp_path / "g.gguf"
