@@ -40,6 +40,7 @@ from halo_mlir import cost_model
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.gpus import GPUS, GpuSpec, gpu_spec  # noqa: F401  (part of this API)
+from halo_mlir.params.names import POST_NORMS
 from halo_mlir.sharding_passes.plan import Split, check_divisible, weight_sharding
 
 GB = 1e9
@@ -93,15 +94,23 @@ class Tensor:
 
 
 def weight_inventory(cfg: LlamaConfig) -> list[Tensor]:
-    """Every parameter tensor of the model, under its docs/ABI.md key."""
+    """Every parameter tensor of the model, under its docs/ABI.md key. A mixture of experts
+    has the router (`matmul`) and the stacked experts (kind `expert`, [experts, out, in])
+    in place of the dense FFN, and Grok-1 its two post-norms."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
+    f, e = cfg.ffn_dim, cfg.n_experts
+    ffn = [("ffn_gate_inp.weight", (e, h), "matmul"),
+           ("ffn_gate_exps.weight", (e, f, h), "expert"),
+           ("ffn_up_exps.weight", (e, f, h), "expert"),
+           ("ffn_down_exps.weight", (e, h, f), "expert")] if cfg.is_moe else \
+        [("ffn_gate.weight", (f, h), "matmul"), ("ffn_up.weight", (f, h), "matmul"),
+         ("ffn_down.weight", (h, f), "matmul")]
     block = [("attn_norm.weight", (h,), "norm"), ("attn_q.weight", (q, h), "matmul"),
              ("attn_k.weight", (kv, h), "matmul"), ("attn_v.weight", (kv, h), "matmul"),
              ("attn_output.weight", (h, q), "matmul"), ("ffn_norm.weight", (h,), "norm"),
-             ("ffn_gate.weight", (cfg.ffn_dim, h), "matmul"),
-             ("ffn_up.weight", (cfg.ffn_dim, h), "matmul"),
-             ("ffn_down.weight", (h, cfg.ffn_dim), "matmul")]
+             *ffn,
+             *((f"{name}.weight", (h,), "norm") for name in POST_NORMS.get(cfg.family, ()))]
     out = [Tensor("token_embd.weight", (cfg.vocab_size, h), "embed")]
     out += [Tensor(f"blk.{i}.{name}", shape, kind)
             for i in range(cfg.n_layers) for name, shape, kind in block]
@@ -109,6 +118,16 @@ def weight_inventory(cfg: LlamaConfig) -> list[Tensor]:
     if not cfg.tie_embeddings:
         out.append(Tensor("output.weight", (cfg.vocab_size, h), "head"))
     return out
+
+
+def expert_fraction(cfg: LlamaConfig, tokens: int) -> float:
+    """The share of a layer's experts a call reads for `tokens` tokens, each running
+    `experts_per_token` of `n_experts` (routing taken as uniform and independent): the
+    expected number of distinct experts picked, over the count. One token: k / E (Grok-1:
+    2 of 8); many tokens: all of them. 1 for a dense FFN."""
+    if not cfg.is_moe:
+        return 1.0
+    return 1.0 - (1.0 - cfg.experts_per_token / cfg.n_experts) ** tokens
 
 
 def param_count(cfg: LlamaConfig) -> int:
@@ -122,7 +141,7 @@ def shard_numel(t: Tensor, tp: int) -> int:
 
 
 def _weight_dtype(t: Tensor, spec: DtypeSpec) -> str:
-    return spec.matmul_weight if t.kind == "matmul" else spec.other_weight
+    return spec.matmul_weight if t.kind in ("matmul", "expert") else spec.other_weight
 
 
 def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16") -> int:
@@ -200,7 +219,7 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
         "kv_gathered": 2 * batch * kvh * kv_len * d * a,
         "attn_out": t * heads * d * a,
         "scores": scores,
-        "ffn": 2 * t * (cfg.ffn_dim // tp) * a,
+        "ffn": 2 * t * max(cfg.experts_per_token, 1) * (cfg.ffn_dim // tp) * a,
         "logits": t * cfg.vocab_size * a,
     }
 
@@ -355,6 +374,20 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, ba
         if t_.key.endswith("attn_output.weight"):
             layer.append(D("ffn_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
                            dtype=spec.activation))
+    k = cfg.experts_per_token
+    for t_ in (x for x in weight_inventory(cfg.with_layers(1)) if x.kind == "expert"):
+        # each token's k experts: the rows of the experts the call picks (expert_fraction)
+        n = shard_numel(t_, tp)
+        per_expert = n // cfg.n_experts
+        rows = t_.shape[1] // (tp if t_.key.endswith(("gate_exps.weight", "up_exps.weight"))
+                               else 1)
+        cols = t_.shape[2] // (tp if t_.key.endswith("down_exps.weight") else 1)
+        layer.append(D(t_.key.split(".", 2)[-1],
+                       bytes_read=int(n * expert_fraction(cfg, t) * wb) + t * k * cols * a,
+                       bytes_written=t * k * rows * a, flops=2 * t * k * per_expert,
+                       dtype=spec.matmul_weight))
+    layer += [D(name, bytes_read=2 * t * h * a + h * ob, bytes_written=t * h * a,
+                dtype=spec.activation) for name in POST_NORMS.get(cfg.family, ())]
     adds, copies, steps = allreduce_records(t * h * a, tp, spec.activation, algorithm, gpu)
     layer += adds * 2
     dispatches = [dataclasses.replace(x, count=x.count * cfg.n_layers) for x in layer]
@@ -384,7 +417,9 @@ def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
     """Matmul weights run at the `--dtype` peak; lm_head and attention at the activation
     dtype's peak (fp8 models keep lm_head in f16). The token embedding is a lookup."""
     kinds = _weights_by_kind(cfg, tp, spec)
-    matmul = 2 * tokens * kinds["matmul"][0]
+    # a token runs k of a layer's E experts
+    matmul = 2 * tokens * kinds["matmul"][0] + int(
+        2 * tokens * kinds.get("expert", (0, 0))[0] * cfg.experts_per_token / max(cfg.n_experts, 1))
     other = 2 * tokens * kinds.get("head", (0, 0))[0] + attention_flops(cfg, tp, pairs)
     if cfg.tie_embeddings:  # the embedding is also the lm_head (replicated)
         other += 2 * tokens * kinds["embed"][0]
@@ -399,12 +434,15 @@ def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
                     dependent_steps=steps)
 
 
-def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> int:
-    """Weight bytes a forward pass streams from HBM: all but the token embedding, which is
-    only looked up (unless tied, when it is also the lm_head)."""
+def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec, tokens: int) -> int:
+    """Weight bytes a forward pass of `tokens` tokens streams from HBM: all but the token
+    embedding, which is only looked up (unless tied, when it is also the lm_head), and of
+    the experts the share the tokens pick (expert_fraction)."""
     kinds = _weights_by_kind(cfg, tp, spec)
     skip = 0 if cfg.tie_embeddings else kinds["embed"][1]
-    return sum(b for _, b in kinds.values()) - skip
+    experts = kinds.get("expert", (0, 0))[1]
+    return (sum(b for _, b in kinds.values()) - skip - experts
+            + int(experts * expert_fraction(cfg, tokens)))
 
 
 def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
@@ -413,7 +451,7 @@ def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
     Reads the weights once and every sequence's KV (seq_len tokens)."""
     kv = batch * seq_len * kv_token_bytes
     return _roofline(cfg, tp, spec, gpu, tokens=batch, q_len=1, pairs=batch * seq_len,
-                     bytes_read=_weights_read(cfg, tp, spec) + kv, kv_read=kv,
+                     bytes_read=_weights_read(cfg, tp, spec, batch) + kv, kv_read=kv,
                      algorithm=algorithm)
 
 
@@ -424,7 +462,7 @@ def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
     kv = batch * seq_len * kv_token_bytes
     return _roofline(cfg, tp, spec, gpu, tokens=batch * seq_len, q_len=seq_len,
                      pairs=batch * seq_len * (seq_len + 1) // 2,
-                     bytes_read=_weights_read(cfg, tp, spec) + kv, kv_read=0,
+                     bytes_read=_weights_read(cfg, tp, spec, batch * seq_len) + kv, kv_read=0,
                      algorithm=algorithm)
 
 
@@ -560,9 +598,6 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
     of the stride as docs/ABI.md requires)."""
-    if cfg.is_moe:
-        raise HaloError(f"plan does not model the {cfg.family} family's experts yet; it "
-                        "plans Llama-family models")
     spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:

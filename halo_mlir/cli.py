@@ -159,8 +159,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 
 
 @main.command(short_help="Model config -> MLIR (prefill/decode entries).")
-@click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b or mixtral-8x22b "
-                                "(or pass --hf-config / --gguf).")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b, mixtral-8x22b or "
+                                "grok-1 (or pass --hf-config / --gguf).")
 @click.option("--hf-config", type=click.Path(), help="An HF config.json (Llama family or "
                                                      "Mixtral).")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
@@ -454,7 +454,8 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
 
 
 @main.command("plan", short_help="Memory and latency estimate, no compile.")
-@click.option("--model", help="Preset: 8b, 70b, 405b or toy (or pass --hf-config).")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b, mixtral-8x22b or "
+                                "grok-1 (or pass --hf-config).")
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
 @_tp_option("Tensor-parallel devices the weights and KV cache are split over.")
 @click.option("--dtype", default="f16", show_default=True,

@@ -122,6 +122,22 @@ def _check_fp8(src: Path, target: str, extra_flags: list[str]) -> None:
                             "--dtype f16")
 
 
+# gfx942: IREE 3.13's reduction VectorDistribute pipeline fails ("failed to distribute") on
+# the MoE decode contraction that reads each token's expert rows inside its body
+# (ops/moe.py expert_linear); without that pipeline the module compiles. Added only for
+# modules with stacked expert weights, so other models' flags are unchanged.
+MOE_FLAGS = {"gfx942": ["--iree-codegen-llvmgpu-use-reduction-vector-distribution=false"]}
+
+
+def _moe_flags(src: Path, target: str) -> list[str]:
+    """MOE_FLAGS[target] when `src` (text or bytecode) holds stacked expert weights."""
+    flags = MOE_FLAGS.get(target)
+    if not flags:
+        return []
+    with open(src, "rb") as f:
+        return list(flags) if any(b"_exps.weight" in line for line in f) else []
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
@@ -133,9 +149,14 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
     _check_attention(src, target)
     _check_fp8(src, target, extra_flags or [])
     _check_cpu_fp8_attention(src, target)
-    cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
+    moe = [f for f in _moe_flags(src, target) if f not in (extra_flags or [])]
+    cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *moe,
+           *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")
+    if moe:
+        echo(f"note: mixture-of-experts module: adding {' '.join(moe)} (the experts' decode "
+             "contraction does not compile in that pipeline)")
     start = time.perf_counter()
     try:
         proc = subprocess.run([*cmd, "-o", str(tmp)], stderr=subprocess.PIPE, text=True)

@@ -1,5 +1,5 @@
-"""Model hyperparameters: a dataclass, the presets (Llama 3.1, Mixtral), and HF config.json
-parsing."""
+"""Model hyperparameters: a dataclass, the presets (Llama 3.1, Mixtral, Grok-1), and HF
+config.json parsing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from halo_mlir.errors import HaloError
 
 # Family name -> whether it is a mixture of experts (the families themselves, with their
 # blocks and parameter names, are in halo_mlir.model.families and halo_mlir.params.names).
-FAMILIES = {"llama": False, "mixtral": True}
+FAMILIES = {"llama": False, "mixtral": True, "grok": True}
+# FFN activations (the expert / dense gate's nonlinearity): silu (Llama, Mixtral) or the tanh
+# approximation of GELU (Grok-1: jax.nn.gelu's default).
+FFN_ACTIVATIONS = ("silu", "gelu_tanh")
 
 LLAMA3_ROPE_SCALING = {
     "factor": 8.0,
@@ -43,6 +46,12 @@ class LlamaConfig:
     n_experts: int = 0  # MoE: experts per layer (0: a dense FFN)
     experts_per_token: int = 0  # MoE: top-k experts each token runs
     moe_renormalize: bool = True  # MoE: the k router weights divided by their sum (Mixtral)
+    # Grok-1's extras (the defaults leave Llama and Mixtral as they are):
+    ffn_activation: str = "silu"  # FFN_ACTIVATIONS: the gate's nonlinearity
+    attn_scale: float | None = None  # attention logits' multiplier (None: 1/sqrt(head_dim))
+    attn_softcap: float = 0.0  # > 0: logits -> cap * tanh(logits / cap) after the scale
+    embedding_scale: float = 1.0  # token embeddings multiplied by this
+    logit_scale: float = 1.0  # output logits multiplied by this
 
     def __post_init__(self):
         for field in ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -61,6 +70,12 @@ class LlamaConfig:
             need = "n_experts >= 1" if FAMILIES[self.family] else "n_experts = 0"
             raise HaloError(f"config {self.name}: family {self.family} needs {need}, got "
                             f"{self.n_experts}")
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise HaloError(f"config {self.name}: unknown ffn_activation "
+                            f"{self.ffn_activation!r}: choose one of {', '.join(FFN_ACTIVATIONS)}")
+        if self.attn_softcap < 0:
+            raise HaloError(f"config {self.name}: attn_softcap must be >= 0 (0: none), got "
+                            f"{self.attn_softcap}")
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
             raise HaloError(f"config {self.name}: experts_per_token must be in 1..{self.n_experts}"
                             f", got {self.experts_per_token}")
@@ -100,6 +115,22 @@ def _mixtral(name, hidden, layers, heads, ffn, vocab, max_seq_len):
                        n_experts=8, experts_per_token=2)
 
 
+def _grok1() -> LlamaConfig:
+    # xai-org/grok-1 run.py / model.py: emb_size 6144, widening_factor 8 (ffn_size(6144, 8) =
+    # 32768 per expert), key_size 128, 48 query / 8 kv heads, 64 layers, vocab 128 * 1024,
+    # 8 experts top-2 (softmax probabilities, not renormalized), RMSNorm eps 1e-5, RoPE base
+    # 10000 without scaling, attn_output_multiplier 0.08838834764831845 then 30 * tanh(x / 30),
+    # embedding_multiplier_scale 78.38367176906169, output_multiplier_scale
+    # 0.5773502691896257, tied input/output embeddings (InOutEmbed), sequence_len 8192.
+    return LlamaConfig(hidden_size=6144, n_layers=64, n_heads=48, n_kv_heads=8, head_dim=128,
+                       ffn_dim=32768, vocab_size=131072, rope_theta=10000.0, rms_eps=1e-5,
+                       tie_embeddings=True, max_seq_len=8192, name="grok-1", family="grok",
+                       n_experts=8, experts_per_token=2, moe_renormalize=False,
+                       ffn_activation="gelu_tanh", attn_scale=0.08838834764831845,
+                       attn_softcap=30.0, embedding_scale=78.38367176906169,
+                       logit_scale=0.5773502691896257)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "8b": _llama31("8b", 4096, 32, 32, 14336),
     "70b": _llama31("70b", 8192, 80, 64, 28672),
@@ -110,6 +141,7 @@ PRESETS: dict[str, LlamaConfig] = {
                        rope_scaling=dict(LLAMA3_ROPE_SCALING), max_seq_len=4096, name="toy"),
     "mixtral-8x7b": _mixtral("mixtral-8x7b", 4096, 32, 32, 14336, 32000, 32768),
     "mixtral-8x22b": _mixtral("mixtral-8x22b", 6144, 56, 48, 16384, 32768, 65536),
+    "grok-1": _grok1(),
 }
 
 

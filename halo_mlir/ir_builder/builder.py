@@ -436,6 +436,7 @@ class Builder(LinalgExtOps, EntryPoints):
     minf = staticmethod(arith.minimumf)
     negf = staticmethod(arith.negf)
     exp = staticmethod(math.exp)
+    tanh = staticmethod(math.tanh)
     rsqrt = staticmethod(math.rsqrt)
     cos = staticmethod(math.cos)
     sin = staticmethod(math.sin)

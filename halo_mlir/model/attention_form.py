@@ -41,7 +41,12 @@ def choose(cfg: LlamaConfig, opts, *, target: str | None = None, iree=None) -> t
     release may not compile the fused op for it); `iree`: a compat row (default: the
     installed release)."""
     from halo_mlir import compat
+    from halo_mlir.model.families import family
 
+    allowed = family(cfg.family).attention
+    if allowed is not None:  # e.g. Grok-1: soft-capped logits, decomposed only
+        return allowed[0], (f"the {cfg.family} family's attention logits are soft-capped, "
+                            f"which only the {'/'.join(allowed)} form computes")
     iree = iree or compat.current()
     if target is not None and target in iree.no_fused_attention:
         return "decomposed", (f"IREE {iree.release} cannot compile the fused attention op for "

@@ -120,6 +120,7 @@ class _Model:
         self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.activation_dtype
         self.family = family(cfg.family)
         self.family.check(opts)
+        self.attention = self.family.attention_form(opts.attention)
         self.block_weights = block_weights(cfg)
         self.formats = dict(opts.weight_formats)
         if opts.dtype == "fp8":  # every block linear: `KEY:qs`, `KEY:d` and its input scale
@@ -165,6 +166,8 @@ class _Model:
         b, cfg = self.b, self.cfg
         with b.at("token_embd"):
             h = self.embed(tokens)
+            if cfg.embedding_scale != 1.0:
+                h = self.scaled(h, cfg.embedding_scale)
         with b.at("rope"):
             freqs = b.dense(inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "f32")
             rotary = rope_table(b, positions, freqs)
@@ -174,7 +177,17 @@ class _Model:
                         eps=cfg.rms_eps, dtype=self.dt)
         key = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
         with b.at("output"):
-            return self.linear(key, (cfg.vocab_size, cfg.hidden_size), h)
+            logits = self.linear(key, (cfg.vocab_size, cfg.hidden_size), h)
+            if cfg.logit_scale != 1.0:
+                logits = self.scaled(logits, cfg.logit_scale)
+            return logits
+
+    def scaled(self, x: Value, factor: float) -> Value:
+        """x * factor (in f32, rounded to the activation dtype): Grok-1's embedding and
+        output multipliers."""
+        b, dt = self.b, self.dt
+        c = b.scalar(factor, "f32")
+        return b.map("bsd->bsd", [x], dt, lambda v: b.cast(b.mulf(b.cast(v, "f32"), c), dt))
 
     def block(self, i: int, h: Value, positions: Value, seq_lens: Value,
               rotary: tuple[Value, Value], kv, weights) -> Value:
@@ -211,11 +224,21 @@ class _Model:
             o = kv(i, q, k, v)  # the cache update and attention over it
             o = b.reshape(o, [[0], [1], [2, 3, 4]], [n, s, cfg.n_heads * cfg.head_dim])
         with b.at(f"blk.{i}.attn_output"):
-            h = add(b, h, linear_("attn_output", o))
+            y = linear_("attn_output", o)
+        if "attn_output_norm" in weights:  # Grok-1: the attention output normed, then added
+            with b.at(f"blk.{i}.attn_output_norm"):
+                y = rmsnorm(b, y, weights["attn_output_norm"], eps=cfg.rms_eps, dtype=dt)
+        with b.at(f"blk.{i}.attn_output"):
+            h = add(b, h, y)
         with b.at(f"blk.{i}.ffn_norm"):
             x = rmsnorm(b, h, weights["ffn_norm"], eps=cfg.rms_eps, dtype=dt)
         with b.at(f"blk.{i}.ffn"):
-            return add(b, h, self.family.ffn(self, i, x, weights, linear_))
+            y = self.family.ffn(self, i, x, weights, linear_)
+        if "layer_output_norm" in weights:  # Grok-1: the FFN output normed, then added
+            with b.at(f"blk.{i}.layer_output_norm"):
+                y = rmsnorm(b, y, weights["layer_output_norm"], eps=cfg.rms_eps, dtype=dt)
+        with b.at(f"blk.{i}.ffn"):
+            return add(b, h, y)
 
     # ---- entry points --------------------------------------------------------------
     def cache_type(self):
@@ -414,7 +437,7 @@ class _Stack:
                 scales = (qk, kv_rscale)
             state = {"cache": cache, "acc": acc}
 
-            form = m.opts.attention
+            form = m.attention
             # The loop reads a read-only cache; the paged kernels take f16/bf16/f32 only.
             paged = form == "paged" and not looped and not m.kv_fp8
 
@@ -468,6 +491,8 @@ class _Stack:
                 extra = {}
                 if how == "fused" and start is None:  # prefill: T = pages * stride
                     extra["blocks"] = (b.dims(pages)[1], m.opts.block_seq_stride)
+                if m.cfg.attn_softcap or m.cfg.attn_scale is not None:  # decomposed only
+                    extra.update(multiplier=m.cfg.attn_scale, softcap=m.cfg.attn_softcap)
                 return ATTENTION[how](b, q, k_all, v_all, positions, seq_lens, dtype=m.dt,
                                       scales=scales, **extra)
 

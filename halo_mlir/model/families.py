@@ -37,7 +37,8 @@ def mixture_ffn(m, i, x, weights, linear):
     run = moe_ffn_grouped if prefill and m.opts.moe_prefill == "grouped" else moe_ffn
     return run(m.b, x, weights["ffn_gate_inp"], weights["ffn_gate_exps"],
                    weights["ffn_up_exps"], weights["ffn_down_exps"],
-                   k=cfg.experts_per_token, renormalize=cfg.moe_renormalize, dtype=m.dt)
+                   k=cfg.experts_per_token, renormalize=cfg.moe_renormalize, dtype=m.dt,
+                   act=cfg.ffn_activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Family:
     ffn: Callable
     # Emit options this family cannot take yet: option -> why (checked by `check`).
     unsupported: tuple[tuple[str, str], ...] = ()
+    # The attention forms it can run (None: all). Grok-1 caps the attention logits
+    # (cap * tanh(x / cap)), which the fused op and the paged kernels cannot express.
+    attention: tuple[str, ...] | None = None
 
     def check(self, opts) -> None:
         active = {"dtype fp8": opts.dtype == "fp8", "keep-quantized": bool(opts.weight_formats),
@@ -56,12 +60,30 @@ class Family:
                 raise HaloError(f"--{option} is not supported for the {self.name} family yet "
                                 f"({why}); emit without it")
 
+    def attention_form(self, requested: str) -> str:
+        """The attention form to emit: `requested` (`auto` is resolved before, by
+        model/attention_form.py, which knows the family's forms); for a family that takes
+        only some forms, any other is an error."""
+        if self.attention is None or requested in self.attention:
+            return requested
+        if requested == "auto":
+            return self.attention[0]
+        raise HaloError(f"--attention {requested} cannot run the {self.name} family (its "
+                        f"attention logits are soft-capped, which only the "
+                        f"{'/'.join(self.attention)} form computes); use --attention "
+                        f"{self.attention[0]}")
+
 
 _MOE_TODO = "the experts have no such path"
 FAMILIES = {
     "llama": Family("llama", dense_ffn),
     "mixtral": Family("mixtral", mixture_ffn, unsupported=(
         ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO))),
+    # Grok-1: Mixtral's MoE block with GELU experts and no renormalization (config fields),
+    # four norms a block (params.names.POST_NORMS), soft-capped attention.
+    "grok": Family("grok", mixture_ffn, unsupported=(
+        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO)),
+        attention=("decomposed",)),
 }
 
 

@@ -33,8 +33,9 @@ def check_operands(b: Builder, q: Value, k: Value, v: Value, scales: Scales | No
         raise HaloError(f"attention over {types[0]} operands needs their scales")
 
 
-def _softmax_scale(b: Builder, q: Value, scales: Scales | None) -> Value:
-    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]), "f32")
+def _softmax_scale(b: Builder, q: Value, scales: Scales | None,
+                   multiplier: float | None = None) -> Value:
+    scale = b.scalar(1.0 / math.sqrt(b.shape(q)[4]) if multiplier is None else multiplier, "f32")
     if scales is None:
         return scale
     # A 0-d tensor: IREE hoists the read into an initializer (unrolled) or clones it into
@@ -49,18 +50,28 @@ def _keep(b: Builder, qpos: Value, kv_len: Value, t: Value) -> Value:
 
 
 def attention_decomposed(b: Builder, q: Value, k: Value, v: Value, qpos: Value, kv_len: Value,
-                         *, dtype: str, scales: Scales | None = None) -> Value:
-    """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D]."""
+                         *, dtype: str, scales: Scales | None = None,
+                         multiplier: float | None = None, softcap: float = 0.0) -> Value:
+    """q[N,S,KVH,G,D], k/v[N,KVH,T,D], qpos[N,S] i64, kv_len[N] i64 -> [N,S,KVH,G,D].
+
+    The logits q.k are multiplied by `multiplier` (None: 1/sqrt(D)); with `softcap` > 0
+    they are then capped, `softcap * tanh(x / softcap)` (Grok-1), before the mask."""
     check_operands(b, q, k, v, scales)
     n, s, kvh, g, d = b.dims(q)
     t = b.dims(k)[2]
-    scale = _softmax_scale(b, q, scales)
+    scale = _softmax_scale(b, q, scales, multiplier)
     ninf = b.scalar(-math.inf, "f32")
     scores = b.generic("bskgd,bktd->bkgst", [q, k], [b.filled([n, kvh, g, s, t], 0.0, "f32")],
                        lambda qe, ke, acc: b.addf(acc, b.mulf(b.cast(qe, "f32"), b.cast(ke, "f32"))))
 
+    def capped(x):
+        if not softcap:
+            return x
+        cap = b.scalar(softcap, "f32")
+        return b.mulf(cap, b.tanh(b.divf(x, cap)))
+
     def mask(sc, qp, kl, _):
-        return b.select(_keep(b, qp, kl, b.linalg_index(4)), b.mulf(sc, scale), ninf)
+        return b.select(_keep(b, qp, kl, b.linalg_index(4)), capped(b.mulf(sc, scale)), ninf)
 
     scores = b.generic("bkgst,bs,b->bkgst", [scores, qpos, kv_len],
                        [b.empty([n, kvh, g, s, t], "f32")], mask)

@@ -12,6 +12,8 @@ each expert's weights once.
 
 from __future__ import annotations
 
+import math
+
 from halo_mlir.ir_builder import Builder, Value
 from halo_mlir.ops.linear import linear
 
@@ -92,16 +94,32 @@ def expert_linear(b: Builder, x: Value, experts: Value, w: Value, *, dtype: str)
     return b.map("bsko->bsko", [acc], dtype, lambda a: b.cast(a, dtype))
 
 
-def _silu_mul(b: Builder, g: Value, u: Value, dtype: str) -> Value:
-    """silu(g) * u for one element, in f32, cast to dtype (as ops.ffn.silu_mul)."""
+def _gelu_tanh(b: Builder, x: Value) -> Value:
+    """GELU's tanh approximation (jax.nn.gelu's default, Grok-1's experts), f32:
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    c = b.scalar(math.sqrt(2.0 / math.pi), "f32")
+    x3 = b.mulf(b.mulf(x, x), x)
+    inner = b.mulf(c, b.addf(x, b.mulf(b.scalar(0.044715, "f32"), x3)))
+    one = b.scalar(1.0, "f32")
+    return b.mulf(b.mulf(b.scalar(0.5, "f32"), x), b.addf(one, b.tanh(inner)))
+
+
+def _silu_mul(b: Builder, g: Value, u: Value, dtype: str, act: str = "silu") -> Value:
+    """act(g) * u for one element, in f32, cast to dtype (as ops.ffn.silu_mul); act is
+    silu or gelu_tanh (config.FFN_ACTIVATIONS)."""
     g32 = b.cast(g, "f32")
-    silu = b.divf(g32, b.addf(b.scalar(1.0, "f32"), b.exp(b.negf(g32))))
-    return b.cast(b.mulf(silu, b.cast(u, "f32")), dtype)
+    if act == "gelu_tanh":
+        a = _gelu_tanh(b, g32)
+    else:
+        a = b.divf(g32, b.addf(b.scalar(1.0, "f32"), b.exp(b.negf(g32))))
+    return b.cast(b.mulf(a, b.cast(u, "f32")), dtype)
 
 
-def silu_mul_slots(b: Builder, gate: Value, up: Value, *, dtype: str) -> Value:
-    """gate[N,S,K,F], up[N,S,K,F] -> silu(gate) * up, in f32, cast to dtype."""
-    return b.map("bskf,bskf->bskf", [gate, up], dtype, lambda g, u: _silu_mul(b, g, u, dtype))
+def silu_mul_slots(b: Builder, gate: Value, up: Value, *, dtype: str,
+                   act: str = "silu") -> Value:
+    """gate[N,S,K,F], up[N,S,K,F] -> act(gate) * up, in f32, cast to dtype."""
+    return b.map("bskf,bskf->bskf", [gate, up], dtype,
+                 lambda g, u: _silu_mul(b, g, u, dtype, act))
 
 
 def combine(b: Builder, y: Value, weights: Value, *, dtype: str) -> Value:
@@ -113,14 +131,15 @@ def combine(b: Builder, y: Value, weights: Value, *, dtype: str) -> Value:
 
 
 def moe_ffn(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
-            w_down: Value, *, k: int, renormalize: bool, dtype: str) -> Value:
+            w_down: Value, *, k: int, renormalize: bool, dtype: str, act: str = "silu") -> Value:
     """x[N,S,D], w_router[E,D], w_gate/w_up[E,F,D], w_down[E,D,F] -> [N,S,D]: the sum over
-    the token's k experts of weight * down(silu(gate(x)) * up(x))."""
+    the token's k experts of weight * down(act(gate(x)) * up(x)) (act: silu, or Grok-1's
+    gelu_tanh)."""
     weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
     gate = expert_linear(b, x, experts, w_gate, dtype=dtype)
     up = expert_linear(b, x, experts, w_up, dtype=dtype)
-    act = silu_mul_slots(b, gate, up, dtype=dtype)
-    return combine(b, expert_linear(b, act, experts, w_down, dtype=dtype), weights, dtype=dtype)
+    h = silu_mul_slots(b, gate, up, dtype=dtype, act=act)
+    return combine(b, expert_linear(b, h, experts, w_down, dtype=dtype), weights, dtype=dtype)
 
 
 # ---- prefill: tokens grouped by expert -------------------------------------------------
@@ -171,7 +190,8 @@ def group_by_expert(b: Builder, experts: Value, n_experts: int) -> tuple[Value, 
 
 
 def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
-                    w_down: Value, *, k: int, renormalize: bool, dtype: str) -> Value:
+                    w_down: Value, *, k: int, renormalize: bool, dtype: str,
+                    act: str = "silu") -> Value:
     """As `moe_ffn`, with the (token, slot) pairs sorted by expert: each expert runs one
     matmul chain (gate, up, down) over the rows of the tokens that picked it, so each
     expert's weights are read once and the FLOPs are those of the K picked experts.
@@ -194,10 +214,10 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
         xe = b.slice(xs, [off, 0], [cnt, d])
         expert = b.barrier(b.index(e))  # opaque: every expert reuses the same kernels
         wg, wu, wd = (b.layer_slice(w, expert) for w in (w_gate, w_up, w_down))
-        act = b.map("mf,mf->mf", [_rows_linear(b, xe, wg, dtype=dtype),
-                                  _rows_linear(b, xe, wu, dtype=dtype)], dtype,
-                    lambda g, u: _silu_mul(b, g, u, dtype))
-        ys = b.insert(_rows_linear(b, act, wd, dtype=dtype), ys, [off, 0], [cnt, d])
+        he = b.map("mf,mf->mf", [_rows_linear(b, xe, wg, dtype=dtype),
+                                 _rows_linear(b, xe, wu, dtype=dtype)], dtype,
+                   lambda g, u: _silu_mul(b, g, u, dtype, act))
+        ys = b.insert(_rows_linear(b, he, wd, dtype=dtype), ys, [off, 0], [cnt, d])
     # Back to token order: slot j of token t is row inv[t*K + j] of ys.
     inv = b.reshape(inv, [[0, 1, 2]], [n, s, k])
     acc = b.generic("bsk,bsk->bsd", [weights, inv], [b.filled([n, s, d], 0.0, "f32")],

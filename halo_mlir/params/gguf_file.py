@@ -17,7 +17,17 @@ from halo_mlir.io_utils import check_header
 from halo_mlir.params.fd_file import FdFile
 from halo_mlir.ops.rope import inv_freq
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "grok")
+
+# Grok-1's published constants (xai-org/grok-1 run.py / model.py), used for a `grok` GGUF
+# without the keys (gguf-py's key names): metadata key (after `grok.`) -> (LlamaConfig
+# field, default).
+GROK_SCALES = {
+    "attention.output_scale": ("attn_scale", 0.08838834764831845),
+    "attn_logit_softcapping": ("attn_softcap", 30.0),
+    "embedding_scale": ("embedding_scale", 78.38367176906169),
+    "logit_scale": ("logit_scale", 0.5773502691896257),
+}
 
 
 class GgufFile(FdFile):
@@ -62,7 +72,14 @@ class GgufFile(FdFile):
             raise HaloError(f"{self.path}: architecture {arch!r} is not supported; halo_mlir "
                             f"emits {', '.join(SUPPORTED_ARCHS)} models")
         a = lambda k: self.require(f"{arch}.{k}")  # noqa: E731
-        if int(self.get(f"{arch}.expert_count") or 0):
+        family = {}
+        if arch == "grok":  # Grok-1: 8 experts top-2 (not renormalized), GELU (tanh) experts
+            family = dict(family="grok", n_experts=int(a("expert_count")),
+                          experts_per_token=int(a("expert_used_count")),
+                          moe_renormalize=False, ffn_activation="gelu_tanh",
+                          **{field: float(self.get(f"{arch}.{key}", default))
+                             for key, (field, default) in GROK_SCALES.items()})
+        elif int(self.get(f"{arch}.expert_count") or 0):
             raise HaloError(f"{self.path}: a mixture-of-experts GGUF ({arch}.expert_count = "
                             f"{self.get(f'{arch}.expert_count')}) is not supported yet; import "
                             "the HF safetensors checkpoint instead")
@@ -83,7 +100,7 @@ class GgufFile(FdFile):
             rope_scaling=self._rope_scaling(head_dim, theta),
             tie_embeddings="output.weight" not in self.tensors,
             max_seq_len=int(self.get(f"{arch}.context_length", 8192)),
-            name=str(self.get("general.name", self.path.stem)))
+            name=str(self.get("general.name", self.path.stem)), **family)
         return cfg
 
     def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:

@@ -85,7 +85,9 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized)
         check_quantized_split(formats, shapes, tp)
-        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
+        # llama.cpp permutes a llama GGUF's Q/K rows for its RoPE; a grok GGUF keeps them
+        # as published (NEOX-style rotation: the halves rotate together, as halo_mlir does).
+        heads = {} if cfg.family == "grok" else {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
@@ -104,6 +106,10 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                         writer.add(f"{key}:{field}", array)
                 elif permute:
                     writer.add(key, _unpermute(g.rows_f32(key, 0, rows), permute).astype(np_dtype))
+                elif len(shape) == 3:  # stacked experts [E, rows, cols]: one expert a chunk
+                    per = shape[1]
+                    writer.add_chunks(key, (g.rows_f32(key, e * per, (e + 1) * per).astype(
+                        np_dtype).reshape(1, *shape[1:]) for e in range(shape[0])))
                 else:
                     blocks = _row_blocks(rows, shape[-1], lambda a, b: g.rows_f32(key, a, b))
                     writer.add_chunks(key, (blk.astype(np_dtype) for blk in blocks))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from halo_mlir.config import LlamaConfig
+from halo_mlir.errors import HaloError
 
 # ABI key template -> HF (transformers LlamaForCausalLM) name template.
 HF_NAMES = {
@@ -33,7 +34,15 @@ MIXTRAL_HF_NAMES = {
     "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
 }
+# Grok-1 has no transformers port in the library; its parameters come from a GGUF in
+# llama.cpp's `grok` naming (the ABI keys themselves), so it has no HF table.
 FAMILY_HF_NAMES = {"llama": HF_NAMES, "mixtral": MIXTRAL_HF_NAMES}
+
+# Grok-1's four norms a block (model.py DecoderLayer), by llama.cpp's names: rms_norm ->
+# attn_norm (before attention), rms_norm_1 -> attn_output_norm (on the attention output,
+# before the residual add), rms_norm_2 -> ffn_norm (before the MoE), rms_norm_3 ->
+# layer_output_norm (on the MoE output, before the residual add).
+POST_NORMS = {"grok": ("attn_output_norm", "layer_output_norm")}
 
 
 def _ffn_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -52,6 +61,7 @@ def _ffn_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def block_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of one decoder block's weights, by key template (`blk.{i}.` prefix)."""
     d, hd = cfg.hidden_size, cfg.head_dim
+    post = {f"blk.{{i}}.{name}.weight": (d,) for name in POST_NORMS.get(cfg.family, ())}
     return {
         "blk.{i}.attn_norm.weight": (d,),
         "blk.{i}.attn_q.weight": (cfg.n_heads * hd, d),
@@ -60,6 +70,7 @@ def block_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "blk.{i}.attn_output.weight": (d, cfg.n_heads * hd),
         "blk.{i}.ffn_norm.weight": (d,),
         **_ffn_shapes(cfg),
+        **post,
     }
 
 
@@ -113,6 +124,9 @@ def hf_name(key: str) -> str:
 def hf_sources(key: str, cfg: LlamaConfig) -> list[str]:
     """The HF tensors an ABI key is made of, in order: one, or one per expert for a stacked
     expert entry (`blk.3.ffn_gate_exps.weight` <- `...experts.{0..E-1}.w1.weight`)."""
+    if cfg.family not in FAMILY_HF_NAMES:
+        raise HaloError(f"the {cfg.family} family has no HF safetensors naming in halo_mlir; "
+                        "import its GGUF (llama.cpp naming) with `import-params --gguf`")
     names = FAMILY_HF_NAMES[cfg.family]
     m = _LAYER.match(key)
     template = names["blk.{i}." + m.group(2)] if m else names[key]

@@ -76,6 +76,10 @@ class Sharder:
                                 for op in b.module.body.operations
                                 if op.operation.name == "util.global"}
         self.callees: dict = {}  # (callee, argument shardings) -> sharded function
+        # Partial sums already all-reduced in the block being sharded (innermost last):
+        # id(SV) -> (SV, its replicated SV), so a value read by two ops (an RMSNorm reads
+        # its input twice) is all-reduced once.
+        self.reduced: list[dict] = [{}]
         self.shard_callee = None  # set by the pipeline (it owns function-level sharding)
 
     # ---- helpers -------------------------------------------------------------------
@@ -94,8 +98,13 @@ class Sharder:
     def materialize(self, sv: SV) -> SV:
         """Replicated on every device (all-reduce partials, all-gather splits)."""
         if isinstance(sv.sharding, Partial):
-            return self.replicated(collectives.all_reduce(self.b, sv.values, self.allreduce,
-                                                          self.stats, self.oneshot_max_bytes))
+            hit = self.reduced[-1].get(id(sv))
+            if hit is not None and hit[0] is sv:
+                return hit[1]
+            out = self.replicated(collectives.all_reduce(self.b, sv.values, self.allreduce,
+                                                         self.stats, self.oneshot_max_bytes))
+            self.reduced[-1][id(sv)] = (sv, out)
+            return out
         if isinstance(sv.sharding, Split):
             if not is_plain(sv.sharding):
                 raise ShardError(f"cannot gather a {sv.sharding} value")
@@ -166,6 +175,13 @@ class Sharder:
 
     def shard_block(self, block, name: str, terminator: str):
         """Apply the rules to every op of `block` in order; returns its terminator."""
+        self.reduced.append({})
+        try:
+            return self._shard_block(block, name, terminator)
+        finally:
+            self.reduced.pop()
+
+    def _shard_block(self, block, name: str, terminator: str):
         for op in block.operations:
             if op.operation.name == terminator:
                 return op

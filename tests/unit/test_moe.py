@@ -159,9 +159,16 @@ def test_unsupported_options_are_one_line_errors(tmp_path, args, needles):
     assert not out.exists()
 
 
-def test_plan_is_a_one_line_error(tmp_path):
-    proc = halo("plan", "--model", "mixtral-8x7b", check=False)
-    assert_one_line_error(proc, "plan does not model the mixtral family's experts")
+def test_plan_accounts_the_experts(tmp_path):
+    """plan holds every expert's weights and counts all of Mixtral 8x7B's parameters
+    (46.7B, computed here from the HF config's shapes)."""
+    c = from_hf_dict(MIXTRAL_8X7B)
+    h, f, e = c.hidden_size, c.ffn_dim, c.n_experts
+    layer = 2 * h + h * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * h \
+        + e * h + 3 * e * f * h
+    params = 2 * c.vocab_size * h + h + c.n_layers * layer
+    proc = halo("plan", "--model", "mixtral-8x7b", "--json")
+    assert json.loads(proc.stdout)["params"] == params
 
 
 def test_moe_gguf_is_a_one_line_error(tmp_path):
