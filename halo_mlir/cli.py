@@ -126,6 +126,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
               type=click.Choice(["f16", "bf16", "f32"]),
               help="With --dtype fp8: norms, residuals and logits (f32 leaves the fp8 "
                    "roundings as the only difference from an f32 reference).")
+@click.option("--fp8-scales", default="per-tensor", show_default=True,
+              metavar="per-tensor|per-channel",
+              help="With --dtype fp8: the weight scales' scheme the parameters were imported "
+                   "with (`import-params --fp8-scales`): one per weight (KEY:d) or one per "
+                   "output row (KEY:d_rows).")
 @click.option("--attention", default="paged", show_default=True,
               type=click.Choice(["paged", "fused", "decomposed"]),
               help="paged: the templated kernels reading the cache pages; fused: one "
@@ -149,7 +154,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, attention, template_dir,
+         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales, attention,
+         template_dir,
          layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
@@ -164,7 +170,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
-                       fp8_activations=activation_dtype)
+                       fp8_activations=activation_dtype, fp8_scales=fp8_scales)
     if tp > 1 and formats:
         raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
                         "weights (--dtype) for tensor parallelism")
@@ -296,8 +302,11 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
                    "modules emitted with --layer-loop.")
 @click.option("--quantize", metavar="fp8",
-              help="fp8: linear weights as f8E4M3FNUZ with per-tensor scales, activation "
+              help="fp8: linear weights as f8E4M3FNUZ with their scales (--fp8-scales), activation "
                    "scales by calibration (README: FP8 parameters).")
+@click.option("--fp8-scales", metavar="per-tensor|per-channel",
+              help="With --quantize fp8: one scale per weight (KEY:d, the default) or one per "
+                   "output row (KEY:d_rows [out]); emit with the same --fp8-scales.")
 @click.option("--calibration-text", type=click.Path(),
               help="With --quantize fp8: text to calibrate on (default: one shipped in the package).")
 @click.option("--calibration-tokens", type=int,
@@ -308,7 +317,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
 @_reports_errors
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
-                  calibration_text, calibration_tokens, tokenizer, output):
+                  fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
     """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
@@ -318,9 +327,14 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
         from halo_mlir.params.fp8_import import check_quantize
 
         check_quantize(quantize, keep_quantized)
+        if fp8_scales is not None:
+            from halo_mlir.fp8 import check_scales
+
+            check_scales(fp8_scales)
     else:
         given = [flag for flag, v in (("--calibration-text", calibration_text),
                                       ("--calibration-tokens", calibration_tokens),
+                                      ("--fp8-scales", fp8_scales),
                                       ("--tokenizer", tokenizer)) if v is not None]
         if given:
             raise HaloError(f"{given[0]} applies to --quantize fp8 only")
@@ -329,7 +343,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
     start = time.perf_counter()
     if quantize is not None:
         n = _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                        calibration_tokens, tokenizer, output)
+                        calibration_tokens, tokenizer, output, fp8_scales or "per-tensor")
     else:
         progress = Progress("importing")
         try:
@@ -357,7 +371,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
 
 
 def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                calibration_tokens, tokenizer, output) -> int:
+                calibration_tokens, tokenizer, output, scales="per-tensor") -> int:
     """import-params --quantize fp8: calibration tokens, then calibrate + write."""
     from halo_mlir.params import calibrate
     from halo_mlir.params.fp8_import import import_fp8, preflight
@@ -382,7 +396,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
         progress, calibrating = Progress("importing"), Progress("calibrating")
         try:
             return import_fp8(source, output, ids, dtype=dtype, tp=tp, layout=layout,
-                              progress=progress, calibration_progress=calibrating)
+                              scales=scales, progress=progress, calibration_progress=calibrating)
         finally:
             calibrating.close()
             progress.close()
