@@ -523,6 +523,10 @@ def _model_options(fn):
         click.option("--dtype", type=click.Choice(["f32", "f16", "fp8"]),
                      help="Activation dtype (default: f32 on cpu, f16 on GPUs); fp8: FP8 "
                           "weights and KV cache (imported with calibrated scales)."),
+        click.option("--fp8-scales", default="per-tensor", show_default=True,
+                     metavar="per-tensor|per-channel",
+                     help="With --gguf --dtype fp8: one scale per weight or per output row "
+                          "(docs/fp8-per-channel.md)."),
         click.option("--keep-quantized", is_flag=True,
                      help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
@@ -534,12 +538,17 @@ def _model_options(fn):
 
 
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
-                pages, layer_loop):
+                pages, layer_loop, fp8_scales="per-tensor"):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
+    from halo_mlir.fp8 import check_scales
     from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.tokenizer import GgufTokenizer, JsonTokenizer
 
+    check_scales(fp8_scales)
+    if fp8_scales != "per-tensor" and (vmfb or dtype != "fp8"):
+        raise HaloError("--fp8-scales applies to --gguf --dtype fp8 (a --vmfb module has its "
+                        "scheme from emit)")
     g = None
     if vmfb:
         if not (params and config_path):
@@ -566,7 +575,7 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         if not vmfb:
             files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
                                     keep_quantized=keep_quantized, device=device,
-                                    layer_loop=layer_loop,
+                                    layer_loop=layer_loop, fp8_scales=fp8_scales,
                                     echo=lambda m: click.echo(m, err=True))
     finally:
         if g:

