@@ -105,10 +105,11 @@ class Program:
         scheme = _fp8_scales_mismatch(key, keys)
         if scheme:
             return scheme
-        if key.endswith((":qs", ":d", ":rscale")) and not fp8_files:
+        if key.endswith((":qs", ":d", ":d_rows", ":rscale")) and not fp8_files:
             return (f"the module is an fp8 model and reads {key}, which the files lack: "
                     "import the parameters with `halo-mlir import-params --quantize fp8`")
-        if key.endswith(":rscale") or (key.endswith(":d") and f"{key[:-2]}:qs" in keys):
+        if key.endswith(":rscale") or (key.endswith((":d", ":d_rows")) and
+                                       f"{key.rsplit(':', 1)[0]}:qs" in keys):
             return (f"the fp8 parameters lack the scale {key}; re-import with `halo-mlir "
                     "import-params --quantize fp8` (it computes every scale)")
         if fp8_files and f"{key}:qs" in keys:

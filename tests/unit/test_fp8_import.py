@@ -430,3 +430,24 @@ def test_per_channel_bad_flags(ckpt, tmp_path, args, needle):
                 check=False)
     assert_one_line_error(proc, needle)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("wanted,files,needle", [
+    ("blk.0.attn_q.weight:d", ["blk.0.attn_q.weight:d_rows"], "emit with --fp8-scales per-channel"),
+    ("blk.0.attn_q.weight:d_rows", ["blk.0.attn_q.weight:d"], "emit with --fp8-scales per-tensor"),
+    ("blk.0.attn_q.weight:d.shard.1", ["blk.0.attn_q.weight:d_rows.shard.1"],
+     "files hold per-channel ones (blk.0.attn_q.weight:d_rows)"),
+    ("blk.ffn_down.weight.stacked:d_rows", ["blk.ffn_down.weight.stacked:d"],
+     "import with --fp8-scales per-channel"),
+    ("blk.0.attn_q.weight:d", ["blk.0.attn_q.weight:d"], None),
+])
+def test_scales_scheme_mismatch_message(wanted, files, needle):
+    """What `runtime.Program` says when the module's weight-scale key is missing and the
+    other scheme's is there (per-layer, sharded, stacked); nothing for other misses."""
+    from halo_mlir.runtime import _fp8_scales_mismatch
+
+    msg = _fp8_scales_mismatch(wanted, files + ["blk.0.attn_q.weight:qs"])
+    if needle is None:
+        assert msg is None
+    else:
+        assert needle in msg and "\n" not in msg, msg
