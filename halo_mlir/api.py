@@ -7,7 +7,7 @@ from pathlib import Path
 
 from halo_mlir.config import LlamaConfig, from_hf_config, preset
 from halo_mlir.io_utils import atomic_write
-from halo_mlir.model.llama import EmitOptions, emit_module
+from halo_mlir.model.decoder import EmitOptions, emit_module
 
 __all__ = ["EmitOptions", "LlamaConfig", "emit_module", "emit_to_file", "from_hf_config",
            "module_text", "preset", "write_module"]

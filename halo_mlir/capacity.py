@@ -7,17 +7,17 @@ seconds; "GB" in messages and tables means 1e9 bytes, as GPU vendors state capac
 
 The model, term by term (each term is one function below):
 
-- weights: the tensors of ABI.md's parameter list, sharded like `sharding_passes/plan.py`
+- weights: the tensors of docs/ABI.md's parameter list, sharded like `sharding_passes/plan.py`
   (q/k/v/gate/up/attn_output/down and lm_head split by `tp`, norms and the token embedding
   replicated; tied embeddings have no separate lm_head). Element widths by `--dtype`:
   f32 4 bytes, f16/bf16 2; fp8 stores the block matmul weights in 1 byte and keeps norms,
   the token embedding and lm_head in f16 (as Meta's and AMD Quark's FP8 Llama checkpoints
-  do: lm_head stays unquantized), and computes activations in f16 (ABI.md: logits are f16
-  when the model computes in fp8).
+  do: lm_head stays unquantized), and computes activations in f16 (docs/ABI.md: an fp8
+  model's activation dtype defaults to f16).
 - KV cache: `batch` sequences of `max_seq_len` tokens, each rounded up to whole pages of
   `block_seq_stride` tokens; a page holds `page_elems = layers*2*(kv_heads/tp)*stride*
-  head_dim` elements per device (ABI.md). The cache dtype defaults to the activation dtype
-  (that is what `cache_state: DT[...]` means in ABI.md), and to fp8 for fp8 models.
+  head_dim` elements per device (docs/ABI.md). The cache dtype defaults to the activation
+  dtype, and to fp8 for fp8 models (docs/ABI.md's `CDT`).
 - activations: the peak of live buffers inside one transformer block (buffers are reused
   block to block), plus the logits, for the larger of the two calls: a prefill of `batch`
   rows of `prefill_len` tokens, and a decode step of `batch` tokens at `max_seq_len`.
@@ -93,7 +93,7 @@ class Tensor:
 
 
 def weight_inventory(cfg: LlamaConfig) -> list[Tensor]:
-    """Every parameter tensor of the model, under its ABI.md key."""
+    """Every parameter tensor of the model, under its docs/ABI.md key."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
     block = [("attn_norm.weight", (h,), "norm"), ("attn_q.weight", (q, h), "matmul"),
@@ -267,7 +267,7 @@ def allreduce_records(size: int, tp: int, act: str, algorithm: str, gpu: GpuSpec
     in the forms of sharding_passes/collectives.py:
 
     one-shot: device 0 receives the tp-1 other partial sums at once, each over its own link,
-    and adds them in the consumer's kernel (no dispatch of its own): 1 step.
+    and adds them with the residual in one kernel (the matmul before it stays apart): 1 step.
     reduce-scatter: receives a 1/tp chunk from each peer and sums its chunk (one dispatch),
     then receives each peer's reduced chunk: 2 steps.
     star: every partial to device 0 over its own link, one add, the sum back: 2 steps.
@@ -282,7 +282,9 @@ def allreduce_records(size: int, tp: int, act: str, algorithm: str, gpu: GpuSpec
         algorithm = "one-shot" if size <= gpu.allreduce_oneshot_max_bytes else "reduce-scatter"
     peers = range(1, tp)
     if algorithm == "one-shot":
-        return [], [cost_model.Copy(0, size, peer=i) for i in peers], 1
+        adds = [cost_model.Dispatch("allreduce_sum", bytes_read=(tp + 1) * size,
+                                    bytes_written=size, dtype=act)]
+        return adds, [cost_model.Copy(0, size, peer=i) for i in peers], 1
     if algorithm == "reduce-scatter":
         part = size // tp
         adds = [cost_model.Dispatch("allreduce_add", bytes_read=tp * part, bytes_written=part,
@@ -294,16 +296,30 @@ def allreduce_records(size: int, tp: int, act: str, algorithm: str, gpu: GpuSpec
 
 
 def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, batch: int,
-                 q_len: int, pairs: int, kv_read: int, algorithm: str = "auto"):
-    """(dispatches, copies, dependent steps) of one call on device 0, built from the config:
-    the kernels a Llama layer needs at least (2 norms, 7 matmuls, rope + cache write,
-    attention), the embedding lookup, the final norm and lm_head, and two all-reduces a layer
-    (plus gathering vocab-split logits). `kv_read`: KV bytes the call reads, all layers."""
+                 q_len: int, pairs: int, kv_read: int, algorithm: str = "auto",
+                 stride: int = 32):
+    """(dispatches, copies, dependent steps) of one call on device 0, built from the config
+    as the emitter builds the program (what `halo-mlir cost` counts in the compiled one):
+
+    a layer is 2 norms, 7 matmuls, RoPE of Q, the cache write (decode: the row's current
+    page read and merged with the new K/V, then scattered back; prefill: K and V scattered),
+    attention; an fp8 model quantizes the inputs of its 4 linear groups; at TP > 1 each of
+    the layer's two all-reduces ends in a sum of the partials (fused with the residual add,
+    not with the matmul). Per call: the embedding lookup, RoPE's cos/sin tables, the
+    attention mask (decode: also every layer's gather rows), final norm and lm_head.
+    `kv_read`: KV bytes the call reads, all layers."""
     D = cost_model.Dispatch
     t, h, d = batch * q_len, cfg.hidden_size, cfg.head_dim
     a = ELEM_BYTES[spec.activation]
     wb, ob = ELEM_BYTES[spec.matmul_weight], ELEM_BYTES[spec.other_weight]
+    kvb = ELEM_BYTES[spec.kv_default]
     heads, kvh = cfg.n_heads // tp, cfg.n_kv_heads // tp
+    decode = q_len == 1
+
+    def quantize(cols):  # an fp8 model's linear input: activation -> fp8
+        return [D("quantize", bytes_read=t * cols * a, bytes_written=t * cols, dtype="fp8")] \
+            if spec.matmul_weight == "fp8" else []
+
     layer = [D("attn_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
                dtype=spec.activation)]
     for t_ in weight_inventory(cfg.with_layers(1)):
@@ -314,12 +330,24 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, ba
         if isinstance(split, Split):  # [out, in] split by rows (dim 0) or columns (dim 1)
             out_rows, in_cols = (out_rows // tp, in_cols) if split.dim == 0 else \
                 (out_rows, in_cols // tp)
-        layer.append(D(t_.key.split(".", 2)[-1], bytes_read=n * wb + t * in_cols * a,
+        name = t_.key.split(".", 2)[-1]
+        if name.startswith(("attn_q", "attn_output", "ffn_gate", "ffn_down")):
+            layer += quantize(in_cols)
+        layer.append(D(name, bytes_read=n * wb + t * in_cols * a,
                        bytes_written=t * out_rows * a, flops=2 * t * n,
                        dtype=spec.matmul_weight))
         if t_.key.endswith("attn_v.weight"):
-            layer.append(D("rope_cache_write", bytes_read=t * (heads + 2 * kvh) * d * a,
-                           bytes_written=t * (heads + 2 * kvh) * d * a, dtype=spec.activation))
+            layer.append(D("rope_q", bytes_read=t * heads * d * a,
+                           bytes_written=t * heads * d * a, dtype=spec.activation))
+            if decode:  # read-modify-write of each row's current page (K and V blocks)
+                page = batch * 2 * kvh * stride * d * kvb
+                layer += [D("cache_page_merge", bytes_read=page + t * 2 * kvh * d * a,
+                            bytes_written=page, dtype=spec.activation),
+                          D("cache_page_scatter", bytes_read=page, bytes_written=page,
+                            dtype=spec.activation)]
+            else:
+                layer += [D("cache_write", bytes_read=t * kvh * d * a,
+                            bytes_written=t * kvh * d * kvb, dtype=spec.activation)] * 2
             layer.append(D("attention", bytes_read=kv_read // cfg.n_layers + t * heads * d * a,
                            bytes_written=t * heads * d * a,
                            flops=attention_flops(cfg, tp, pairs) // cfg.n_layers,
@@ -335,8 +363,11 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, ba
     head = next(x for x in weight_inventory(cfg)
                 if x.kind == ("embed" if cfg.tie_embeddings else "head"))
     vocab_rows = shard_numel(head, tp) // h
+    small = dict(bytes_read=t * 8, bytes_written=t * d * 4, dtype=spec.activation)  # tiny
     dispatches += [
         D("token_embd", bytes_read=t * h * ob, bytes_written=t * h * a, dtype=spec.activation),
+        D("rope_cos", **small), D("rope_sin", **small), D("attention_mask", **small),
+        *([D("decode_gather_rows", **small), D("decode_write_rows", **small)] if decode else []),
         D("output_norm", bytes_read=t * h * a + h * ob, bytes_written=t * h * a,
           dtype=spec.activation),
         D("lm_head", bytes_read=vocab_rows * h * ob + t * h * a,
@@ -528,7 +559,10 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
-    of the stride as ABI.md requires)."""
+    of the stride as docs/ABI.md requires)."""
+    if cfg.is_moe:
+        raise HaloError(f"plan does not model the {cfg.family} family's experts yet; it "
+                        "plans Llama-family models")
     spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:

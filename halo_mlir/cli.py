@@ -74,8 +74,9 @@ def main():
 
 
 def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
-                 layers: int | None, keep_quantized: bool = False):
-    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file."""
+                 layers: int | None, keep_quantized: bool = False, tp: int = 1):
+    """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file;
+    kept-quantized weights checked to split `tp` ways at block boundaries."""
     from halo_mlir import config
 
     given = [name for name, v in (("--model", model), ("--hf-config", hf_config),
@@ -87,11 +88,19 @@ def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
     formats = {}
     if gguf:
         from halo_mlir.params.gguf_file import GgufFile
-        from halo_mlir.params.gguf_import import weight_formats
+        from halo_mlir.params.gguf_import import dequantized_note, weight_formats
 
         with GgufFile(gguf) as g:
             cfg = g.config()
             formats = weight_formats(g, cfg, keep_quantized)
+            if tp > 1:
+                from halo_mlir.params.names import param_shapes
+                from halo_mlir.sharding_passes.plan import check_quantized_split
+
+                check_quantized_split(formats, param_shapes(cfg), tp)
+            note = dequantized_note(g, cfg, formats) if keep_quantized else None
+            if note:
+                click.echo(note, err=True)
     elif hf_config:
         cfg = config.from_hf_config(hf_config)
     else:
@@ -106,11 +115,13 @@ def _in_layers(key: str, n_layers: int) -> bool:
 
 
 @main.command()
-@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default toy).")
-@click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy (default), mixtral-8x7b or "
+                                "mixtral-8x22b.")
+@click.option("--hf-config", type=click.Path(), help="An HF config.json (Llama family or "
+                                                     "Mixtral).")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
 @click.option("--keep-quantized", is_flag=True,
-              help="With --gguf: Q8_0/Q4_1 matrices run natively (import with the same flag).")
+              help="With --gguf: Q8_0/Q4_1/Q4_K/Q6_K matrices run natively (import with the same flag).")
 @click.option("--layers", type=int, help="Emit only the first N decoder blocks.")
 @click.option("--bs-prefill", default="4", callback=_int_list, show_default=True)
 @click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
@@ -139,6 +150,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--template-dir", type=click.Path(file_okay=False),
               help="Render templated kernels from this folder (an edited copy of "
                    "halo_mlir/templates).")
+@click.option("--moe-prefill", default="grouped", show_default=True,
+              type=click.Choice(["grouped", "gather"]),
+              help="Mixture-of-experts models: grouped: prefill sorts the tokens by expert "
+                   "and runs one matmul chain per expert; gather: each token reads its "
+                   "experts' weights (the decode form; weights read once per token).")
 @click.option("--layer-loop", is_flag=True,
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
@@ -155,8 +171,8 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales, attention,
-         template_dir,
-         layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
+         template_dir, moe_prefill, layer_loop, tp, allreduce, allreduce_dtype,
+         device_block_count, locations, output,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
@@ -165,15 +181,13 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     from halo_mlir.io_utils import atomic_write
 
     start = time.perf_counter()
-    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized)
+    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized, tp)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
-                       fp8_activations=activation_dtype, fp8_scales=fp8_scales)
-    if tp > 1 and formats:
-        raise HaloError("--keep-quantized with --tp is not supported yet; emit dequantized "
-                        "weights (--dtype) for tensor parallelism")
+                       fp8_activations=activation_dtype, fp8_scales=fp8_scales,
+                       moe_prefill=moe_prefill)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:
@@ -294,7 +308,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="dtype of the float (or dequantized) parameters; with --quantize fp8, "
                    "of the embedding, norms and lm_head.")
 @click.option("--keep-quantized", is_flag=True,
-              help="With --gguf: keep Q8_0/Q4_1 matrices in their block format.")
+              help="With --gguf: keep Q8_0/Q4_1/Q4_K/Q6_K matrices in their block format.")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
 @click.option("--layout", default="per-layer", show_default=True,
@@ -302,8 +316,8 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
                    "modules emitted with --layer-loop.")
 @click.option("--quantize", metavar="fp8",
-              help="fp8: linear weights as f8E4M3FNUZ with their scales (--fp8-scales), activation "
-                   "scales by calibration (README: FP8 parameters).")
+              help="fp8: linear weights as f8E4M3FNUZ with their scales (--fp8-scales), "
+                   "activation scales by calibration (docs/fp8.md).")
 @click.option("--fp8-scales", metavar="per-tensor|per-channel",
               help="With --quantize fp8: one scale per weight (KEY:d, the default) or one per "
                    "output row (KEY:d_rows [out]); emit with the same --fp8-scales.")
@@ -318,7 +332,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @_reports_errors
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
                   fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
-    """Write an IRPA with ABI.md parameter keys from an HF checkpoint or a GGUF file."""
+    """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
     if bool(st_path) == bool(gguf):
@@ -351,7 +365,8 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
                 from halo_mlir.params.gguf_import import import_gguf
 
                 n = import_gguf(gguf, output, dtype=dtype, keep_quantized=keep_quantized,
-                                progress=progress, tp=tp, layout=layout)
+                                progress=progress, tp=tp, layout=layout,
+                                note=lambda m: click.echo(m, err=True))
             else:
                 from halo_mlir import config
                 from halo_mlir.params.safetensors_import import import_safetensors
@@ -473,7 +488,7 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
 @click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]),
               help="Activations and KV cache (default: f32 on cpu, f16 on gfx942); with "
                    "--params, the dtype they were imported with.")
-@click.option("--keep-quantized", is_flag=True, help="With --gguf: run Q8_0/Q4_1 natively.")
+@click.option("--keep-quantized", is_flag=True, help="With --gguf: run Q8_0/Q4_1/Q4_K/Q6_K natively.")
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV-cache pages shortfin allocates.")
 @click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out.")
@@ -528,7 +543,7 @@ def _model_options(fn):
                      help="With --gguf --dtype fp8: one scale per weight or per output row "
                           "(docs/fp8-per-channel.md)."),
         click.option("--keep-quantized", is_flag=True,
-                     help="Run Q8_0/Q4_1 weights natively instead of dequantizing them."),
+                     help="Run Q8_0/Q4_1/Q4_K/Q6_K weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
         click.option("--layer-loop", is_flag=True,
                      help="With --gguf: build the program with the decoder stack as a loop."),

@@ -90,7 +90,7 @@ def for_version(version: str) -> IreeCompat:
     row = TABLE.get(release_of(version))
     if row is None:
         raise HaloError(f"iree-base-compiler {version} is not supported: install one of "
-                        f"{', '.join(f'{r}.x' for r in TABLE)} (see README, Versions)")
+                        f"{', '.join(f'{r}.x' for r in TABLE)} (see docs/versions.md)")
     return row
 
 

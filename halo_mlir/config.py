@@ -1,4 +1,5 @@
-"""Model hyperparameters: a dataclass, the Llama 3.1 presets, and HF config.json parsing."""
+"""Model hyperparameters: a dataclass, the presets (Llama 3.1, Mixtral), and HF config.json
+parsing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import json
 from pathlib import Path
 
 from halo_mlir.errors import HaloError
+
+# Family name -> whether it is a mixture of experts (the families themselves, with their
+# blocks and parameter names, are in halo_mlir.model.families and halo_mlir.params.names).
+FAMILIES = {"llama": False, "mixtral": True}
 
 LLAMA3_ROPE_SCALING = {
     "factor": 8.0,
@@ -32,6 +37,12 @@ class LlamaConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 8192
     name: str = "custom"
+    # The model family (halo_mlir.model.families: which block it runs, how its parameters
+    # are named). For a mixture-of-experts family `ffn_dim` is each expert's FFN size.
+    family: str = "llama"
+    n_experts: int = 0  # MoE: experts per layer (0: a dense FFN)
+    experts_per_token: int = 0  # MoE: top-k experts each token runs
+    moe_renormalize: bool = True  # MoE: the k router weights divided by their sum (Mixtral)
 
     def __post_init__(self):
         for field in ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -43,6 +54,20 @@ class LlamaConfig:
                             f"kv heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise HaloError(f"config {self.name}: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.family not in FAMILIES:
+            raise HaloError(f"config {self.name}: unknown family {self.family!r}: choose one of "
+                            f"{', '.join(FAMILIES)}")
+        if FAMILIES[self.family] != bool(self.n_experts):
+            need = "n_experts >= 1" if FAMILIES[self.family] else "n_experts = 0"
+            raise HaloError(f"config {self.name}: family {self.family} needs {need}, got "
+                            f"{self.n_experts}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise HaloError(f"config {self.name}: experts_per_token must be in 1..{self.n_experts}"
+                            f", got {self.experts_per_token}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def group_size(self) -> int:
@@ -66,6 +91,15 @@ def _llama31(name, hidden, layers, heads, ffn):
                        max_seq_len=131072, name=name)
 
 
+def _mixtral(name, hidden, layers, heads, ffn, vocab, max_seq_len):
+    # HF config.json of mistralai/Mixtral-8x7B-v0.1 / Mixtral-8x22B-v0.1: 8 kv heads,
+    # head_dim 128, 8 experts top-2, rope_theta 1e6, rms eps 1e-5, no rope scaling.
+    return LlamaConfig(hidden_size=hidden, n_layers=layers, n_heads=heads, n_kv_heads=8,
+                       head_dim=128, ffn_dim=ffn, vocab_size=vocab, rope_theta=1e6,
+                       rms_eps=1e-5, max_seq_len=max_seq_len, name=name, family="mixtral",
+                       n_experts=8, experts_per_token=2)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "8b": _llama31("8b", 4096, 32, 32, 14336),
     "70b": _llama31("70b", 8192, 80, 64, 28672),
@@ -74,6 +108,8 @@ PRESETS: dict[str, LlamaConfig] = {
     "toy": LlamaConfig(hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64,
                        ffn_dim=1024, vocab_size=1024, rope_theta=500000.0, rms_eps=1e-5,
                        rope_scaling=dict(LLAMA3_ROPE_SCALING), max_seq_len=4096, name="toy"),
+    "mixtral-8x7b": _mixtral("mixtral-8x7b", 4096, 32, 32, 14336, 32000, 32768),
+    "mixtral-8x22b": _mixtral("mixtral-8x22b", 6144, 56, 48, 16384, 32768, 65536),
 }
 
 
@@ -106,11 +142,11 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
 
 
 def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
-    """A LlamaConfig from the keys of an HF Llama-family config.json."""
+    """A LlamaConfig from the keys of an HF config.json (Llama family, or Mixtral)."""
     model_type = d.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise HaloError(f"{where}: model_type {model_type!r} is not a Llama-family model; "
-                        "halo_mlir emits llama (and mistral-style) decoders")
+    if model_type not in HF_MODEL_TYPES:
+        raise HaloError(f"{where}: model_type {model_type!r} is not a Llama-family model or "
+                        f"Mixtral; halo_mlir emits {', '.join(HF_MODEL_TYPES)}")
     if d.get("hidden_act", "silu") != "silu":
         raise HaloError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; "
                         "Llama uses silu")
@@ -135,11 +171,27 @@ def from_hf_dict(d: dict, where: str = "config.json") -> LlamaConfig:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_seq_len=int(d.get("max_position_embeddings", 8192)),
             name=str(d.get("_name_or_path") or "hf"),
+            **_moe_from_hf(d, HF_MODEL_TYPES[model_type], where),
         )
     except KeyError as e:
         raise HaloError(f"{where}: missing key {e.args[0]!r}; is this a Llama config.json?") from None
     except (TypeError, ValueError) as e:
         raise HaloError(f"{where}: bad value ({e})") from None
+
+
+# HF model_type -> family.
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "mixtral": "mixtral"}
+
+
+def _moe_from_hf(d: dict, family: str, where: str) -> dict:
+    """The family's fields: Mixtral's expert count and top-k (it renormalizes the k weights)."""
+    if family == "llama":
+        return {}
+    if d.get("sliding_window") is not None:
+        raise HaloError(f"{where}: sliding_window {d['sliding_window']} is not supported "
+                        "(halo_mlir attends to the whole context); set it to null")
+    return dict(family=family, n_experts=int(d["num_local_experts"]),
+                experts_per_token=int(d["num_experts_per_tok"]), moe_renormalize=True)
 
 
 def from_hf_config(path: str | Path) -> LlamaConfig:

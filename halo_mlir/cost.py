@@ -42,7 +42,7 @@ from halo_mlir import cost_model
 from halo_mlir.cost_model import Copy, Dispatch
 from halo_mlir.errors import HaloError
 
-# The entries' arguments (ABI.md): each dimension by name; the cache arguments follow.
+# The entries' arguments (docs/ABI.md): each dimension by name; the cache arguments follow.
 # "ctx_pages" = ceil(context / block_seq_stride), "pages" = the cache's page count.
 ABI_DIMS = {
     "decode": [("batch", 1), ("batch",), ("batch",), ("batch", "ctx_pages")],

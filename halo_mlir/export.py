@@ -230,11 +230,11 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
             tokenizer = tokenizer or _beside(hf_config, "tokenizer.json")
         write_tokenizer, _ = _tokenizer_files(g, Path(tokenizer) if tokenizer else None)
         if tp > 1:
-            from halo_mlir.sharding_passes.plan import check_divisible
+            from halo_mlir.params.names import param_shapes
+            from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
 
-            if formats:
-                raise HaloError("--keep-quantized with --tp is not supported yet")
             check_divisible(cfg, tp)
+            check_quantized_split(formats, param_shapes(cfg), tp)
         from halo_mlir import compat
 
         opts = EmitOptions(bs_prefill=tuple(bs), bs_decode=tuple(bs), dtype=dtype,

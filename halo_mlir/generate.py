@@ -200,7 +200,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                 _import_gguf_fp8(gguf, params, layout, progress, echo, fp8_scales)
             else:
                 import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
-                            progress=progress, layout=layout)
+                            progress=progress, layout=layout, note=echo)
         finally:
             progress.close()
     cfg = g.config()

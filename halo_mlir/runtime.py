@@ -1,7 +1,7 @@
 """Load a compiled module with its parameters and call prefill/decode (iree.runtime).
 
 Used by the tests and by tools; the cache stays on the device between calls and is
-updated in place by the module (ABI.md).
+updated in place by the module (docs/ABI.md).
 """
 
 from __future__ import annotations

@@ -441,6 +441,7 @@ class Builder(LinalgExtOps, EntryPoints):
     sin = staticmethod(math.sin)
     select = staticmethod(arith.select)
     andi = staticmethod(arith.andi)
+    ori = staticmethod(arith.ori)
     addi = staticmethod(arith.addi)
     muli = staticmethod(arith.muli)
     divsi = staticmethod(arith.divsi)
@@ -448,6 +449,9 @@ class Builder(LinalgExtOps, EntryPoints):
 
     def cmpi(self, pred: str, a: Value, b: Value) -> Value:
         return arith.cmpi(getattr(arith.CmpIPredicate, pred), a, b)
+
+    def cmpf(self, pred: str, a: Value, b: Value) -> Value:
+        return arith.cmpf(getattr(arith.CmpFPredicate, pred.upper()), a, b)
 
 
 def _groups(groups: Sequence[Sequence[int]]) -> ir.ArrayAttr:

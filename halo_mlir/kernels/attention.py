@@ -1,8 +1,10 @@
-"""Paged attention kernels (decode, prefill) over the ABI.md cache and their numpy references.
+"""Paged attention kernels (decode, prefill) over the docs/ABI.md cache and their numpy references.
 
-The cache argument is the 6-D view [P, layers, 2, kv_heads, stride, head_dim]; `layer` is a
-runtime i64 so every layer of a model shares one kernel (IREE_FACTS.md: per-layer constants
-in kernels multiply the compiled kernels).
+The cache argument is the 6-D view [P, layers, 2, kv_heads, stride, head_dim]. The layer is
+a runtime value so every layer of a model shares one kernel (per-layer constants in kernels
+multiply the compiled kernels: NOTES.md, "Kernel dedup across layers"): prefill takes
+`layer` as an i64, decode takes the gather rows (page, layer, k/v) that the model computes
+for every layer once per step (`kv_cache.decode_tables`).
 """
 
 from __future__ import annotations
@@ -47,18 +49,18 @@ def _softmax_attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarra
     return np.einsum("hgmt,htd->hgmd", p, v)
 
 
-def _pages(cache: np.ndarray, pages: np.ndarray, layer: int, which: int) -> np.ndarray:
-    """One row's pages of `layer` -> [KVH, B*stride, D]."""
-    blocks = cache[pages, layer, which]  # [B, KVH, stride, D]
+def _rows_pages(cache: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """One row's gather rows [B, 3] (page, layer, k/v) -> [KVH, B*stride, D]."""
+    blocks = cache[rows[:, 0], rows[:, 1], rows[:, 2]]  # [B, KVH, stride, D]
     return blocks.transpose(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[3])
 
 
 def decode_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
-    q, cache, pages, layer, lens = ins
+    q, cache, k_rows, v_rows, lens = ins
     c = _f32(cache)
     out = np.empty(q.shape, np.float32)
     for n in range(q.shape[0]):
-        k, v = (_pages(c, pages[n], int(layer[0]), w) for w in (0, 1))
+        k, v = (_rows_pages(c, r[n]) for r in (k_rows, v_rows))
         keep = (np.arange(k.shape[1]) < lens[n])[None, :]
         out[n] = _softmax_attend(_f32(q[n])[:, :, None], k, v, keep)[:, :, 0]
     return [out]
@@ -66,11 +68,11 @@ def decode_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
 
 def decode_fp8_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
     """The fp8 cache dequantized (k * k_scale, v * v_scale), then plain decode attention."""
-    q, cache, pages, layer, lens, k_scale, v_scale = ins
+    q, cache, k_rows, v_rows, lens, k_scale, v_scale = ins
     c = _f32(cache)
     c[:, :, 0] *= k_scale[0]
     c[:, :, 1] *= v_scale[0]
-    return decode_reference(values, [q, c, pages, layer, lens])
+    return decode_reference(values, [q, c, k_rows, v_rows, lens])
 
 
 def prefill_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
@@ -116,15 +118,24 @@ def _decode_args(v, z):
     n, kvh, g, d, dt = v["batch"], v["kv_heads"], v["group"], v["head_dim"], v["dtype"]
     total = max(z["pages"], n * z["blocks"])
     return ([Arg("q", (n, kvh, g, d), dt), Arg("cache", _cache_shape(v, total), dt),
-             Arg("pages", (n, z["blocks"]), "i64"), Arg("layer", (), "i64"),
+             Arg("k_rows", (n, z["blocks"], 3), "i64"), Arg("v_rows", (n, z["blocks"], 3), "i64"),
              Arg("seq_lens", (n,), "i64")],
             [Arg("out", (n, kvh, g, d), dt)])
+
+
+def decode_rows(pages: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """pages[N,B] of `layer` -> the kernel's (k_rows, v_rows) [N,B,3]: (page, layer, k/v)."""
+    def rows(kv):
+        r = np.empty((*pages.shape, 3), np.int64)
+        r[..., 0], r[..., 1], r[..., 2] = pages, layer, kv
+        return r
+    return rows(0), rows(1)
 
 
 def _decode_inputs(v, z, rng):
     cache, pages, layer, lens = _common_inputs(v, z, rng)
     q = rng.standard_normal((v["batch"], v["kv_heads"], v["group"], v["head_dim"]))
-    return [q.astype(_np(v["dtype"])), cache, pages, layer, lens]
+    return [q.astype(_np(v["dtype"])), cache, *decode_rows(pages, int(layer[0])), lens]
 
 
 def _decode_fp8_args(v, z):
@@ -135,9 +146,9 @@ def _decode_fp8_args(v, z):
 
 
 def _decode_fp8_inputs(v, z, rng):
-    q, cache, pages, layer, lens = _decode_inputs(v, z, rng)
+    q, cache, k_rows, v_rows, lens = _decode_inputs(v, z, rng)
     cache = cache.astype(np.float32).astype(_np(FP8))
-    return [q, cache, pages, layer, lens, np.array([0.5], np.float32),
+    return [q, cache, k_rows, v_rows, lens, np.array([0.5], np.float32),
             np.array([0.25], np.float32)]
 
 
@@ -167,13 +178,13 @@ _SIZES = {"blocks": (3, 64, "pages per row B (context = B * stride)"),
 
 KERNELS = [
     Kernel("paged_decode_attention",
-           "q[N,KVH,G,D], cache[P,layers,2,KVH,stride,D], pages[N,B], layer i64, "
-           "seq_lens[N] -> [N,KVH,G,D]: one token per row over its pages",
+           "q[N,KVH,G,D], cache[P,layers,2,KVH,stride,D], k_rows/v_rows[N,B,3] (page, "
+           "layer, k/v), seq_lens[N] -> [N,KVH,G,D]: one token per row over its pages",
            _params(4), derived=softmax_scale,
            harness=Harness(_SIZES, _decode_args, _decode_inputs, decode_reference,
                            lambda v: TOLERANCE[v["dtype"]])),
     Kernel("paged_decode_attention_fp8",
-           "q[N,KVH,G,D], f8E4M3FNUZ cache[P,layers,2,KVH,stride,D], pages[N,B], layer i64, "
+           "q[N,KVH,G,D], f8E4M3FNUZ cache[P,layers,2,KVH,stride,D], k_rows/v_rows[N,B,3], "
            "seq_lens[N], k_scale, v_scale f32 -> [N,KVH,G,D]: an FP8 KV cache, k_scale folded "
            "into the softmax scale, v_scale on the output",
            _params(4), derived=softmax_scale,

@@ -1,4 +1,5 @@
-"""Q8_0 / Q4_1 kernels (dequantize-in-matmul, row gather) and their numpy references."""
+"""Q8_0 / Q4_1 / Q4_K / Q6_K kernels (dequantize-in-matmul, row gather) and their numpy
+references."""
 
 from __future__ import annotations
 
@@ -6,45 +7,97 @@ import numpy as np
 
 from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive, positive_multiple_of
 
-_PARAMS = {
-    "n": Param(int, "rows of the weight (output features)", positive, 96),
-    "k": Param(int, "columns of the weight (input features)", positive_multiple_of(32), 64),
-}
+
+def _params(block: int) -> dict[str, Param]:
+    return {"n": Param(int, "rows of the weight (output features)", positive, 96),
+            "k": Param(int, "columns of the weight (input features)",
+                       positive_multiple_of(block), 64 if block == 32 else 512)}
+
 
 def dequantize(fmt: str, fields: list[np.ndarray]) -> np.ndarray:
     """llama.cpp's block formats in numpy: fields as halo_mlir.quant splits them -> [N, K] f32."""
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
     if fmt == "q8_0":
         d, qs = fields
-        w = d.astype(np.float32)[..., None] * qs.astype(np.float32)
-    else:  # q4_1: byte i holds element i (low nibble) and 16 + i (high nibble)
+        w = f32(d)[..., None] * f32(qs)
+    elif fmt == "q4_1":  # byte i holds element i (low nibble) and 16 + i (high nibble)
         d, m, qs = fields
         u = qs.view(np.uint8)
         nib = np.concatenate([u & 15, u >> 4], axis=-1).astype(np.float32)
-        w = d.astype(np.float32)[..., None] * nib + m.astype(np.float32)[..., None]
+        w = f32(d)[..., None] * nib + f32(m)[..., None]
+    elif fmt == "q4_k":  # qs byte (j, i): elements 64j + i (low), 64j + 32 + i (high)
+        d, dmin, sc, m, qs = fields
+        u = qs.view(np.uint8)[..., None, :]  # [N, B, 4, 1, 32]
+        nib = f32((u >> np.array([0, 4], np.uint8)[:, None]) & 15).reshape(*qs.shape[:2], 8, 32)
+        scale = f32(d)[..., None] * f32(sc.view(np.uint8))
+        offset = f32(dmin)[..., None] * f32(m.view(np.uint8))
+        w = scale[..., None] * nib - offset[..., None]
+    else:  # q6_k, element 128g + r: low 4 bits in nibble r // 64 of ql (g, r % 64), high 2
+        d, sc, ql, qh = fields  # in bits 2 (r // 32) and up of qh (g, r % 32)
+        lo = ql.view(np.uint8)[:, :, :, None, :] >> np.array([0, 4], np.uint8)[:, None]
+        lo = (lo & 15).reshape(*ql.shape[:2], 2, 128)
+        hi = qh.view(np.uint8)[:, :, :, None, :] >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+        hi = (hi & 3).reshape(*qh.shape[:2], 2, 128)
+        q = f32((lo | (hi << 4)).astype(np.int8) - np.int8(32)).reshape(*ql.shape[:2], 16, 16)
+        w = (f32(d)[..., None] * f32(sc))[..., None] * q
     return w.reshape(w.shape[0], -1)
 
-def _quantized_weight(fmt_name: str, n: int, k: int, rng) -> list[np.ndarray]:
+
+def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
+                  top: float = 1.0) -> np.ndarray:
+    """Raw GGUF blocks uint8 [n, k/block * block_bytes] of format `fmt_name`: Q8_0/Q4_1
+    quantized from a normal weight by the gguf package; Q4_K/Q6_K (which it cannot quantize)
+    built from random bytes, each super-block one of: random scales, the largest f16 d/dmin,
+    the smallest (subnormal) ones, every sub-block scale (and Q4_K min) 63, all zero
+    (kinds=False: only random ones, with d chosen so weights stay within about +-top)."""
     import gguf
 
     from halo_mlir.quant import FORMATS
 
     fmt = FORMATS[fmt_name]
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.ggml])
-    return list(fmt.split(raw, n, k).values())
+    if fmt.block == 32:
+        w = (top * rng.standard_normal((n, k))).astype(np.float32)
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.ggml])
+    blocks = rng.integers(0, 256, (n, k // fmt.block, fmt.block_bytes), dtype=np.uint8)
+    scale_at = {"q4_k": (0, 2), "q6_k": (208,)}[fmt_name]  # d (and dmin) byte offsets
+    top = top / (63 * 15) if fmt_name == "q4_k" else top / (127 * 32)
+    d = rng.uniform(0.25, 1.0, (n, k // fmt.block, len(scale_at))) * top
+    if fmt_name == "q4_k":  # dmin = 7.5 d: the weights centre on 0 (q averages 7.5)
+        d[..., 1] = d[..., 0] * 7.5
+    d = d.astype(np.float16)
+    kind = rng.integers(0, 5 if kinds else 1, (n, k // fmt.block))
+    d[kind == 1] = np.float16(65504.0)
+    d[kind == 2] = np.float16(2.0 ** -24)
+    for i, at in enumerate(scale_at):
+        blocks[:, :, at:at + 2] = d[..., i:i + 1].view(np.uint8)
+    scales = slice(4, 16) if fmt_name == "q4_k" else slice(192, 208)
+    blocks[kind == 3, scales] = 0xFF if fmt_name == "q4_k" else 63
+    blocks[kind == 4] = 0
+    return blocks.reshape(n, -1)
+
+
+def _quantized_weight(fmt_name: str, n: int, k: int, rng, kinds: bool) -> list[np.ndarray]:
+    from halo_mlir.quant import FORMATS
+
+    raw = random_blocks(fmt_name, n, k, rng, kinds)
+    return list(FORMATS[fmt_name].split(raw, n, k).values())
+
 
 def _field_args(fmt_name: str, n: int, k: int) -> list[Arg]:
     from halo_mlir.quant import FORMATS
 
     return [Arg(f, shape, dtype) for f, (shape, dtype) in FORMATS[fmt_name].field_shapes(n, k).items()]
 
-def _family(fmt: str) -> list[Kernel]:
+
+def _family(fmt: str, block: int) -> list[Kernel]:
+    # The matmul's check takes weights within about +-1 (its tolerance is absolute); the
+    # gather, exact, takes every kind of block (tests/unit/test_kernels.py has the extremes).
     matmul = Harness(
         sizes={"m": (5, 64, "rows of x")},
         args=lambda v, z: ([Arg("x", (z["m"], v["k"]), "f32"), *_field_args(fmt, v["n"], v["k"])],
                            [Arg("out", (z["m"], v["n"]), "f32")]),
         inputs=lambda v, z, rng: [rng.standard_normal((z["m"], v["k"])).astype(np.float32),
-                                  *_quantized_weight(fmt, v["n"], v["k"], rng)],
+                                  *_quantized_weight(fmt, v["n"], v["k"], rng, False)],
         reference=lambda v, ins: [ins[0] @ dequantize(fmt, ins[1:]).T],
         tolerance=lambda v: 1e-3)
     rows = Harness(
@@ -52,13 +105,15 @@ def _family(fmt: str) -> list[Kernel]:
         args=lambda v, z: ([Arg("ids", (z["t"],), "i64"), *_field_args(fmt, v["n"], v["k"])],
                            [Arg("out", (z["t"], v["k"]), "f32")]),
         inputs=lambda v, z, rng: [rng.integers(0, v["n"], z["t"]).astype(np.int64),
-                                  *_quantized_weight(fmt, v["n"], v["k"], rng)],
+                                  *_quantized_weight(fmt, v["n"], v["k"], rng, True)],
         reference=lambda v, ins: [dequantize(fmt, ins[1:])[ins[0]]],
         tolerance=lambda v: 0.0)
     upper = fmt.upper()
-    return [Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32", _PARAMS,
+    return [Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32", _params(block),
                    harness=matmul),
             Kernel(f"{fmt}_rows", f"rows ids[T] of {upper} w[N,K], dequantized -> [T,K] f32",
-                   _PARAMS, harness=rows)]
+                   _params(block), harness=rows)]
 
-KERNELS = [*_family("q8_0"), *_family("q4_1")]
+
+KERNELS = [*_family("q8_0", 32), *_family("q4_1", 32), *_family("q4_k", 256),
+           *_family("q6_k", 256)]

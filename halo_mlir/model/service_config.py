@@ -1,4 +1,4 @@
-"""config.json beside the MLIR: the shortfin model config (ABI.md)."""
+"""config.json beside the MLIR: the shortfin model config (docs/ABI.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paged KV cache (ABI.md layout): page writes and page gathers.
+"""The paged KV cache (docs/ABI.md layout): page writes and page gathers.
 
 `cache_state` is [P, page_elems]; viewed as 6-D it is [P, layer, k_or_v, kv_head, pos, d].
 The layer index is a runtime scalar (`layer`, kept opaque by the caller) so that every
@@ -49,6 +49,49 @@ def current_page(b: Builder, pages: Value, positions: Value, stride: int) -> Val
     return b.reshape(page, [[0, 1]], [n, 1])
 
 
+# ---- decode: the gather rows of every layer, computed once per step ---------------------
+# A gather's rows (page, layer, k/v) depend on the layer, so computed inside the layer they
+# are index-math dispatches of their own in every layer (IREE does not fuse an index
+# producer into a gather or scatter). Computed once per step for all layers, a layer's rows
+# are a contiguous slice of the table: a subview at the stream level, no dispatch.
+
+def decode_tables(b: Builder, pages: Value, positions: Value, layers: int,
+                  stride: int) -> tuple[Value, Value]:
+    """pages[N,B], positions[N] -> (read rows [L,2,N,B,3]: (page, layer, k/v) of every
+    page of each row, write rows [L,N,1,2]: (page, layer) of the page holding
+    positions[n])."""
+    n, nb = b.dims(pages)
+
+    # Loop dims in order of appearance (Builder.generic): b, i, l, k, c.
+    def read_row(page, _):
+        which = b.linalg_index(4)
+        layer = b.cast(b.linalg_index(2), "i64")
+        kv = b.cast(b.linalg_index(3), "i64")
+        inner = b.select(b.cmpi("eq", which, b.index(1)), layer, kv)
+        return b.select(b.cmpi("eq", which, b.index(0)), page, inner)
+
+    read = b.generic("bi->lkbic", [pages], [b.empty([layers, 2, n, nb, 3], "i64")], read_row)
+    page = current_page(b, pages, positions, stride)  # [N,1]
+
+    def write_row(pg, _):  # loop dims b, i, l, c
+        layer = b.cast(b.linalg_index(2), "i64")
+        return b.select(b.cmpi("eq", b.linalg_index(3), b.index(0)), pg, layer)
+
+    write = b.generic("bi->lbic", [page], [b.empty([layers, n, 1, 2], "i64")], write_row)
+    return read, write
+
+
+def layer_rows(b: Builder, table: Value, layer: Value, kv: int | None = None) -> Value:
+    """Layer `layer`'s rows of a `decode_tables` table (and its k or v half for the read
+    table): [N,B,3] or [N,1,2]."""
+    at = b.cast(layer, "index")
+    if kv is None:
+        return b.layer_slice(table, at)
+    dims = b.dims(table)
+    piece = b.slice(table, [at, kv, 0, 0, 0], [1, 1, *dims[2:]])
+    return b.reshape(piece, [[0, 1, 2], [3], [4]], dims[2:])
+
+
 def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
                  layer: Value) -> Value:
     """Prefill: k/v[N,KVH,S,D] (S = B*stride) into pages[N,B] of `layer`."""
@@ -64,29 +107,18 @@ def write_blocks(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     return cache6
 
 
-def _block_indices(b: Builder, page: Value, layer: Value) -> Value:
-    """page[N,1] i64 -> [N,1,2] i64 rows (page, layer): a row's K and V blocks of `layer`."""
-    n = b.dims(page)[0]
+def write_position(b: Builder, cache6: Value, k: Value, v: Value, idx: Value,
+                   positions: Value) -> Value:
+    """Decode: k/v[N,KVH,1,D] at positions[N], in the page of idx[N,1,2] (page, layer):
+    the layer's write rows of `decode_tables`.
 
-    def body(pg, _):
-        return b.select(b.cmpi("eq", b.linalg_index(2), b.index(0)), pg, layer)
-
-    return b.generic("bi->bic", [page], [b.empty([n, 1, 2], "i64")], body)
-
-
-def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
-                   positions: Value, layer: Value) -> Value:
-    """Decode: k/v[N,KVH,1,D] at positions[N], in page pages[N, pos // stride].
-
-    One read-modify-write of each row's current page, K and V blocks of `layer` together
+    One read-modify-write of each row's current page, K and V blocks of the layer together
     [2, KVH, stride, D]: the gather and scatter index only (page, layer), so the kv-head
     dim stays a slice dim (the sharding pass splits it) and one kernel serves every layer.
     """
     n, kvh, _, d = b.dims(k)
     stride = b.shape(cache6)[4]
     stride_c = b.scalar(stride, "i64")
-    page = current_page(b, pages, positions, stride)  # [N,1]
-    idx = _block_indices(b, page, layer)  # [N,1,2]
     et = b.element_type(cache6)
     block = b.gather(cache6, idx, b.empty([n, 1, 2, kvh, stride, d], et), [0, 1])
     # No fusion barrier here: IREE compiles this gather fused with the merge (on CPU too,
@@ -106,13 +138,12 @@ def write_position(b: Builder, cache6: Value, k: Value, v: Value, pages: Value,
     return b.scatter(block, b.reshape(idx, [[0, 1], [2]], [n, 2]), cache6, [0, 1])
 
 
-def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,
-               separate: bool = True) -> Value:
-    """Decode: pages[N,B] of `layer` -> k or v [N,KVH,B*stride,D]."""
+def read_pages(b: Builder, cache6: Value, rows: Value, separate: bool = True) -> Value:
+    """Decode: the pages of gather rows[N,B,3] (`layer_rows`) -> k or v [N,KVH,B*stride,D]."""
     _, _, _, kvh, stride, d = b.shape(cache6)
-    n, nb = b.dims(pages)
+    n, nb, _ = b.dims(rows)
     out = b.empty([n, nb, kvh, stride, d], b.element_type(cache6))
-    blocks = b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
+    blocks = b.gather(cache6, rows, out, [0, 1, 2])
     # Kept apart from the transpose: fused, IREE 3.9's CPU backend stages a tile of 64
     # gathered pages per row on the stack (256 KiB at bs 4: over its 32 KiB limit, and over
     # the runtime's worker stacks when the limit is raised). Not inside the layer loop
@@ -125,14 +156,15 @@ def read_pages(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int,
     return b.reshape(blocks, [[0], [1], [2, 3], [4]], [n, kvh, None, d])
 
 
-def read_blocks(b: Builder, cache6: Value, pages: Value, layer: Value, kv: int) -> Value:
-    """Decode: pages[N,B] of `layer` -> k or v as gathered, [N,B,KVH,stride,D] (key t = page
-    * stride + slot). The fused attention reads this directly (`attention_fused`): with no
-    transpose or reshape in between, IREE fuses the gather into the attention dispatch."""
+def read_blocks(b: Builder, cache6: Value, rows: Value) -> Value:
+    """Decode: the pages of gather rows[N,B,3] (`layer_rows`) -> k or v as gathered,
+    [N,B,KVH,stride,D] (key t = page * stride + slot). The fused attention reads this
+    directly (`attention_fused`): with no transpose or reshape in between, IREE fuses the
+    gather into the attention dispatch."""
     _, _, _, kvh, stride, d = b.shape(cache6)
-    n, nb = b.dims(pages)
+    n, nb, _ = b.dims(rows)
     out = b.empty([n, nb, kvh, stride, d], b.element_type(cache6))
-    return b.gather(cache6, _page_indices(b, pages, layer, kv), out, [0, 1, 2])
+    return b.gather(cache6, rows, out, [0, 1, 2])
 
 
 # ---- the layer loop (`--layer-loop`): the stack reads the cache, one write after it ----

@@ -39,15 +39,15 @@ def paged_prefill(b: Builder, q: Value, k: Value, v: Value, seq_lens: Value, cac
     return b.retype(out, b.shape(q)), b.retype(cache, b.shape(cache6))
 
 
-def paged_decode(b: Builder, q: Value, cache6: Value, pages: Value, layer: Value,
+def paged_decode(b: Builder, q: Value, cache6: Value, k_rows: Value, v_rows: Value,
                  seq_lens: Value, *, dtype: str) -> Value:
-    """q[N,1,KVH,G,D] over pages[N,B] of `layer` (written already), keys t < seq_lens[n]
-    -> [N,1,KVH,G,D]."""
+    """q[N,1,KVH,G,D] over the pages of the gather rows k_rows/v_rows[N,B,3] (page, layer,
+    k/v; written already), keys t < seq_lens[n] -> [N,1,KVH,G,D]."""
     values = _params(b, q, cache6, dtype)
     fn = _instantiate(b, "paged_decode_attention", values)
     n, _, kvh, g, d = b.shape(q)
     q4 = b.reshape(q, [[0], [1, 2], [3], [4]], [n, kvh, g, d])
-    args = [q4, b.retype(cache6, [None, *b.shape(cache6)[1:]]), b.retype(pages, [n, None]),
-            layer, seq_lens]
+    args = [q4, b.retype(cache6, [None, *b.shape(cache6)[1:]]),
+            *(b.retype(r, [n, None, 3]) for r in (k_rows, v_rows)), seq_lens]
     out = b.call(fn, args, [q4.type])[0]
     return b.reshape(out, [[0], [1, 2], [3], [4]], [n, 1, kvh, g, d])

@@ -1,1 +1,1 @@
-"""Weights: checkpoint readers -> IRPA writer, with ABI.md parameter names."""
+"""Weights: checkpoint readers -> IRPA writer, with docs/ABI.md parameter names."""

@@ -63,6 +63,10 @@ class GgufFile(FdFile):
             raise HaloError(f"{self.path}: architecture {arch!r} is not supported; halo_mlir "
                             f"emits {', '.join(SUPPORTED_ARCHS)} models")
         a = lambda k: self.require(f"{arch}.{k}")  # noqa: E731
+        if int(self.get(f"{arch}.expert_count") or 0):
+            raise HaloError(f"{self.path}: a mixture-of-experts GGUF ({arch}.expert_count = "
+                            f"{self.get(f'{arch}.expert_count')}) is not supported yet; import "
+                            "the HF safetensors checkpoint instead")
         heads = int(a("attention.head_count"))
         hidden = int(a("embedding_length"))
         tokens = self.get("tokenizer.ggml.tokens")

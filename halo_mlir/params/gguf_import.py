@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) -> IRPA with ABI.md keys: dequantized, or kept in native block formats."""
+"""GGUF (llama.cpp) -> IRPA with docs/ABI.md keys: dequantized, or kept in native block formats."""
 
 from __future__ import annotations
 
@@ -13,19 +13,37 @@ from halo_mlir.params.gguf_file import GgufFile
 from halo_mlir.params import irpa
 from halo_mlir.params.names import param_shapes
 from halo_mlir.params.safetensors_import import numpy_dtype
-from halo_mlir.quant import BLOCK, BY_GGML
-from halo_mlir.sharding_passes.plan import check_divisible
+from halo_mlir.quant import BY_GGML
+from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
 
 _CHUNK_ROWS_BYTES = 64 << 20
 
 
+_FLOAT = ("F32", "F16", "BF16", "F64")
+
+
 def weight_formats(g: GgufFile, cfg: LlamaConfig, keep_quantized: bool) -> dict[str, str]:
     """ABI key -> quantized format for the matrices that stay quantized: those stored in a
-    format with a native kernel (Q8_0, Q4_1). Everything else is dequantized."""
+    format with a native kernel (Q8_0, Q4_1, Q4_K, Q6_K) whose input dimension is a whole
+    number of its blocks. Everything else is dequantized."""
     if not keep_quantized:
         return {}
     return {key: BY_GGML[g.qtype(key)].name for key, shape in param_shapes(cfg).items()
-            if len(shape) == 2 and g.qtype(key) in BY_GGML and shape[1] % BLOCK == 0}
+            if len(shape) == 2 and g.qtype(key) in BY_GGML
+            and shape[1] % BY_GGML[g.qtype(key)].block == 0}
+
+
+def dequantized_note(g: GgufFile, cfg: LlamaConfig, formats: dict[str, str]) -> str | None:
+    """With --keep-quantized: one line naming the quantized matrices that are dequantized
+    anyway (a format without a native kernel, e.g. the Q5_0/Q8_1 llama.cpp falls back to
+    where a row is not a whole number of K-quant super-blocks); None when there are none."""
+    left = [f"{key} ({g.qtype(key)})" for key, shape in param_shapes(cfg).items()
+            if len(shape) == 2 and key not in formats and g.qtype(key) not in _FLOAT]
+    if not left:
+        return None
+    shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+    return (f"note: --keep-quantized: {len(left)} quantized weight(s) have no native kernel "
+            f"and are dequantized: {shown} (native: {', '.join(BY_GGML)})")
 
 
 def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -55,22 +73,24 @@ def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized: bool = False,
                 progress: Callable[[int, int, str], None] = lambda *_: None,
-                tp: int = 1, layout: str = "per-layer") -> int:
-    """Write every parameter of the GGUF model to `out`. Returns the bytes written."""
+                tp: int = 1, layout: str = "per-layer",
+                note: Callable[[str], None] = lambda _: None) -> int:
+    """Write every parameter of the GGUF model to `out`. Returns the bytes written;
+    `note` gets the line of dequantized_note, if any."""
     np_dtype = numpy_dtype(dtype)
     with GgufFile(path) as g:
         cfg = g.config()
         if tp > 1:
             check_divisible(cfg, tp)
-            if keep_quantized:
-                raise HaloError("--keep-quantized with --tp is not supported yet; import "
-                                "dequantized (--dtype) for tensor parallelism")
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized)
+        check_quantized_split(formats, shapes, tp)
         heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
+        if keep_quantized and dequantized_note(g, cfg, formats):
+            note(dequantized_note(g, cfg, formats))
         with irpa.writer(out, tp, layout) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)

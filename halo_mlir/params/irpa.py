@@ -115,7 +115,7 @@ def _joined(chunks: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def rank_paths(path: str | Path, tp: int) -> list[Path]:
-    """NAME.irpa -> [NAME.rank0.irpa, ...] (ABI.md)."""
+    """NAME.irpa -> [NAME.rank0.irpa, ...] (docs/ABI.md)."""
     path = Path(path)
     stem = path.name[:-len(".irpa")] if path.name.endswith(".irpa") else path.name
     return [path.with_name(f"{stem}.rank{i}.irpa") for i in range(tp)]

@@ -1,4 +1,5 @@
-"""ABI.md parameter keys, their shapes, and the HF checkpoint names they come from."""
+"""docs/ABI.md parameter keys, their shapes, and the HF checkpoint names they come from,
+per model family (the block's attention part is shared; each family names its FFN)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,35 @@ HF_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
+# Mixtral (transformers MixtralForCausalLM, as `save_pretrained` writes it): the router, and
+# each layer's experts stacked into one entry per kind ([experts, ...], llama.cpp's GGUF
+# names). `{e}` runs over the experts.
+MIXTRAL_HF_NAMES = {
+    **{k: v for k, v in HF_NAMES.items() if ".ffn_" not in k or "ffn_norm" in k},
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+}
+FAMILY_HF_NAMES = {"llama": HF_NAMES, "mixtral": MIXTRAL_HF_NAMES}
+
+
+def _ffn_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The FFN part of a block: dense SwiGLU, or the router and stacked experts (MoE)."""
+    d, f, e = cfg.hidden_size, cfg.ffn_dim, cfg.n_experts
+    if cfg.is_moe:
+        return {"blk.{i}.ffn_gate_inp.weight": (e, d),
+                "blk.{i}.ffn_gate_exps.weight": (e, f, d),
+                "blk.{i}.ffn_up_exps.weight": (e, f, d),
+                "blk.{i}.ffn_down_exps.weight": (e, d, f)}
+    return {"blk.{i}.ffn_gate.weight": (f, d),
+            "blk.{i}.ffn_up.weight": (f, d),
+            "blk.{i}.ffn_down.weight": (d, f)}
+
 
 def block_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of one decoder block's weights, by key template (`blk.{i}.` prefix)."""
-    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_dim
+    d, hd = cfg.hidden_size, cfg.head_dim
     return {
         "blk.{i}.attn_norm.weight": (d,),
         "blk.{i}.attn_q.weight": (cfg.n_heads * hd, d),
@@ -33,10 +59,13 @@ def block_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "blk.{i}.attn_v.weight": (cfg.n_kv_heads * hd, d),
         "blk.{i}.attn_output.weight": (d, cfg.n_heads * hd),
         "blk.{i}.ffn_norm.weight": (d,),
-        "blk.{i}.ffn_gate.weight": (f, d),
-        "blk.{i}.ffn_up.weight": (f, d),
-        "blk.{i}.ffn_down.weight": (d, f),
+        **_ffn_shapes(cfg),
     }
+
+
+def block_weights(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The names of one block's weights in order (`attn_q`, ..., `ffn_down`)."""
+    return tuple(k.split(".")[2] for k in block_shapes(cfg))
 
 
 def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -52,7 +81,7 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.*)$")
 
-# Parameter layouts: `per-layer` (ABI.md, the default: `blk.{i}.attn_q.weight`) or `stacked`
+# Parameter layouts: `per-layer` (docs/ABI.md, the default: `blk.{i}.attn_q.weight`) or `stacked`
 # (one entry per weight kind holding every layer, `[layers, ...]`, for `--layer-loop`).
 LAYOUTS = ("per-layer", "stacked")
 STACKED_SUFFIX = ".stacked"
@@ -79,3 +108,15 @@ def hf_name(key: str) -> str:
     if m:
         return HF_NAMES["blk.{i}." + m.group(2)].format(i=m.group(1))
     return HF_NAMES[key]
+
+
+def hf_sources(key: str, cfg: LlamaConfig) -> list[str]:
+    """The HF tensors an ABI key is made of, in order: one, or one per expert for a stacked
+    expert entry (`blk.3.ffn_gate_exps.weight` <- `...experts.{0..E-1}.w1.weight`)."""
+    names = FAMILY_HF_NAMES[cfg.family]
+    m = _LAYER.match(key)
+    template = names["blk.{i}." + m.group(2)] if m else names[key]
+    layer = m.group(1) if m else None
+    if "{e}" in template:
+        return [template.format(i=layer, e=e) for e in range(cfg.n_experts)]
+    return [template.format(i=layer)]

@@ -1,4 +1,4 @@
-"""HF safetensors checkpoint (one file or a sharded index) -> IRPA with ABI.md keys."""
+"""HF safetensors checkpoint (one file or a sharded index) -> IRPA with docs/ABI.md keys."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
-from halo_mlir.params.names import hf_name, param_shapes
+from halo_mlir.params.names import hf_sources, param_shapes
 from halo_mlir.params.safetensors_file import SafetensorsFile
 from halo_mlir.sharding_passes.plan import check_divisible
 
@@ -72,15 +72,18 @@ def open_checkpoint(path: str | Path, cfg: LlamaConfig,
         return opened[file]
 
     for key, shape in param_shapes(cfg).items():  # check everything before writing anything
-        name = hf_name(key)
-        f = file_of(name)
-        if name not in f.tensors:
-            raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
-                            "is the config right for this checkpoint?")
-        if f.shape(name) != shape:
-            raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
-                            f"config expects {list(shape)}")
-        f.dtype(name)
+        names = hf_sources(key, cfg)
+        if len(names) > 1:  # one tensor per expert, stacked
+            shape = shape[1:]
+        for name in names:
+            f = file_of(name)
+            if name not in f.tensors:
+                raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
+                                "is the config right for this checkpoint?")
+            if f.shape(name) != shape:
+                raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
+                                f"config expects {list(shape)}")
+            f.dtype(name)
     return file_of
 
 
@@ -99,8 +102,12 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
         writer = stack.enter_context(irpa.writer(out, tp, layout))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
-            name = hf_name(key)
-            writer.add_chunks(key, _row_blocks(file_of(name), name, np_dtype))
+            names = hf_sources(key, cfg)
+            if len(names) == 1:
+                writer.add_chunks(key, _row_blocks(file_of(name := names[0]), name, np_dtype))
+            else:  # experts stacked in order, one [1, ...] piece each: [E, ...]
+                writer.add_chunks(key, (np.concatenate(list(_row_blocks(
+                    file_of(name), name, np_dtype)))[None] for name in names))
         progress(len(shapes), len(shapes), "")
         writer.commit()
         return writer.nbytes

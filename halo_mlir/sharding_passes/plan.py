@@ -54,6 +54,11 @@ WEIGHT_STYLES = {
     "ffn_up.weight": Split(0),
     "attn_output.weight": Split(1),
     "ffn_down.weight": Split(1),
+    # Mixture of experts: each expert's ffn rows split like the dense FFN ([experts, ffn,
+    # hidden] / [experts, hidden, ffn]); the router (`ffn_gate_inp`) is replicated.
+    "ffn_gate_exps.weight": Split(1),
+    "ffn_up_exps.weight": Split(1),
+    "ffn_down_exps.weight": Split(2),
     "output.weight": Split(0),
 }
 _BLOCK = re.compile(r"^blk\.\d+\.(.+)$")
@@ -100,3 +105,21 @@ def check_divisible(cfg: LlamaConfig, tp: int) -> None:
             divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
             raise HaloError(f"--tp {tp} does not divide the {what} ({size}) of {cfg.name}; "
                             f"use a TP degree among {divisors}")
+
+
+def check_quantized_split(formats: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                          tp: int) -> None:
+    """Kept-quantized weights (`KEY:FIELD` [N, K/block, ...]) split like their matrices:
+    output rows anywhere, input columns only at block boundaries. One error naming the first
+    weight whose column split would cut a block."""
+    from halo_mlir.quant import quant_format
+
+    for key, fmt_name in formats.items():
+        fmt, shape = quant_format(fmt_name), shapes[key]
+        s = weight_sharding(key, shape, tp)
+        blocks = shape[1] // fmt.block
+        if tp > 1 and isinstance(s, Split) and s.dim == 1 and blocks % tp:
+            raise HaloError(f"--tp {tp} would cut the {fmt.ggml} blocks of {key}: its "
+                            f"{shape[1]} input columns are {blocks} block(s) of {fmt.block}, "
+                            f"which do not split {tp} ways; use a --tp that divides {blocks}, "
+                            "or drop --keep-quantized (dequantized weights split anywhere)")

@@ -260,9 +260,17 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
                 sv = svs[k] = s.materialize(sv)  # conflicting split: gather this operand
                 continue
             chosen = it
+    read = _captured_splits(s, op)
+    for it in read:
+        if chosen is not None and chosen != it:
+            raise ShardError(f"{op.name}: its body reads a tensor split along iteration dim "
+                             f"{it}, its operands are split along {chosen}")
+        chosen = it
     if chosen is None:
         return s.per_device(op, svs, [REPLICATED] * n_out)
-    if _uses_index(op, chosen):
+    # linalg.index of the split dim is a local index on each device: right where the body
+    # reads a captured tensor's shard with it (`read`), wrong anywhere else.
+    if _uses_index(op, chosen) and not read:
         raise ShardError(f"{op.name}: its body reads linalg.index {chosen}, which is split")
     out_map = maps[-1]
     out_dims = [ir.AffineDimExpr(e).position if isinstance(e, ir.AffineDimExpr) else None
@@ -283,6 +291,33 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
     # A reduction over the split dim leaves partial sums: each device accumulates into its
     # own (zero-filled) init; the consumer all-reduces them.
     return s.per_device(op, svs, [result] * n_out, operands)
+
+
+def _captured_splits(s: Sharder, op) -> list[int]:
+    """The iteration dims along which the body of `op` reads split tensors it captures
+    (`tensor.extract %w[..., linalg.index d, ...]` with the index at w's split dim: e.g. a
+    token's expert rows of stacked MoE weights); each device's copy then reads its shard
+    with local indices. Captured partial sums are all-reduced first."""
+    dims = []
+
+    def visit(inner):
+        if inner.name != "tensor.extract":
+            return
+        sv = s.env.get(inner.operands[0])
+        if sv is None:
+            return
+        if isinstance(sv.sharding, Partial):
+            s.env[inner.operands[0]] = sv = s.materialize(sv)
+        if not isinstance(sv.sharding, Split):
+            return
+        index = inner.operands[1 + sv.sharding.dim].owner
+        index = getattr(index, "operation", index)
+        if getattr(index, "name", None) != "linalg.index":
+            raise ShardError(f"{op.name}: its body reads a {sv.sharding} tensor at an index "
+                             "that is not an iteration dim")
+        dims.append(ir.IntegerAttr(index.attributes["dim"]).value)
+    walk_nested(op, visit)
+    return sorted(set(dims))
 
 
 def _is_truncation(op) -> bool:
@@ -405,6 +440,11 @@ def rule_insert_slice(s: Sharder, op, svs: list[SV]) -> list[SV]:
     """tensor.insert_slice (same rank): a split piece goes into its device's slice of the
     destination; a replicated destination is cut into per-device slices to receive it."""
     piece, dest = svs[0], svs[1]
+    if isinstance(piece.sharding, Partial) and (isinstance(dest.sharding, Partial) or
+                                                _is_zero_fill(op.operands[1])):
+        # Partial sums into zeros (or into partial sums) stay partial: one all-reduce of
+        # the whole result later instead of one per piece (MoE: one per expert).
+        return s.per_device(op, svs, [PARTIAL])
     if isinstance(piece.sharding, Partial):
         piece = svs[0] = s.materialize(piece)
     if isinstance(dest.sharding, Partial):
@@ -428,6 +468,21 @@ def rule_insert_slice(s: Sharder, op, svs: list[SV]) -> list[SV]:
     for v in out[0].values:
         v.owner.attributes["static_sizes"] = ir.DenseI64ArrayAttr.get(sizes)
     return out
+
+
+def _is_zero_fill(v) -> bool:
+    """`v` is a linalg.fill with the constant 0."""
+    op = getattr(v.owner, "operation", v.owner)
+    if getattr(op, "name", None) != "linalg.fill":
+        return False
+    value = getattr(op.operands[0].owner, "operation", op.operands[0].owner)
+    if getattr(value, "name", None) != "arith.constant":
+        return False
+    attr = value.attributes["value"]
+    try:
+        return ir.FloatAttr(attr).value == 0
+    except (ValueError, TypeError):
+        return isinstance(attr, ir.IntegerAttr) and ir.IntegerAttr(attr).value == 0
 
 
 def rule_pin(s: Sharder, op, svs: list[SV]) -> list[SV]:

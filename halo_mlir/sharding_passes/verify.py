@@ -146,10 +146,13 @@ def verify_placement(module, tp: int, allreduce: str | dict | None = None) -> di
             loads = [ir.FlatSymbolRefAttr(op.attributes["global"]).value
                      for op in fn.regions[0].blocks[0].operations
                      if op.operation.name == "util.global.load"]
-            # A stacked weight [layers, ...] is used once per layer.
-            row_split = sum(global_layers.get(sym, 1) for sym in loads if ".shard." in sym and
-                            any(k in sym for k in ("attn_output", "ffn_down")))
-            gathered_logits = any(sym.startswith("output.weight.shard.") for sym in loads)
+            # A stacked weight [layers, ...] is used once per layer; a kept-quantized one
+            # (`KEY:FIELD.shard.i` per field) once for all its fields.
+            weights = {sym.split(":")[0] + sym[sym.index(".shard."):]: sym for sym in loads
+                       if ".shard." in sym and any(k in sym for k in ("attn_output", "ffn_down"))}
+            row_split = sum(global_layers.get(sym, 1) for sym in weights.values())
+            gathered_logits = any(sym.startswith(("output.weight.shard.", "output.weight:"))
+                                  and ".shard." in sym for sym in loads)
             modes = allreduce.get(entry, {}) if isinstance(allreduce, dict) \
                 else {allreduce: row_split // tp}
             if sum(modes.values()) != row_split // tp or not set(modes) <= set(TRANSFERS):

@@ -117,3 +117,46 @@ def fp8_model(model, params: dict, *, fused: bool = True):
     AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     m.config._attn_implementation = "halo_fp8"
     return m
+
+
+# ---- Mixtral (mixture of experts) --------------------------------------------------
+# Awkward sizes: 6 experts top-2, GQA 6/2 heads, head_dim 16, hidden 96, expert ffn 64.
+MIXTRAL_AWKWARD = dict(
+    vocab_size=300, hidden_size=96, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+    max_position_embeddings=512, rope_theta=1e6, tie_word_embeddings=False,
+    num_local_experts=6, num_experts_per_tok=2,
+)
+
+
+def make_mixtral(out_dir: Path, seed: int = 0, weight_std: float = 0.15,
+                 router_std: float = 0.5, **overrides):
+    """Random-weight MixtralForCausalLM saved as safetensors + config.json in out_dir. The
+    router's weights are larger than the rest so tokens disagree on their experts."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(**{**MIXTRAL_AWKWARD, **overrides}, attn_implementation="eager")
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # the router
+                p.copy_(router_std * torch.randn_like(p))
+            else:
+                p.copy_(weight_std * torch.randn_like(p))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def router_choices(model, tokens: list[int]) -> list[np.ndarray]:
+    """Per layer, the experts each token picks [len(tokens), k] (transformers' router)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([tokens], dtype=torch.long), output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    return [torch.topk(torch.softmax(r.float(), -1), k, dim=-1).indices.numpy()
+            for r in out.router_logits]

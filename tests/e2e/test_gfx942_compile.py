@@ -70,6 +70,10 @@ KERNEL_CASES = [
     ("q4_1_matmul", {}, {}, None),
     ("q8_0_rows", {}, {}, None),
     ("q4_1_rows", {}, {}, None),
+    ("q4_k_matmul", {}, {}, None),
+    ("q6_k_matmul", {}, {}, None),
+    ("q4_k_rows", {}, {}, None),
+    ("q6_k_rows", {}, {}, None),
 ]
 
 
@@ -141,3 +145,68 @@ def test_decode_reads_weights_and_pages_with_128_bit_loads(tmp_path):
     # The attention's keys are (page, slot) straight from the cache: no separate gather
     # dispatch copies the pages for it (the one gather left is the cache write's).
     assert re.search(r"attention_4x1x8x4x128xDx32x128$", attention[0]), attention
+
+
+# Fields read once per block (scales, mins): narrow loads are expected there and nowhere else.
+SCALE_FIELDS = {"q8_0": 1, "q4_1": 2, "q4_k": 4, "q6_k": 2}
+
+
+@pytest.mark.parametrize("fmt", list(SCALE_FIELDS))
+def test_quantized_matmul_vectorizes_on_gfx942(fmt):
+    """Each dequantize-in-matmul kernel at 8B shapes (4096 x 4096; its rows M are dynamic,
+    so decode and prefill run this one kernel) compiles to a vector kernel, not a scalar
+    fallback: the VectorDistribute pipeline, x and the quants read with 128-bit loads,
+    narrow loads only for the per-block scale fields (one each), and the products as f32
+    FMAs / packed multiplies."""
+    from collections import Counter
+
+    import tempfile
+    from pathlib import Path
+
+    from halo_mlir.isa import kernels, widths
+    from halo_mlir.kernels.workbench import compile_report, instance
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = compile_report(instance(f"{fmt}_matmul", {"n": 4096, "k": 4096}), "gfx942",
+                           dump=Path(tmp))
+        (name, asm), = kernels(tmp).items()
+    loads = widths(asm)
+    ops = Counter(re.findall(r"^\s*(v_\w+)", asm, re.M))
+    fma = ops["v_fmac_f32_e32"] + ops["v_pk_fma_f32"]
+    print(f"{fmt}_matmul: {name}: pipeline {r.pipelines}, loads {loads}, "
+          f"fmac {fma}, v_pk_mul_f32 {ops['v_pk_mul_f32']}")
+    assert r.pipelines == ["VectorDistribute"], r.pipelines
+    assert loads.get("b128", 0) >= 4, loads
+    assert sum(n for w, n in loads.items() if w != "b128") <= SCALE_FIELDS[fmt] + 1, loads
+    assert fma >= 16 and ops["v_pk_mul_f32"] >= 4, ops
+
+
+def test_k_quant_model_compiles_for_gfx942(tmp_path):
+    """A whole program with Q4_K, Q6_K, Q8_0 and Q4_1 weights kept quantized (f16
+    activations, hidden 512 = 2 super-blocks a row, bs 4) compiles for gfx942, and each
+    K-quant matmul dispatch of prefill and decode, fused with its neighbours (the f16 -> f32
+    input cast, RMSNorm), is still vector code: some 64/128-bit loads, packed f32
+    multiplies, and few narrow loads (its scale fields, the fused input's f16 pieces)."""
+    from collections import Counter
+
+    import kquant_gguf as kq
+
+    from halo_mlir.isa import kernels, load_widths, narrow, table
+
+    path, mlir, vmfb, dump = (tmp_path / n for n in ("m.gguf", "m.mlir", "m.vmfb", "dump"))
+    kq.write(path, kq.tp_mix, hidden=512)
+    halo("emit", "--gguf", path, "--keep-quantized", "--bs-prefill", 4, "--bs-decode", 4,
+         "-o", mlir)
+    halo("compile", mlir, "--target", "gfx942", "-o", vmfb,
+         f"--flag=--iree-hal-dump-executable-files-to={dump}")
+    k_quant = {n: w for n, w in load_widths(dump).items()
+               if re.search(r"_f32xf16(xf16)?xi8xi8xi8xf32$", n)}
+    print(table(dump))
+    asm = kernels(dump)
+    for entry in ("prefill_bs4", "decode_bs4"):
+        mine = {n: w for n, w in k_quant.items() if n.startswith(entry)}
+        assert len(mine) >= 5, (entry, list(k_quant))
+        for n, w in mine.items():
+            packed = Counter(re.findall(r"^\s*(v_pk_mul_f32)", asm[n], re.M))["v_pk_mul_f32"]
+            assert w.get("b128", 0) + w.get("b64", 0) >= 1 and narrow(w) <= 8, (n, w)
+            assert packed >= 2, (n, packed)

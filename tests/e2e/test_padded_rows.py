@@ -25,7 +25,7 @@ CONFIG = dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_
 
 
 def random_model(d):
-    """config.json + model.irpa (ABI.md keys) with random f32 weights."""
+    """config.json + model.irpa (docs/ABI.md keys) with random f32 weights."""
     import iree.runtime as rt
 
     c = CONFIG

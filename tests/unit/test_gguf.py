@@ -129,9 +129,10 @@ def test_truncated_gguf(tmp_path):
 
 def test_unsupported_quant_type(tmp_path):
     write_gguf(tmp_path / "m.gguf", qtypes={"blk.0.ffn_up.weight": "Q8_1"})
-    assert_one_line_error(halo("import-params", "--gguf", tmp_path / "m.gguf", "-o",
-                               tmp_path / "m.irpa", check=False),
-                          "blk.0.ffn_up.weight", "Q8_1", "cannot be dequantized")
+    for keep in ([], ["--keep-quantized"]):  # (the error alone, without the fallback note)
+        assert_one_line_error(halo("import-params", "--gguf", tmp_path / "m.gguf", *keep,
+                                   "-o", tmp_path / "m.irpa", check=False),
+                              "blk.0.ffn_up.weight", "Q8_1", "cannot be dequantized")
     assert os.listdir(tmp_path) == ["m.gguf"]
 
 
@@ -157,3 +158,75 @@ def test_missing_tokenizer(tmp_path):
 def test_import_flag_errors(tmp_path, args, needle):
     assert_one_line_error(halo("import-params", *args, "-o", tmp_path / "m.irpa", check=False),
                           needle)
+
+
+def test_keep_quantized_k_quants(tmp_path):
+    """A Q4_K_M-like file (Q4_K, Q6_K, Q8_0 and a Q5_0 fallback): K-quant matrices become
+    their fields (unpacked 6-bit scales and mins), which reassemble into gguf's own
+    dequantization of the tensor (Q rows un-permuted); the Q5_0 one is dequantized with a
+    note on stderr; emit instantiates the K-quant kernels."""
+    import kquant_gguf as kq
+
+    from halo_mlir.kernels.quantized import dequantize
+    from halo_mlir.quant import FORMATS
+
+    path, out = tmp_path / "m.gguf", tmp_path / "m.irpa"
+    types = kq.write(path, kq.q4_k_m)
+    proc = halo("import-params", "--gguf", path, "--keep-quantized", "--dtype", "f32", "-o", out)
+    assert "blk.1.ffn_down.weight (Q5_0)" in proc.stderr and "dequantized" in proc.stderr
+    assert "blk.0.ffn_down.weight" not in proc.stderr  # Q8_0: kept
+    got, ref = entries(out), kq.dequantized(path)
+    assert np.frombuffer(got["blk.1.ffn_down.weight"].file_view, np.float32).size == 256 * 320
+    heads = {"attn_q": kq.CFG["heads"], "attn_k": kq.CFG["kv_heads"]}
+    seen = set()
+    for key, shape in kq.shapes().items():
+        fmt = {"Q4_K": "q4_k", "Q6_K": "q6_k"}.get(types.get(key))
+        if fmt is None:
+            continue
+        fields = []
+        for field, (fshape, dtype) in FORMATS[fmt].field_shapes(*shape).items():
+            raw = got.pop(f"{key}:{field}").file_view
+            fields.append(np.frombuffer(raw, {"f16": np.float16, "i8": np.int8}[dtype])
+                          .reshape(fshape))
+        assert key not in got
+        want = ref[key]
+        head = heads.get(key.split(".")[-2]) if key.startswith("blk.") else None
+        if head:  # llama.cpp's interleaved Q/K rows back to HF order (inverse of permute)
+            want = want.reshape(head, -1, 2, shape[1]).swapaxes(1, 2).reshape(shape)
+            np.testing.assert_array_equal(permute(want, head), ref[key])
+        np.testing.assert_array_equal(dequantize(fmt, fields), want)
+        seen.add(fmt)
+    assert seen == {"q4_k", "q6_k"}
+    sc = np.frombuffer(entries(out)["blk.0.attn_q.weight:sc"].file_view, np.int8)
+    assert sc.min() >= 0 and sc.max() <= 63 and len(np.unique(sc)) > 32  # 6-bit, unpacked
+    proc = halo("emit", "--gguf", path, "--keep-quantized", "-o", "-")
+    assert "note: --keep-quantized" in proc.stderr and "blk.1.ffn_down.weight (Q5_0)" in proc.stderr
+    for symbol in ("halo_q4_k_matmul_n256_k256", "halo_q4_k_matmul_n320_k256",
+                   "halo_q6_k_matmul_n128_k256", "halo_q6_k_matmul_n40_k256",
+                   "halo_q4_k_rows_n40_k256", "halo_q8_0_matmul_n256_k320"):
+        assert f"util.func private @{symbol}(" in proc.stdout, symbol
+    assert '"model"::"blk.0.attn_q.weight:qs"> : tensor<256x1x4x32xi8>' in proc.stdout
+    assert '"model"::"blk.0.attn_v.weight:ql"> : tensor<128x1x2x64xi8>' in proc.stdout
+    assert '"model"::"blk.1.ffn_down.weight"> : tensor<256x320xf16>' in proc.stdout
+
+
+def test_keep_quantized_tp_split_that_cuts_a_block(tmp_path):
+    """--tp with kept-quantized weights splits input columns only at block boundaries: with
+    hidden 256 (one Q4_K super-block), attn_output cannot split 2 ways: one line naming the
+    weight and the fix, from import-params (nothing written) and emit alike; 2 ways at
+    hidden 512 is accepted."""
+    import kquant_gguf as kq
+
+    path = tmp_path / "m.gguf"
+    kq.write(path, kq.Q4_K)
+    for cmd in (["import-params", "--gguf", path, "--keep-quantized", "--tp", 2, "-o",
+                 tmp_path / "m.irpa"],
+                ["emit", "--gguf", path, "--keep-quantized", "--tp", 2, "-o", tmp_path / "m.mlir"]):
+        assert_one_line_error(halo(*cmd, check=False), "--tp 2 would cut the Q4_K blocks of "
+                              "blk.0.attn_output.weight", "256 input columns are 1 block(s) of 256",
+                              "drop --keep-quantized")
+    assert os.listdir(tmp_path) == ["m.gguf"]
+    kq.write(path, kq.Q4_K, hidden=512)
+    proc = halo("emit", "--gguf", path, "--keep-quantized", "--tp", 2, "--bs-prefill", 1,
+                "--bs-decode", 1, "-o", tmp_path / "m.mlir")
+    assert "4 all-reduces" in proc.stdout + proc.stderr

@@ -6,21 +6,25 @@ constraint and template errors; the workbench CLI."""
 import numpy as np
 import pytest
 
-N, K, M = 48, 96, 5
+N, M = 48, 5
+K = {"q8_0": 96, "q4_1": 96, "q4_k": 768, "q6_k": 768}  # a whole number of blocks
 
 
 def quantized(fmt, rng):
+    """gguf's own dequantization and our fields of one weight [N, K[fmt]]: Q8_0/Q4_1
+    quantized by gguf; Q4_K/Q6_K random super-blocks (gguf cannot quantize them) of every
+    kind: random, largest and smallest d/dmin, all 6-bit scales/mins 63, all zero."""
     import gguf
 
+    from halo_mlir.kernels.quantized import random_blocks
     from halo_mlir.quant import FORMATS
 
-    w = rng.standard_normal((N, K)).astype(np.float32)
+    raw = random_blocks(fmt, N, K[fmt], rng)
     t = gguf.GGMLQuantizationType[FORMATS[fmt].ggml]
-    raw = gguf.quants.quantize(w, t)
-    return gguf.quants.dequantize(raw, t), FORMATS[fmt].split(raw, N, K)
+    return gguf.quants.dequantize(raw, t), FORMATS[fmt].split(raw, N, K[fmt])
 
 
-def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape):
+def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k):
     import iree.runtime as rt
 
     from halo_mlir import kernels
@@ -33,7 +37,7 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape):
         types = [b.tensor_type(*first_type)] + [
             b.tensor_type(a.shape, {np.float16: "f16", np.int8: "i8"}[a.dtype.type])
             for a in fields.values()]
-        symbol = kernels.instantiate(b, kernel, n=N, k=K)
+        symbol = kernels.instantiate(b, kernel, n=N, k=k)
         b.define("main", types, lambda *args: b.call(
             symbol, list(args), [b.tensor_type(out_shape, "f32")])[0])
         (tmp_path / "k.mlir").write_text(str(module))
@@ -44,22 +48,52 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape):
     return np.asarray(ctx.modules.module.main(first, *fields.values()).to_host())
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q6_k"])
 def test_quantized_matmul_matches_numpy(tmp_path, fmt):
+    """Against gguf's dequantization + a float64 matmul, within f32 accumulation: the
+    error bound is relative to |x| @ |w|^T (the K-quant blocks span f16's whole range)."""
     rng = np.random.default_rng(0)
     w, fields = quantized(fmt, rng)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    got = run_kernel(tmp_path, f"{fmt}_matmul", fields, x, ([None, K], "f32"), [None, N])
-    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)
+    x = rng.standard_normal((M, K[fmt])).astype(np.float32)
+    got = run_kernel(tmp_path, f"{fmt}_matmul", fields, x, ([None, K[fmt]], "f32"), [None, N],
+                     K[fmt])
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
+    worst = float((np.abs(got - want) / np.maximum(scale, 1e-30)).max())
+    print(f"{fmt}_matmul: max |error| / (|x| @ |w|^T) = {worst:.3g}")
+    assert np.isfinite(got).all() and worst < 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q6_k"])
 def test_quantized_rows_match_numpy(tmp_path, fmt):
     rng = np.random.default_rng(1)
     w, fields = quantized(fmt, rng)
     ids = np.array([3, 0, 47, 3, 12], np.int64)
-    got = run_kernel(tmp_path, f"{fmt}_rows", fields, ids, ([None], "i64"), [None, K])
+    got = run_kernel(tmp_path, f"{fmt}_rows", fields, ids, ([None], "i64"), [None, K[fmt]],
+                     K[fmt])
     np.testing.assert_array_equal(got, w[ids])
+
+
+def test_k_quant_blocks_cover_every_scale_pattern():
+    """The random super-blocks the kernel tests use hold every 6-bit scale and min value
+    (Q4_K) and every int8 scale (Q6_K), and every kind of block: our unpacked fields equal
+    gguf's dequantization bit for bit."""
+    import gguf
+
+    from halo_mlir.kernels.quantized import dequantize, random_blocks
+    from halo_mlir.quant import FORMATS
+
+    rng = np.random.default_rng(2)
+    for fmt, values in (("q4_k", 64), ("q6_k", 256)):
+        raw = random_blocks(fmt, 64, 1024, rng)
+        fields = FORMATS[fmt].split(raw, 64, 1024)
+        scales = [fields["sc"], fields["m"]] if fmt == "q4_k" else [fields["sc"]]
+        for sc in scales:
+            assert len(np.unique(sc)) == values, (fmt, len(np.unique(sc)))
+        d = fields["d"].astype(np.float32)
+        assert d.max() == 65504.0 and (d == 2.0 ** -24).any() and (d == 0).any()
+        want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[FORMATS[fmt].ggml])
+        np.testing.assert_array_equal(dequantize(fmt, list(fields.values())), want)
 
 
 def test_kernel_parameter_errors():
@@ -70,6 +104,9 @@ def test_kernel_parameter_errors():
         render(KERNELS["q4_1_matmul"], {"n": 8, "k": 40})
     with pytest.raises(HaloError, match="unknown parameter 'z'"):
         render(KERNELS["q4_1_matmul"], {"n": 8, "k": 32, "z": 1})
+    for fmt in ("q4_k", "q6_k"):  # super-blocks of 256
+        with pytest.raises(HaloError, match="k=96 must be a positive multiple of 256"):
+            render(KERNELS[f"{fmt}_matmul"], {"n": 8, "k": 96})
     with pytest.raises(HaloError, match="unknown kernel 'q5_matmul'"):
         kernel("q5_matmul")
 
@@ -93,6 +130,8 @@ CHECKS = [
     ("fp8_attention", {"out_dtype": "f32"}),
     ("fp8_attention", {"out_dtype": "f16", "head_dim": 128, "group": 4}),
     ("q8_0_matmul", {}), ("q4_1_matmul", {}), ("q8_0_rows", {}), ("q4_1_rows", {}),
+    ("q4_k_matmul", {}), ("q4_k_matmul", {"n": 40, "k": 256}), ("q4_k_rows", {}),
+    ("q6_k_matmul", {}), ("q6_k_matmul", {"n": 40, "k": 256}), ("q6_k_rows", {}),
 ]
 
 

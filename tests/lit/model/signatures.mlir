@@ -1,7 +1,7 @@
 // RUN: %halo emit --model toy --layers 2 --bs-prefill 1,4 --bs-decode 4 -o %t.mlir
 // RUN: %FileCheck %s --input-file=%t.mlir
 // RUN: %iree-opt %t.mlir -o %t.verified.mlir
-// Tests that the emitted program has ABI.md's functions: prefill_bs{N}/decode_bs{N} with the
+// Tests that the emitted program has docs/ABI.md's functions: prefill_bs{N}/decode_bs{N} with the
 // coarse-fences $async variant, i64 token/length/page arguments, a dynamic f16 cache of
 // page_elems = layers * 2 * kv_heads * stride * head_dim = 2 * 2 * 8 * 32 * 64 = 65536,
 // imported with `consume` and aliased back (in-place update), and parameters as globals.

@@ -4,6 +4,8 @@
 # RUN: %python %s paged_prefill_attention dtype=f32 batch=2 kv_heads=2 group=3 head_dim=16 stride=8 layers=3 | %FileCheck %s --check-prefix=PREFILL
 # Tests that the paged attention kernels render to mangled functions that read the layer's
 # pages with iree_linalg_ext.gather (rows (page, layer, k/v), the kv-head dim a slice dim;
+# decode takes the rows as arguments, computed by the caller for every layer at once, so
+# the kernel has no index math of its own;
 # decode attends over the gathered pages as they are, keys (page, slot): no transpose),
 # index K/V per kv head (GQA: no repeat), mask keys by seq_lens (decode) or causal +
 # padding (prefill), softmax-scale by 1/sqrt(D) in f32, and (prefill) scatter the new K/V
@@ -15,12 +17,11 @@ from lit_util import print_kernel
 # DECODE-DAG:   #[[K_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6, d7) -> (d0, d5, d1, d6, d4)>
 # DECODE-DAG:   #[[MASK_MAP:.+]] = affine_map<(d0, d1, d2, d3, d4, d5, d6, d7) -> (d0, d3, d5, d6)>
 # DECODE-LABEL: util.func private @halo_paged_decode_attention_dtypef16_batch4_kv_heads8_group4_head_dim128_stride32_layers32(
-# DECODE-SAME:    %[[Q:.+]]: tensor<4x8x4x128xf16>, %[[CACHE:.+]]: tensor<?x32x2x8x32x128xf16>, %[[PAGES:.+]]: tensor<4x?xi64>, %[[LAYER:.+]]: i64, %[[LENS:.+]]: tensor<4xi64>) -> tensor<4x8x4x128xf16>
-# DECODE:         %[[KIDX:.+]] = linalg.generic {{.+}} ins(%[[PAGES]] : tensor<4x?xi64>) outs(%{{.+}} : tensor<4x?x3xi64>)
-# DECODE:           arith.select %{{.+}}, %[[LAYER]], %{{.+}} : i64
-# DECODE:         %[[K:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]], %[[KIDX]] : tensor<?x32x2x8x32x128xf16>, tensor<4x?x3xi64>) outs(%{{.+}} : tensor<4x?x8x32x128xf16>)
+# DECODE-SAME:    %[[Q:.+]]: tensor<4x8x4x128xf16>, %[[CACHE:.+]]: tensor<?x32x2x8x32x128xf16>, %[[KROWS:.+]]: tensor<4x?x3xi64>, %[[VROWS:.+]]: tensor<4x?x3xi64>, %[[LENS:.+]]: tensor<4xi64>) -> tensor<4x8x4x128xf16>
+# DECODE-NOT:     linalg.generic
+# DECODE:         %[[K:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]], %[[KROWS]] : tensor<?x32x2x8x32x128xf16>, tensor<4x?x3xi64>) outs(%{{.+}} : tensor<4x?x8x32x128xf16>)
 # DECODE-NOT:     linalg.transpose
-# DECODE:         %[[V:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]]
+# DECODE:         %[[V:.+]] = iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]], %[[VROWS]]
 # DECODE:         %[[MASK:.+]] = linalg.generic {{.+}} ins(%[[LENS]] : tensor<4xi64>) outs(%{{.+}} : tensor<4x1x?x32xi1>)
 # DECODE:           arith.cmpi slt
 # DECODE:         %[[Q5:.+]] = tensor.expand_shape %[[Q]] {{.+}} into tensor<4x8x4x1x128xf16>
@@ -37,7 +38,7 @@ from lit_util import print_kernel
 # DECODE-BF16:         iree_linalg_ext.attention {{.+}} outs(%{{.+}} : tensor<1x3x3x1x64xbf16>)
 
 # DECODE-FP8-LABEL: util.func private @halo_paged_decode_attention_fp8_dtypef16_batch2_kv_heads8_group4_head_dim128_stride32_layers32(
-# DECODE-FP8-SAME:    %{{.+}}: tensor<2x8x4x128xf16>, %[[CACHE:.+]]: tensor<?x32x2x8x32x128xf8E4M3FNUZ>, %{{.+}}: tensor<2x?xi64>, %{{.+}}: i64, %{{.+}}: tensor<2xi64>, %[[KS:.+]]: f32, %[[VS:.+]]: f32) -> tensor<2x8x4x128xf16>
+# DECODE-FP8-SAME:    %{{.+}}: tensor<2x8x4x128xf16>, %[[CACHE:.+]]: tensor<?x32x2x8x32x128xf8E4M3FNUZ>, %{{.+}}: tensor<2x?x3xi64>, %{{.+}}: tensor<2x?x3xi64>, %{{.+}}: tensor<2xi64>, %[[KS:.+]]: f32, %[[VS:.+]]: f32) -> tensor<2x8x4x128xf16>
 # DECODE-FP8:         iree_linalg_ext.gather dimension_map = [0, 1, 2] ins(%[[CACHE]], {{.+}} outs(%{{.+}} : tensor<2x?x8x32x128xf8E4M3FNUZ>)
 # DECODE-FP8:         %[[K:.+]] = linalg.generic {{.+}} outs(%{{.+}} : tensor<2x8x?x128xf16>)
 # DECODE-FP8:           %[[WIDE:.+]] = arith.extf %{{.+}} : f8E4M3FNUZ to f32

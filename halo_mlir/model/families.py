@@ -1,0 +1,73 @@
+"""Model families as data: what a decoder block runs beyond the shared attention.
+
+The decoder (`model/decoder.py`) reads the same for every family: attn_norm -> attention ->
+residual -> ffn_norm -> the family's FFN -> residual. A family is an entry of `FAMILIES`:
+its FFN builder and what it does not support yet. Its parameter names and shapes are the
+family's table in `params/names.py` (`FAMILY_HF_NAMES`, `block_shapes`); its
+hyperparameters are fields of `LlamaConfig` (`family`, `n_experts`, ...).
+
+To add a family: a config preset / HF model_type (config.py), a names table
+(params/names.py), an FFN builder here (ops/ for new op kinds), one `FAMILIES` entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from halo_mlir.errors import HaloError
+from halo_mlir.ops.ffn import silu_mul
+from halo_mlir.ops.moe import moe_ffn, moe_ffn_grouped
+
+
+def dense_ffn(m, i, x, weights, linear):
+    """SwiGLU: down(silu(gate(x)) * up(x)). `linear(name, x)` applies the block's weight
+    `name` (plain, kept quantized or fp8)."""
+    gate = linear("ffn_gate", x)
+    up = linear("ffn_up", x)
+    return linear("ffn_down", silu_mul(m.b, gate, up, dtype=m.dt))
+
+
+def mixture_ffn(m, i, x, weights, linear):
+    """Router + top-k SwiGLU experts (ops/moe.py). Decode (a few tokens) reads each token's
+    experts' weight rows; prefill (a dynamic number of tokens) groups the tokens by expert
+    unless `--moe-prefill gather`."""
+    cfg = m.cfg
+    prefill = m.b.shape(x)[1] is None
+    run = moe_ffn_grouped if prefill and m.opts.moe_prefill == "grouped" else moe_ffn
+    return run(m.b, x, weights["ffn_gate_inp"], weights["ffn_gate_exps"],
+                   weights["ffn_up_exps"], weights["ffn_down_exps"],
+                   k=cfg.experts_per_token, renormalize=cfg.moe_renormalize, dtype=m.dt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    # (model, layer, x[N,S,D] after ffn_norm, the block's weights by name, linear) -> [N,S,D]
+    ffn: Callable
+    # Emit options this family cannot take yet: option -> why (checked by `check`).
+    unsupported: tuple[tuple[str, str], ...] = ()
+
+    def check(self, opts) -> None:
+        active = {"dtype fp8": opts.dtype == "fp8", "keep-quantized": bool(opts.weight_formats),
+                  "layer-loop": opts.layer_loop}
+        for option, why in self.unsupported:
+            if active[option]:
+                raise HaloError(f"--{option} is not supported for the {self.name} family yet "
+                                f"({why}); emit without it")
+
+
+_MOE_TODO = "the experts have no such path"
+FAMILIES = {
+    "llama": Family("llama", dense_ffn),
+    "mixtral": Family("mixtral", mixture_ffn, unsupported=(
+        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO))),
+}
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise HaloError(f"unknown model family {name!r}: choose one of "
+                        f"{', '.join(FAMILIES)}") from None

@@ -1,0 +1,206 @@
+"""Mixture-of-experts FFN: a router picks k of E SwiGLU experts per token, and their
+outputs are summed with the router's weights.
+
+The experts' weights are stacked per kind (`w_gate[E,F,D]`, `w_up[E,F,D]`, `w_down[E,D,F]`)
+and each token reads only the rows of the k experts it picked: the contractions index the
+stacked weight with the token's expert id inside the loop body (a gather fused into the
+contraction), so no expert runs on a token that did not pick it and no gathered copy of
+the weights is made (`moe_ffn`, the decode form). `moe_ffn_grouped` (prefill) orders the
+(token, slot) pairs by expert and runs one matmul chain per expert over its rows, reading
+each expert's weights once.
+"""
+
+from __future__ import annotations
+
+from halo_mlir.ir_builder import Builder, Value
+from halo_mlir.ops.linear import linear
+
+
+def _softmax(b: Builder, logits: Value) -> Value:
+    """logits[N,S,E] -> softmax over E, in f32."""
+    n, s, e = b.dims(logits)
+    x = b.map("bse->bse", [logits], "f32", lambda v: b.cast(v, "f32"))
+    top = b.generic("bse->bs", [x], [b.filled([n, s], float("-inf"), "f32")],
+                    lambda v, acc: b.maxf(v, acc))
+    ex = b.map("bse,bs->bse", [x, top], "f32", lambda v, m: b.exp(b.subf(v, m)))
+    total = b.generic("bse->bs", [ex], [b.filled([n, s], 0.0, "f32")], b.addf)
+    return b.map("bse,bs->bse", [ex, total], "f32", b.divf)
+
+
+def top_k(b: Builder, probs: Value, k: int) -> tuple[Value, Value]:
+    """probs[N,S,E] f32 -> (the k largest [N,S,K] f32, their experts [N,S,K] i64), largest
+    first; of equal values the lower expert comes first (torch.topk orders exact ties its
+    own way; real router probabilities do not tie).
+
+    An expert's slot is its rank: how many experts beat it (a larger value, or an equal one
+    with a lower index). Order-free, so it does not depend on how the reduction is tiled."""
+    n, s, e = b.dims(probs)
+
+    def beats(other, mine, count):  # `other` is expert f, `mine` expert e
+        f, e_ = b.linalg_index(2), b.linalg_index(3)
+        tie = b.andi(b.cmpf("oeq", other, mine), b.cmpi("ult", f, e_))
+        win = b.ori(b.cmpf("ogt", other, mine), tie)
+        return b.addi(count, b.select(win, b.scalar(1, "i64"), b.scalar(0, "i64")))
+
+    # rank[n,s,e] = sum over f of beats(f, e): dims (b, s, f, e), f reduced.
+    rank = b.generic("bsf,bse->bse", [probs, probs], [b.filled([n, s, e], 0, "i64")], beats)
+
+    def pick(r, p, val, idx):  # slot j's value and expert: the expert whose rank is j
+        here = b.cmpi("eq", r, b.cast(b.linalg_index(3), "i64"))
+        expert = b.cast(b.linalg_index(2), "i64")
+        return b.select(here, p, val), b.select(here, expert, idx)
+
+    # dims (b, s, e, j), e reduced; the two outputs share the map "bsj".
+    vals, idx = b.generic("bse,bse,bsj->bsj", [rank, probs],
+                          [b.filled([n, s, k], 0.0, "f32"), b.filled([n, s, k], 0, "i64")],
+                          pick)
+    return vals, idx
+
+
+def route(b: Builder, x: Value, w_router: Value, *, k: int, renormalize: bool,
+          dtype: str) -> tuple[Value, Value]:
+    """x[N,S,D], w_router[E,D] -> (weights [N,S,K] f32, experts [N,S,K] i64): softmax of the
+    router logits (computed in dtype, as the reference does) in f32, top k, and with
+    `renormalize` the k weights divided by their sum (Mixtral; Grok-1 keeps them)."""
+    probs = _softmax(b, linear(b, x, w_router, dtype=dtype))
+    weights, experts = top_k(b, probs, k)
+    if renormalize:
+        n, s, _ = b.dims(weights)
+        total = b.generic("bsj->bs", [weights], [b.filled([n, s], 0.0, "f32")], b.addf)
+        weights = b.map("bsj,bs->bsj", [weights, total], "f32", b.divf)
+    return weights, experts
+
+
+def expert_linear(b: Builder, x: Value, experts: Value, w: Value, *, dtype: str) -> Value:
+    """x[N,S,K,I] (or [N,S,I], shared by the K slots), experts[N,S,K] i64, w[E,O,I] ->
+    y[N,S,K,O] = x @ w[expert]^T, accumulated in f32, cast to dtype. The weight rows are
+    read where the token's expert id points (a gather inside the contraction)."""
+    n, s, k = b.dims(experts)
+    o = b.shape(w)[1]
+    per_slot = len(b.shape(x)) == 4
+    # dims (b, s, k, o, i): i reduced
+    spec = "bski,bsk->bsko" if per_slot else "bsi,bsk->bsko"
+
+    dims = "".join(dict.fromkeys(spec.replace(",", "").replace("->", "")))
+    o_at, i_at = dims.index("o"), dims.index("i")
+
+    def body(xv, e, acc):
+        row = [b.cast(e, "index"), b.linalg_index(o_at), b.linalg_index(i_at)]
+        return b.addf(acc, b.mulf(b.cast(xv, "f32"), b.cast(b.extract(w, row), "f32")))
+
+    acc = b.generic(spec, [x, experts], [b.filled([n, s, k, o], 0.0, "f32")], body)
+    return b.map("bsko->bsko", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def _silu_mul(b: Builder, g: Value, u: Value, dtype: str) -> Value:
+    """silu(g) * u for one element, in f32, cast to dtype (as ops.ffn.silu_mul)."""
+    g32 = b.cast(g, "f32")
+    silu = b.divf(g32, b.addf(b.scalar(1.0, "f32"), b.exp(b.negf(g32))))
+    return b.cast(b.mulf(silu, b.cast(u, "f32")), dtype)
+
+
+def silu_mul_slots(b: Builder, gate: Value, up: Value, *, dtype: str) -> Value:
+    """gate[N,S,K,F], up[N,S,K,F] -> silu(gate) * up, in f32, cast to dtype."""
+    return b.map("bskf,bskf->bskf", [gate, up], dtype, lambda g, u: _silu_mul(b, g, u, dtype))
+
+
+def combine(b: Builder, y: Value, weights: Value, *, dtype: str) -> Value:
+    """y[N,S,K,D], weights[N,S,K] f32 -> sum over the K slots of weight * y [N,S,D]."""
+    n, s, _, d = b.dims(y)
+    acc = b.generic("bskd,bsk->bsd", [y, weights], [b.filled([n, s, d], 0.0, "f32")],
+                    lambda v, wt, a: b.addf(a, b.mulf(b.cast(v, "f32"), wt)))
+    return b.map("bsd->bsd", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def moe_ffn(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
+            w_down: Value, *, k: int, renormalize: bool, dtype: str) -> Value:
+    """x[N,S,D], w_router[E,D], w_gate/w_up[E,F,D], w_down[E,D,F] -> [N,S,D]: the sum over
+    the token's k experts of weight * down(silu(gate(x)) * up(x))."""
+    weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
+    gate = expert_linear(b, x, experts, w_gate, dtype=dtype)
+    up = expert_linear(b, x, experts, w_up, dtype=dtype)
+    act = silu_mul_slots(b, gate, up, dtype=dtype)
+    return combine(b, expert_linear(b, act, experts, w_down, dtype=dtype), weights, dtype=dtype)
+
+
+# ---- prefill: tokens grouped by expert -------------------------------------------------
+def _iota(b: Builder, size) -> Value:
+    """[0, 1, ..., size-1] as i64 [size]."""
+    return b.generic("->p", [], [b.empty([size], "i64")], lambda _: b.cast(b.linalg_index(0), "i64"))
+
+
+def _rows_linear(b: Builder, x: Value, w: Value, *, dtype: str) -> Value:
+    """x[M,K], w[O,K] -> x @ w^T [M,O], accumulated in f32, cast to dtype."""
+    m = b.dims(x)[0]
+    acc = b.matmul_t(x, w, b.filled([m, b.shape(w)[0]], 0.0, "f32"))
+    return b.map("mo->mo", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def group_by_expert(b: Builder, experts: Value, n_experts: int) -> tuple[Value, ...]:
+    """experts[N,S,K] i64 -> (perm[P], inv[P], counts[E], offsets[E]) over the P = N*S*K
+    (token, slot) pairs (pair p = token * K + slot), ordered by expert and, within an
+    expert, by pair: expert e's pairs are perm[offsets[e] : offsets[e] + counts[e]], and
+    pair p sits at inv[p] (a counting sort: inv[p] = offsets[expert] + the pairs before p
+    with the same expert; O(P^2) integer compares, small beside the experts' matmuls)."""
+    flat = b.reshape(experts, [[0, 1, 2]], [None])
+    pairs = b.dims(flat)[0]
+    zero, one = b.scalar(0, "i64"), b.scalar(1, "i64")
+
+    def count(e, acc):  # dims (p, e)
+        mine = b.cmpi("eq", e, b.cast(b.linalg_index(1), "i64"))
+        return b.addi(acc, b.select(mine, one, zero))
+
+    counts = b.generic("p->e", [flat], [b.filled([n_experts], 0, "i64")], count)
+
+    def before(c, acc):  # dims (f, e): the counts of the experts below e
+        return b.addi(acc, b.select(b.cmpi("ult", b.linalg_index(0), b.linalg_index(1)), c, zero))
+
+    offsets = b.generic("f->e", [counts], [b.filled([n_experts], 0, "i64")], before)
+
+    def rank(other, mine, acc):  # dims (q, p): pairs q < p with p's expert
+        same = b.andi(b.cmpi("eq", other, mine), b.cmpi("ult", b.linalg_index(0),
+                                                         b.linalg_index(1)))
+        return b.addi(acc, b.select(same, one, zero))
+
+    ranks = b.generic("q,p->p", [flat, flat], [b.filled([pairs], 0, "i64")], rank)
+    inv = b.map("p,p->p", [flat, ranks], "i64", lambda e, r: b.addi(
+        r, b.extract(offsets, [b.cast(e, "index")])))
+    perm = b.scatter(_iota(b, pairs), b.reshape(inv, [[0, 1]], [pairs, 1]),
+                     b.filled([pairs], 0, "i64"), [0])
+    return perm, inv, counts, offsets
+
+
+def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
+                    w_down: Value, *, k: int, renormalize: bool, dtype: str) -> Value:
+    """As `moe_ffn`, with the (token, slot) pairs sorted by expert: each expert runs one
+    matmul chain (gate, up, down) over the rows of the tokens that picked it, so each
+    expert's weights are read once and the FLOPs are those of the K picked experts.
+    The group sizes are read on the host (a device -> host read per layer) to size the
+    per-expert matmuls."""
+    weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
+    n_experts, d = b.shape(w_gate)[0], b.shape(x)[2]
+    n, s, _ = b.dims(x)
+    rows = b.reshape(x, [[0, 1], [2]], [None, d])
+    perm, inv, counts, offsets = group_by_expert(b, experts, n_experts)
+    pairs = b.dims(perm)[0]
+    k_i64 = b.scalar(k, "i64")
+    # The pairs' token rows in expert order: xs[q] = x[perm[q] // K].
+    xs = b.generic("p->pd", [perm], [b.empty([pairs, d], dtype)], lambda p, _: b.extract(
+        rows, [b.cast(b.divsi(p, k_i64), "index"), b.linalg_index(1)]))
+    ys = b.filled([pairs, d], 0.0, dtype)
+    for e in range(n_experts):
+        at = b.index(e)
+        off, cnt = (b.cast(b.extract(t, [at]), "index") for t in (offsets, counts))
+        xe = b.slice(xs, [off, 0], [cnt, d])
+        expert = b.barrier(b.index(e))  # opaque: every expert reuses the same kernels
+        wg, wu, wd = (b.layer_slice(w, expert) for w in (w_gate, w_up, w_down))
+        act = b.map("mf,mf->mf", [_rows_linear(b, xe, wg, dtype=dtype),
+                                  _rows_linear(b, xe, wu, dtype=dtype)], dtype,
+                    lambda g, u: _silu_mul(b, g, u, dtype))
+        ys = b.insert(_rows_linear(b, act, wd, dtype=dtype), ys, [off, 0], [cnt, d])
+    # Back to token order: slot j of token t is row inv[t*K + j] of ys.
+    inv = b.reshape(inv, [[0, 1, 2]], [n, s, k])
+    acc = b.generic("bsk,bsk->bsd", [weights, inv], [b.filled([n, s, d], 0.0, "f32")],
+                    lambda wt, q, a: b.addf(a, b.mulf(b.cast(b.extract(
+                        ys, [b.cast(q, "index"), b.linalg_index(3)]), "f32"), wt)))
+    return b.map("bsd->bsd", [acc], dtype, lambda a: b.cast(a, dtype))
