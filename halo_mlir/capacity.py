@@ -658,13 +658,24 @@ def _gb(n: float) -> str:
     return f"{n / GB:,.2f} GB"
 
 
-def _time(s: float) -> str:
-    return f"{s * 1e3:,.3f} ms" if s < 1 else f"{s:,.3f} s"
+def _times(*seconds: float, unit: str | None = None) -> list[str]:
+    """Durations of one quantity in one unit: `unit` ("ms" or "s"), else seconds when the
+    largest is at least 1 s, milliseconds below."""
+    unit = unit or ("s" if max(seconds) >= 1 else "ms")
+    scale = 1e3 if unit == "ms" else 1.0
+    return [f"{t * scale:,.3f} {unit}" for t in seconds]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def format_table(p: Plan) -> str:
     """A two-column text table of `p` (per device)."""
     d, f = p.decode, p.prefill
+    seq_pages = pages_for(1, p.max_seq_len, p.block_seq_stride)
+    decode_t, decode_comm = _times(d.seconds, d.comm_s, unit="ms")
+    prefill_t, prefill_comm = _times(f.seconds, f.comm_s)
     rows = [
         ("model", f"{p.cfg.name} ({p.params:,} params), {p.dtype} weights, {p.kv_dtype} KV"),
         ("devices", f"{p.tp} x {p.gpu.name}"),
@@ -677,13 +688,14 @@ def format_table(p: Plan) -> str:
         ("total", _gb(p.total_bytes)),
         ("capacity", _gb(p.capacity_bytes)),
         ("fits?", "yes" if p.fits else f"NO: {_gb(p.shortfall_bytes)} short"),
-        ("max pages", f"{p.max_pages:,} ({p.max_tokens:,} tokens, "
-                      f"{p.max_pages // pages_for(1, p.max_seq_len, p.block_seq_stride):,} "
-                      f"sequences of {p.max_seq_len:,})"),
-        ("decode step", f"{_time(d.seconds)} ({d.bound}-bound, comm {_time(d.comm_s)}), "
+        ("max pages", f"{p.max_pages:,} ({_plural(p.max_tokens, 'token')}, "
+                      f"{_plural(p.max_pages // seq_pages, 'sequence')} of "
+                      f"{_plural(p.max_seq_len, 'token')})"),
+        # a step's time per token: always ms; a prefill: s when it takes a second or more
+        ("decode step", f"{decode_t} ({d.bound}-bound, comm {decode_comm}), "
                         f"{p.decode_tokens_per_s:,.1f} tokens/s"),
-        ("prefill", f"{_time(f.seconds)} ({f.bound}-bound, comm {_time(f.comm_s)}) for "
-                    f"{f.tokens:,} tokens"),
+        ("prefill", f"{prefill_t} ({f.bound}-bound, comm {prefill_comm}) for "
+                    f"{_plural(f.tokens, 'token')}"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"Capacity plan, per device ({p.gpu.description})"]

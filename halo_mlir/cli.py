@@ -37,6 +37,18 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _tp(ctx, param, value: int | None) -> int | None:
+    """--tp N: a device count, so at least 1 (None where the option has no default)."""
+    if value is not None and value < 1:
+        raise HaloError(f"--tp must be at least 1 (the number of devices), got {value}")
+    return value
+
+
+def _tp_option(help: str, default: int | None = 1):
+    return click.option("--tp", default=default, show_default=default is not None, type=int,
+                        callback=_tp, help=help)
+
+
 def _allreduce_mode(ctx, param, value: str) -> str:
     from halo_mlir.sharding_passes.collectives import check_mode
 
@@ -67,22 +79,54 @@ def _allreduce_options(fn):
              "KiB, so decode), else reduce-scatter (prefill: its length is dynamic).")(fn)
 
 
-@click.group()
+class _Group(click.Group):
+    """Reports a HaloError raised while parsing a command's options (a callback such as
+    --tp's) as one line and exit 1, like one raised by the command itself."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HaloError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="halo-mlir")
 def main():
-    """Emit Llama 3.1 inference programs directly as IREE MLIR."""
+    """Emit Llama 3.1 inference programs directly as IREE MLIR.
+
+    \b
+    The flow:
+      import-params  weights (safetensors or GGUF) -> .irpa
+      emit           model config -> .mlir (prefill/decode over a paged KV cache)
+      compile        .mlir -> .vmfb for a target (cpu, gfx942, cuda)
+      run            the .vmfb from Python (halo_mlir.runtime.Program) or iree-run-module
+      generate       GGUF -> text in one command (imports, emits, compiles, caches)
+      export-shortfin  a directory shortfin serves (all of the above in one step)
+    plan and cost estimate memory and time; opt runs the passes alone; kernel is the
+    workbench of the templated kernels. `halo-mlir COMMAND --help` for each.
+    """
 
 
 def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
-                 layers: int | None, keep_quantized: bool = False, tp: int = 1):
+                 layers: int | None, keep_quantized: bool = False, tp: int = 1,
+                 sources=None):
     """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file;
-    kept-quantized weights checked to split `tp` ways at block boundaries."""
+    kept-quantized weights checked to split `tp` ways at block boundaries. `sources`: the
+    flags the command has (default all three), named in the errors."""
     from halo_mlir import config
 
+    sources = sources or ("--model", "--hf-config", "--gguf")
     given = [name for name, v in (("--model", model), ("--hf-config", hf_config),
                                   ("--gguf", gguf)) if v]
     if len(given) > 1:
-        raise HaloError(f"pass one of --model, --hf-config, --gguf (got {' and '.join(given)})")
+        raise HaloError(f"pass one of {', '.join(sources)} (got {' and '.join(given)})")
+    if not given:
+        files = {"--hf-config": "--hf-config config.json", "--gguf": "--gguf FILE"}
+        others = " or ".join(files[s] for s in sources if s in files)
+        raise HaloError(f"no model: pass --model PRESET (one of {', '.join(config.PRESETS)}) "
+                        f"or {others}")
     if keep_quantized and not gguf:
         raise HaloError("--keep-quantized needs --gguf (the weights' formats come from it)")
     formats = {}
@@ -104,7 +148,7 @@ def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
     elif hf_config:
         cfg = config.from_hf_config(hf_config)
     else:
-        cfg = config.preset(model or "toy")
+        cfg = config.preset(model)
     cfg = cfg.with_layers(layers)
     kept = tuple(sorted((k, f) for k, f in formats.items() if _in_layers(k, cfg.n_layers)))
     return cfg, kept
@@ -114,18 +158,22 @@ def _in_layers(key: str, n_layers: int) -> bool:
     return not key.startswith("blk.") or int(key.split(".")[1]) < n_layers
 
 
-@main.command()
-@click.option("--model", help="Preset: 8b, 70b, 405b, toy (default), mixtral-8x7b or "
-                                "mixtral-8x22b.")
+@main.command(short_help="Model config -> MLIR (prefill/decode entries).")
+@click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b or mixtral-8x22b "
+                                "(or pass --hf-config / --gguf).")
 @click.option("--hf-config", type=click.Path(), help="An HF config.json (Llama family or "
                                                      "Mixtral).")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF: hyperparameters from its metadata.")
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: Q8_0/Q4_1/Q4_K/Q6_K matrices run natively (import with the same flag).")
 @click.option("--layers", type=int, help="Emit only the first N decoder blocks.")
-@click.option("--bs-prefill", default="4", callback=_int_list, show_default=True)
-@click.option("--bs-decode", default="4", callback=_int_list, show_default=True)
-@click.option("--block-seq-stride", default=32, show_default=True, type=int)
+@click.option("--bs-prefill", default="4", callback=_int_list, show_default=True,
+              help="Batch sizes of the prefill entries, comma-separated (1,4: prefill_bs1 "
+                   "and prefill_bs4).")
+@click.option("--bs-decode", default="4", callback=_int_list, show_default=True,
+              help="Batch sizes of the decode entries, comma-separated.")
+@click.option("--block-seq-stride", default=32, show_default=True, type=int,
+              help="Tokens per KV-cache page (prefill lengths are multiples of it).")
 @click.option("--dtype", default="f16", show_default=True,
               type=click.Choice(["f16", "bf16", "f32", "fp8"]),
               help="fp8: linear weights and inputs in f8E4M3FNUZ with per-tensor scales "
@@ -142,9 +190,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
               help="With --dtype fp8: the weight scales' scheme the parameters were imported "
                    "with (`import-params --fp8-scales`): one per weight (KEY:d) or one per "
                    "output row (KEY:d_rows).")
-@click.option("--attention", default="paged", show_default=True,
-              type=click.Choice(["paged", "fused", "decomposed"]),
-              help="paged: the templated kernels reading the cache pages; fused: one "
+@click.option("--attention", default="auto", show_default=True,
+              type=click.Choice(["auto", "paged", "fused", "decomposed"]),
+              help="auto: paged where the paged kernels' constraints hold (head_dim a "
+                   "multiple of 16, no --layer-loop, no fp8 cache), else fused; paged: the "
+                   "templated kernels reading the cache pages; fused: one "
                    "iree_linalg_ext.attention over gathered K/V; decomposed: matmul + f32 "
                    "softmax + matmul.")
 @click.option("--template-dir", type=click.Path(file_okay=False),
@@ -158,8 +208,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--layer-loop", is_flag=True,
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
-@click.option("--tp", default=1, show_default=True, type=int,
-              help="Tensor-parallel degree: run the sharding pass over N devices.")
+@_tp_option("Tensor-parallel degree: run the sharding pass over N devices.")
 @_allreduce_options
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV pages per device, written to config.json.")
@@ -176,6 +225,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
+    from halo_mlir.model.attention_form import resolve
     from halo_mlir.model.llama import EmitOptions
     from halo_mlir.model.service_config import service_config
     from halo_mlir.io_utils import atomic_write
@@ -188,6 +238,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype, fp8_scales=fp8_scales,
                        moe_prefill=moe_prefill)
+    opts, chosen = resolve(cfg, opts)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     if output_config:
@@ -197,17 +248,18 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
             f.write("\n")
     if report:
         _print_report(report, cfg, opts)
+    if chosen:  # after the writes: an error stays the only line
+        click.echo(chosen, err=True)
     click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
                f"{time.perf_counter() - start:.2f} s", err=True)
 
 
-@main.command("compile")
+@main.command("compile", short_help="MLIR -> vmfb with iree-compile.")
 @click.argument("source", type=click.Path())
 @click.option("--target", default="cpu", show_default=True,
               help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
-@click.option("-o", "--output", required=True, type=click.Path())
-@click.option("--tp", default=1, show_default=True, type=int,
-              help="Devices the module was sharded for (emit --tp N).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="OUT.vmfb")
+@_tp_option("Devices the module was sharded for (emit --tp N).")
 @click.option("--flag", "extra", multiple=True, help="Extra iree-compile flag (repeatable).")
 @_reports_errors
 def compile_cmd(source, target, output, tp, extra):
@@ -218,7 +270,7 @@ def compile_cmd(source, target, output, tp, extra):
                  echo=lambda m: click.echo(m, err=True))
 
 
-@main.command()
+@main.command(short_help="Run the sharding passes on an MLIR file.")
 @click.argument("source", type=click.Path())
 @click.option("--shard", "shard", help="Run the sharding pass: tp=N.")
 @_allreduce_options
@@ -298,7 +350,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
         click.echo(line, err=True)
 
 
-@main.command("import-params")
+@main.command("import-params", short_help="Weights (safetensors/GGUF) -> IRPA.")
 @click.option("--safetensors", "st_path", type=click.Path(),
               help="model.safetensors, model.safetensors.index.json, or their directory.")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF file (llama.cpp).")
@@ -309,8 +361,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
                    "of the embedding, norms and lm_head.")
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: keep Q8_0/Q4_1/Q4_K/Q6_K matrices in their block format.")
-@click.option("--tp", default=1, show_default=True, type=int,
-              help="Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
+@_tp_option("Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
 @click.option("--layout", default="per-layer", show_default=True,
               type=click.Choice(["per-layer", "stacked"]),
               help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
@@ -417,12 +468,13 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
             progress.close()
 
 
-@main.command("plan")
-@click.option("--model", help="Preset: 8b, 70b, 405b or toy (default 8b).")
+@main.command("plan", short_help="Memory and latency estimate, no compile.")
+@click.option("--model", help="Preset: 8b, 70b, 405b or toy (or pass --hf-config).")
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
-@click.option("--tp", default=1, show_default=True, type=int)
+@_tp_option("Tensor-parallel devices the weights and KV cache are split over.")
 @click.option("--dtype", default="f16", show_default=True,
-              type=click.Choice(["f16", "bf16", "f32", "fp8"]))
+              type=click.Choice(["f16", "bf16", "f32", "fp8"]),
+              help="Weight dtype (fp8: linear weights in 1 byte, the rest f16).")
 @click.option("--max-seq-len", type=int, help="Tokens per sequence (default: the model's).")
 @click.option("--batch", default=1, show_default=True, type=int, help="Concurrent sequences.")
 @click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
@@ -433,23 +485,24 @@ def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, requ
     """Per-device memory and a roofline latency estimate, before compiling anything."""
     from halo_mlir import capacity
 
-    cfg, _ = _load_config(model or (None if hf_config else "8b"), hf_config, None, None)
+    cfg, _ = _load_config(model, hf_config, None, None, sources=("--model", "--hf-config"))
     p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
     if require_fit:
         capacity.require_fit(p)
 
 
-@main.command("cost")
+@main.command("cost", short_help="Counts and step time of a compiled module.")
 @click.argument("module", type=click.Path())
 @click.option("--target", default="gfx942", show_default=True,
               help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
-@click.option("--tp", type=int, help="Devices the module was sharded for (default: its own).")
+@_tp_option("Devices the module was sharded for (default: its own).", default=None)
 @click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
 @click.option("--context", default=2048, show_default=True, type=int,
               help="Tokens of context of the costed call (decode: each sequence's length; "
                    "prefill: the prompt length).")
-@click.option("--block-seq-stride", default=32, show_default=True, type=int)
+@click.option("--block-seq-stride", default=32, show_default=True, type=int,
+              help="Tokens per KV-cache page of the module (emit --block-seq-stride).")
 @click.option("--pages", type=int,
               help="KV-cache pages (default: just enough for the batch at --context).")
 @click.option("--minus", type=click.Path(),
@@ -472,7 +525,7 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else cost.format_report(report))
 
 
-@main.command("export-shortfin")
+@main.command("export-shortfin", short_help="A directory shortfin serves.")
 @click.option("--gguf", type=click.Path(), help="A llama GGUF (weights, config and tokenizer).")
 @click.option("--hf-config", type=click.Path(), help="An HF config.json (with --params).")
 @click.option("--params", type=click.Path(),
@@ -481,8 +534,9 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
               help="tokenizer.json (default: the GGUF's, or the one beside --hf-config); "
                    "eos_token comes from the tokenizer_config.json beside it.")
 @click.option("--out", required=True, type=click.Path(), help="The directory to write.")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "gfx942"]))
-@click.option("--tp", default=1, show_default=True, type=int, help="Tensor-parallel devices.")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "gfx942"]),
+              help="What shortfin runs it on: cpu or gfx942 (MI300X).")
+@_tp_option("Tensor-parallel devices.")
 @click.option("--bs", default="1,4", show_default=True, callback=_int_list,
               help="Batch sizes compiled for prefill and decode.")
 @click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]),
@@ -534,7 +588,8 @@ def _model_options(fn):
         click.option("--tokenizer", type=click.Path(),
                      help="With --vmfb: tokenizer.json (default: the --gguf file's tokenizer)."),
         click.option("--device", default="cpu", show_default=True,
-                     type=click.Choice(["cpu", "cuda", "hip"])),
+                     type=click.Choice(["cpu", "cuda", "hip"]),
+                     help="Where it runs (with --gguf, also what it is compiled for)."),
         click.option("--dtype", type=click.Choice(["f32", "f16", "fp8"]),
                      help="Activation dtype (default: f32 on cpu, f16 on GPUs); fp8: FP8 "
                           "weights and KV cache (imported with calibrated scales)."),
@@ -598,38 +653,68 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
     return Generator(files, driver=DEVICES[device][1], pages=pages), tok
 
 
-@main.command()
+@main.command(short_help="Chat or text generation from a GGUF/vmfb.")
 @_model_options
-@click.option("--prompt", required=True, help="The text to continue.")
-@click.option("--max-tokens", default=32, show_default=True, type=int)
+@click.option("--prompt", required=True,
+              help="The user's message (with --raw, or a model without a chat template: the "
+                   "text to continue).")
+@click.option("--system", help="A system message before the prompt (chat templates with a "
+                               "system role).")
+@click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the "
+                                          "chat template.")
+@click.option("--max-tokens", default=128, show_default=True, type=int,
+              help="Stop after this many generated tokens (or at the end of the turn).")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0: greedy; above 0: sample from softmax(logits / T).")
+@click.option("--top-p", default=1.0, show_default=True, type=float,
+              help="Sample from the fewest most likely tokens whose probability reaches P.")
+@click.option("--top-k", default=0, show_default=True, type=int,
+              help="Sample from the K most likely tokens (0: all).")
+@click.option("--seed", type=int, help="Seed for sampling (the same seed, the same text).")
 @_reports_errors
-def generate(prompt, max_tokens, **model):
-    """Greedy generation, streaming the text as it comes."""
+def generate(prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, **model):
+    """Answer the prompt with the model's chat template (or continue it with --raw),
+    streaming the text to stdout as it comes."""
+    from halo_mlir.chat import ChatFormat
+    from halo_mlir.generate import Sampling, chat, complete
+
+    sampling = Sampling(temperature, top_p, top_k, seed)  # bad values fail before the build
+    if max_tokens < 1:
+        raise HaloError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if raw and system is not None:
+        raise HaloError("--system needs the chat template; drop --raw or --system")
     gen, tok = _open_model(**model)
     try:
-        ids = tok.encode(prompt)
-        out: list[int] = []
-        shown = ""
-        start = time.perf_counter()
-        first = None
-        click.echo(prompt, nl=False)
-        for token in gen.generate(ids, max_tokens, stop=lambda t: t == tok.eos_id):
-            first = first or time.perf_counter()
-            out.append(token)
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                click.echo(text[len(shown):], nl=False)
-                shown = text
-        click.echo(tok.decode(out)[len(shown):])
-        elapsed = time.perf_counter() - start
-        rate = (len(out) - 1) / (time.perf_counter() - first) if len(out) > 1 else 0.0
-        click.echo(f"[{len(ids)} prompt tokens, {len(out)} generated in {elapsed:.2f} s; "
-                   f"first token {first - start:.2f} s, then {rate:.1f} tokens/s]", err=True)
+        if not raw and ChatFormat.of(tok) is None:
+            if system is not None:
+                raise HaloError("the model has no chat template (tokenizer.chat_template), so "
+                                "no system message; drop --system")
+            click.echo("note: the model has no chat template (tokenizer.chat_template); "
+                       "continuing the prompt as plain text", err=True)
+            raw = True
+
+        def show(piece):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+
+        if raw:
+            show(prompt)
+            out = complete(gen, tok, prompt, max_tokens, sampling=sampling, on_text=show)
+        else:
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            messages.append({"role": "user", "content": prompt})
+            out = chat(gen, tok, messages, max_tokens, sampling=sampling, on_text=show)
+        click.echo()
+        end = "stop token" if out.stopped else "--max-tokens"
+        click.echo(f"[{len(out.prompt_ids)} prompt tokens, {len(out.tokens)} generated "
+                   f"(to {end}) in {out.seconds:.2f} s; first token "
+                   f"{out.first_token_seconds:.2f} s, then {out.tokens_per_second:.1f} tokens/s]",
+                   err=True)
     finally:
         gen.close()
 
 
-@main.command()
+@main.command(short_help="Perplexity of a model on a text file.")
 @_model_options
 @click.option("--text", "text_path", required=True, type=click.Path(), help="A UTF-8 text file.")
 @click.option("--window", default=256, show_default=True, help="Tokens of context per window.")
@@ -665,7 +750,7 @@ def perplexity(text_path, window, stride, **model):
 
 
 # ---- the kernel workbench -------------------------------------------------------------
-@main.group("kernel")
+@main.group("kernel", cls=_Group, short_help="The templated-kernel workbench.")
 def kernel_group():
     """Templated kernels: list, show, check (CPU vs numpy), compile (gfx942 report), bench."""
 
@@ -702,7 +787,7 @@ def _describe(inst) -> str:
     return f"{inst.kernel.name} [{shown}] at [{sizes}]"
 
 
-@kernel_group.command("list")
+@kernel_group.command("list", short_help="Kernels, their parameters and sizes.")
 def kernel_list():
     """Every kernel with its parameters and harness sizes."""
     from halo_mlir.kernels import KERNELS
@@ -716,7 +801,7 @@ def kernel_list():
                 click.echo(f"    --size {s}=  {doc} (check {check}, bench {bench})")
 
 
-@kernel_group.command("show")
+@kernel_group.command("show", short_help="Print the MLIR of one specialisation.")
 @_kernel_options
 @click.option("--harness", is_flag=True, help="Also print the `main` that check/compile use.")
 @_reports_errors
@@ -732,9 +817,10 @@ def kernel_show(name, params, sizes, template_dir, harness):
                       Path(template_dir) if template_dir else None)[1], nl=False)
 
 
-@kernel_group.command("check")
+@kernel_group.command("check", short_help="CPU run vs the numpy reference.")
 @_kernel_options
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the random inputs.")
 @_reports_errors
 def kernel_check(name, params, sizes, template_dir, seed):
     """Compile for CPU, run on random inputs, compare with the numpy reference (exit 1 above
@@ -751,7 +837,7 @@ def kernel_check(name, params, sizes, template_dir, seed):
         sys.exit(1)
 
 
-@kernel_group.command("compile")
+@kernel_group.command("compile", short_help="Compile alone; what codegen chose.")
 @_kernel_options
 @click.option("--target", default="gfx942", show_default=True,
               help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
@@ -770,11 +856,12 @@ def kernel_compile(name, params, sizes, template_dir, target, dump):
                f"pipelines: {', '.join(r.pipelines) or '?'}; MFMA instructions: {mfma} ({kinds})")
 
 
-@kernel_group.command("bench")
+@kernel_group.command("bench", short_help="Time it with iree-benchmark-module.")
 @_kernel_options
 @click.option("--device", default="cpu", show_default=True,
-              type=click.Choice(["cpu", "cuda", "hip"]))
-@click.option("--repetitions", default=10, show_default=True, type=int)
+              type=click.Choice(["cpu", "cuda", "hip"]), help="The device to time on.")
+@click.option("--repetitions", default=10, show_default=True, type=int,
+              help="Timed calls to average.")
 @_reports_errors
 def kernel_bench(name, params, sizes, template_dir, device, repetitions):
     """Time the kernel with iree-benchmark-module at realistic sizes (`kernel list`)."""

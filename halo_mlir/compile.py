@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +76,33 @@ def _check_attention(src: Path, target: str) -> None:
                             f"for {target}; emit with --attention decomposed")
 
 
+_ATTENTION_TYPES = re.compile(r"^\s*\}\) : \(tensor<1x\d+x(\d+)x1x\d+xf8E4M3FNUZ>")
+
+
+def _check_cpu_fp8_attention(src: Path, target: str) -> None:
+    """The fp8 decode attention op at batch 1 with 1-2 query heads per kv head, which
+    llvm-cpu fails on with a page of IR (attention_form.CPU_FP8_DECODE_MIN_GROUP): say so
+    and name the fixes instead."""
+    from halo_mlir.model.attention_form import CPU_FP8_DECODE_MIN_GROUP
+
+    if not target.startswith("cpu") or src.suffix == ".mlirbc":
+        return
+    in_attention = False
+    with open(src, errors="replace") as f:
+        for line in f:
+            if '"iree_linalg_ext.attention"(' in line:
+                in_attention = True
+            elif in_attention and line.lstrip().startswith("}) : ("):
+                in_attention = False
+                m = _ATTENTION_TYPES.match(line)
+                if m and int(m.group(1)) < CPU_FP8_DECODE_MIN_GROUP:
+                    raise HaloError(
+                        f"{src}: IREE's CPU codegen fails on the fp8 decode attention at batch "
+                        f"1 with {m.group(1)} query head(s) per kv head; emit with --attention "
+                        "decomposed (or auto), --kv-cache-dtype f16, or decode batch sizes "
+                        "above 1")
+
+
 # Targets with f8E4M3FNUZ arithmetic: MI300 (gfx942) natively; the CPU emulates it. NVIDIA
 # GPUs (cuda) have the OCP e4m3fn format, not fnuz.
 FP8_TARGETS = ("gfx942", "cpu", "cpu-generic")
@@ -100,8 +128,11 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaloError(f"{src}: no such file")
+    if src.stat().st_size == 0:
+        raise HaloError(f"{src} is empty; expected MLIR (write it with `halo-mlir emit`)")
     _check_attention(src, target)
     _check_fp8(src, target, extra_flags or [])
+    _check_cpu_fp8_attention(src, target)
     cmd = [iree_compile_binary(), str(src), *device_flags(target, tp), *(extra_flags or [])]
     tmp = out.with_name(f".{out.name}.partial")
     echo(f"compiling {src} for {target} ...")

@@ -158,7 +158,11 @@ def check_params_dtype(files: list[Path], cfg, dtype: str) -> None:
     the import's dtype; a mismatch with --dtype would only show when shortfin loads it."""
     import iree.runtime as rt
 
+    from halo_mlir.io_utils import check_header
+
     sizes = {"f32": 4, "f16": 2, "bf16": 2}
+    for f in files:
+        check_header(f, "an IRPA parameter file", (b"IRPA",))
     idx = rt.ParameterIndex()
     try:
         idx.load(str(files[0]))
@@ -235,14 +239,16 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
 
             check_divisible(cfg, tp)
             check_quantized_split(formats, param_shapes(cfg), tp)
-        from halo_mlir import compat
+        from halo_mlir.model.attention_form import resolve
 
         opts = EmitOptions(bs_prefill=tuple(bs), bs_decode=tuple(bs), dtype=dtype,
-                           attention=compat.current().attention_for(target),
                            weight_formats=tuple(sorted(formats.items())))
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
         check_release()
+        # auto: what the installed release (shortfin's) compiles for `target`
+        opts, chosen = resolve(cfg, opts, target=target)
+        echo(chosen)
         names = [f"model.rank{i}.irpa" for i in range(tp)] if tp > 1 else ["model.irpa"]
 
         # Everything checked: build in a temporary directory beside `out`.

@@ -1,8 +1,11 @@
-"""Greedy generation over the paged KV cache: page allocator, prefill, decode loop.
+"""Generation over the paged KV cache: page allocator, prefill, decode loop, sampling,
+chat and plain completion.
 
 `Generator` runs a compiled module (bs 1 entry points) through `runtime.Program`;
 `build_from_gguf` makes that module and its parameters from a GGUF file, cached on disk by
-content hash so the second run starts in seconds.
+content hash so the second run starts in seconds. `chat` answers a list of messages
+through the model's chat template (`chat.ChatFormat`), `complete` continues a text; both
+stream the text as it is decoded and choose tokens greedily or by `Sampling`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,9 +99,12 @@ class Generator:
 
     def generate(self, ids: list[int], max_tokens: int,
                  stop: Callable[[int], bool] = lambda t: False,
-                 record: list | None = None) -> Iterator[int]:
-        """Greedy continuation of `ids`, one token at a time. `record`, when given,
-        receives the logits [vocab] each token was chosen from."""
+                 record: list | None = None,
+                 pick: Callable[[np.ndarray], int] | None = None) -> Iterator[int]:
+        """Continuation of `ids`, one token at a time: greedy, or each token chosen by
+        `pick(logits)` (see `Sampling.picker`). `record`, when given, receives the logits
+        [vocab] each token was chosen from."""
+        pick = pick or (lambda logits: int(logits.argmax()))
         if not ids:
             raise HaloError("the prompt is empty")
         total = len(ids) + max_tokens
@@ -107,7 +114,7 @@ class Generator:
         owned = self.pages.alloc(-(-len(ids) // self.stride))
         try:
             logits = self.prefill_logits(ids, owned)[-1]
-            token = int(logits.argmax())
+            token = pick(logits)
             pos = len(ids)
             for i in range(max_tokens):
                 if record is not None:
@@ -121,10 +128,160 @@ class Generator:
                     np.array([[token]], np.int64), np.array([pos + 1], np.int64),
                     np.array([pos], np.int64), np.array([owned], np.int64), self.caches)
                 logits = out[0, 0].astype(np.float32)
-                token = int(logits.argmax())
+                token = pick(logits)
                 pos += 1
         finally:
             self.pages.free(owned)
+
+
+# ---- choosing tokens, streaming text, chat and completion -----------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each token is chosen from the logits. temperature 0: greedy (argmax, the first
+    on a tie). Otherwise, as transformers' sampling: logits / temperature, the top_k most
+    likely tokens (0: all), of those the fewest most likely whose probability reaches
+    top_p, renormalised and drawn with numpy's Generator seeded with `seed` (None: fresh
+    entropy, not reproducible). The same seed gives the same tokens."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise HaloError(f"--temperature must be a number >= 0 (0 is greedy), "
+                            f"got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise HaloError(f"--top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        if self.top_k < 0:
+            raise HaloError(f"--top-k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if self.seed is not None and self.seed < 0:
+            raise HaloError(f"--seed must be >= 0, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, their probabilities) a sampled token is drawn from, most likely
+        first."""
+        z = np.asarray(logits, np.float64) / self.temperature
+        order = np.argsort(-z, kind="stable")
+        if self.top_k:
+            order = order[:self.top_k]
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        if self.top_p < 1:
+            keep = (np.cumsum(p) - p) < self.top_p  # the mass before each token
+            order, p = order[keep], p[keep] / p[keep].sum()
+        return order, p
+
+    def picker(self) -> Callable[[np.ndarray], int]:
+        """logits [vocab] -> token id, for `Generator.generate(pick=...)`; a fresh random
+        stream per call, so each generation with a seed repeats."""
+        if self.greedy:
+            return lambda logits: int(np.asarray(logits).argmax())
+        rng = np.random.default_rng(self.seed)
+
+        def pick(logits):
+            ids, p = self.distribution(logits)
+            return int(ids[rng.choice(len(ids), p=p)])
+
+        return pick
+
+
+class TextStream:
+    """The decoded text of a growing token list, handed out in pieces: each push returns
+    what the text gained since the last piece. Decoding the whole list (not token by token)
+    keeps spaces that belong to a token's neighbour, and a piece waits while the text ends
+    in a partial multi-byte character (U+FFFD)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text (a character still partial when generation stopped)."""
+        text = self.decode(self.ids)
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return piece
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt_ids: list[int]
+    tokens: list[int]  # generated, the stop token included when one ended the text
+    text: str  # the generated tokens decoded (special tokens dropped)
+    stopped: bool  # ended by a stop token (False: max_tokens ran out)
+    seconds: float  # from the prompt to the last token
+    first_token_seconds: float  # from the prompt to the first token (prefill)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate after the first token."""
+        n = len(self.tokens) - 1
+        return n / (self.seconds - self.first_token_seconds) if n > 0 else 0.0
+
+
+def run(gen: Generator, tok, ids: list[int], max_tokens: int, *, stop_ids=(),
+        sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None
+        ) -> Completion:
+    """Generate from prompt token ids until a token of `stop_ids` (kept in `tokens`, not in
+    `text`) or `max_tokens`; `on_text(piece)` receives the text as it is decoded."""
+    stop_ids = frozenset(stop_ids)
+    stream = TextStream(tok.decode)
+    start = time.perf_counter()
+    first = None
+    for token in gen.generate(ids, max_tokens, stop=stop_ids.__contains__,
+                              pick=sampling.picker()):
+        first = first or time.perf_counter()
+        piece = stream.push(token)
+        if piece and on_text:
+            on_text(piece)
+    piece = stream.finish()
+    if piece and on_text:
+        on_text(piece)
+    end = time.perf_counter()
+    return Completion(list(ids), stream.ids, stream.shown,
+                      bool(stream.ids) and stream.ids[-1] in stop_ids, end - start,
+                      (first or end) - start)
+
+
+def chat(gen: Generator, tok, messages: list[dict], max_tokens: int = 128, *,
+         sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None
+         ) -> Completion:
+    """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant",
+    "content": str}, ...]): the model's chat template with the generation prompt, stopped
+    at the model's end-of-turn token. A tokenizer without a chat template is an error
+    (use `complete`)."""
+    from halo_mlir.chat import ChatFormat
+
+    fmt = ChatFormat.of(tok)
+    if fmt is None:
+        raise HaloError("the model has no chat template (tokenizer.chat_template); use plain "
+                        "completion (--raw)")
+    return run(gen, tok, fmt.encode(tok, messages), max_tokens, stop_ids=fmt.stop_ids,
+               sampling=sampling, on_text=on_text)
+
+
+def complete(gen: Generator, tok, prompt: str, max_tokens: int = 128, *,
+             sampling: Sampling = Sampling(), on_text: Callable[[str], None] | None = None
+             ) -> Completion:
+    """Plain continuation of the text `prompt`, stopped at the EOS token."""
+    stop = () if tok.eos_id is None else (tok.eos_id,)
+    return run(gen, tok, tok.encode(prompt), max_tokens, stop_ids=stop, sampling=sampling,
+               on_text=on_text)
 
 
 # ---- building from a GGUF, cached ------------------------------------------------------
@@ -178,6 +335,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     from halo_mlir import __version__
     from halo_mlir.api import module_text, write_module
     from halo_mlir.compile import compile_file
+    from halo_mlir.model.attention_form import resolve
     from halo_mlir.model.llama import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
     from halo_mlir.params.gguf_import import import_gguf, weight_formats
@@ -207,6 +365,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop, fp8_scales=fp8_scales)
+    opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
     with module.context:
         text = module_text(module, locations=False)
@@ -217,5 +376,6 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         out.mkdir(parents=True, exist_ok=True)
         with module.context:
             write_module(module, out / "model.mlir", locations=True)
+        echo(chosen)
         compile_file(out / "model.mlir", vmfb, target=target, echo=echo)
     return ModelFiles(vmfb, [params], service_config(cfg, opts))

@@ -54,9 +54,11 @@ class Program:
         import iree.runtime as rt
 
         self._rt = rt
-        for p in (vmfb, *params):
-            if not Path(p).exists():
-                raise HaloError(f"{p}: no such file")
+        from halo_mlir.io_utils import check_parameter_file, check_vmfb
+
+        check_vmfb(vmfb)
+        for p in params:
+            check_parameter_file(p)
         _check_ranks(params, n_devices)
         self.instance = rt.VmInstance()
         self.driver = rt.get_driver(driver)
@@ -64,10 +66,20 @@ class Program:
         self.hal = rt.create_hal_module(self.instance, devices=self.devices)
         self.index = rt.ParameterIndex()
         for p in params:
-            self.index.load(str(p))
+            try:
+                self.index.load(str(p))
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                raise HaloError(f"{p}: not a readable parameter file ("
+                                f"{' '.join(str(e).split())[:200]}); write it again with "
+                                "`halo-mlir import-params`") from None
         self.io = rt.create_io_parameters_module(
             self.instance, self.index.create_provider(scope="model"))
-        self.main = rt.VmModule.mmap(self.instance, str(vmfb))
+        try:
+            self.main = rt.VmModule.mmap(self.instance, str(vmfb))
+        except ValueError as e:
+            raise HaloError(f"{vmfb}: not a module this IREE runtime loads ("
+                            f"{' '.join(str(e).split())[:200]}); compile it again with "
+                            "`halo-mlir compile`") from None
         try:
             self.context = rt.VmContext(self.instance, modules=[self.hal, self.io, self.main])
         except (RuntimeError, ValueError) as e:

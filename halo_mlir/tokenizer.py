@@ -75,12 +75,21 @@ class GgufTokenizer:
         self.tokens = tokens
         self.bos_id = g.get("tokenizer.ggml.bos_token_id")
         self.eos_id = g.get("tokenizer.ggml.eos_token_id")
+        self.eot_id = g.get("tokenizer.ggml.eot_token_id")
         self.add_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
         self.chat_template = g.get("tokenizer.chat_template")
+        # The special tokens a chat template sees by name (transformers' GGUF loading
+        # names the same ids).
+        self._named = {name: g.get(f"tokenizer.ggml.{key}_token_id") for name, key in
+                       (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                        ("pad_token", "padding"))}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        """Token ids of `text`; control tokens written in it become their ids. `bos=False`:
+        never prepend BOS (a chat template writes its own)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+        add = bos and self.add_bos and self.bos_id is not None
+        return [self.bos_id, *ids] if add else ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -88,6 +97,17 @@ class GgufTokenizer:
     @property
     def eos_token(self) -> str | None:
         return None if self.eos_id is None else self.tokens[self.eos_id]
+
+    def special_id(self, text: str) -> int | None:
+        """The id of `text` when it is one special (control) token of the vocabulary."""
+        i = self.tokenizer.token_to_id(text)
+        added = self.tokenizer.get_added_tokens_decoder()
+        return i if i is not None and i in added and added[i].special else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos_token": text, ...} for the special tokens the model names."""
+        return {name: self.tokens[i] for name, i in self._named.items()
+                if i is not None and 0 <= i < len(self.tokens)}
 
     def save(self, path) -> None:
         """tokenizer.json (HF `tokenizers` format), e.g. for shortfin."""
@@ -110,11 +130,22 @@ class JsonTokenizer:
             raise HaloError(f"{path}: not a tokenizer.json ({e})") from None
         conf_path = path.with_name("tokenizer_config.json")
         conf = json.loads(conf_path.read_text()) if conf_path.exists() else {}
-        token_id = lambda t: None if t is None else self.tokenizer.token_to_id(  # noqa: E731
-            t if isinstance(t, str) else t.get("content"))
-        self.eos_id = token_id(conf.get("eos_token"))
-        self.bos_id = token_id(conf.get("bos_token"))
+        text = lambda t: t if isinstance(t, str) or t is None else t.get("content")  # noqa: E731
+        self._named = {name: text(conf.get(name)) for name in
+                       ("bos_token", "eos_token", "unk_token", "pad_token")}
+        token_id = lambda t: None if t is None else self.tokenizer.token_to_id(t)  # noqa: E731
+        self.eos_id = token_id(self._named["eos_token"])
+        self.bos_id = token_id(self._named["bos_token"])
+        self.eot_id = None
         self.add_bos = bool(conf.get("add_bos_token", False))
+        self.chat_template = conf.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: the default one
+            self.chat_template = {t.get("name"): t.get("template")
+                                  for t in self.chat_template}.get("default")
 
     encode = GgufTokenizer.encode
     decode = GgufTokenizer.decode
+    special_id = GgufTokenizer.special_id
+
+    def special_tokens(self) -> dict[str, str]:
+        return {name: t for name, t in self._named.items() if t is not None}

@@ -53,7 +53,7 @@ def main():
         print("|---|---|---|---|")
         for label, extra in (("f32", ["--dtype", "f32"]), ("f16", ["--dtype", "f16"]),
                              ("Q4_1-native (f32 activations)", ["--keep-quantized"])):
-            args = ["generate", "--prompt", PROMPT, "--max-tokens", "64", *extra]
+            args = ["generate", "--raw", "--prompt", PROMPT, "--max-tokens", "64", *extra]
             measured(args, env)  # fill the cache
             _, _, output = measured(args, env)
             m = re.search(r"first token ([\d.]+) s, then ([\d.]+) tokens/s", output)

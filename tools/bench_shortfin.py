@@ -51,7 +51,7 @@ def generate_rate(python, args, tokens, repeat):
     """(first token s, tokens/s) medians from `halo-mlir generate`'s own report."""
     firsts, rates = [], []
     for _ in range(repeat + 1):  # the first run may compile
-        proc = subprocess.run([python, "-m", "halo_mlir", "generate", "--prompt", PROMPT,
+        proc = subprocess.run([python, "-m", "halo_mlir", "generate", "--raw", "--prompt", PROMPT,
                                "--max-tokens", str(tokens), *args], capture_output=True,
                               text=True)
         if proc.returncode:

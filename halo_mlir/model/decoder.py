@@ -32,8 +32,9 @@ from halo_mlir.quant import quant_format
 DTYPES = ("f16", "bf16", "f32", "fp8")
 KV_CACHE_DTYPES = ("f16", "bf16", "f32", "fp8")
 # paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
-# fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul.
-ATTENTION_FORMS = ("paged", *ATTENTION)
+# fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul;
+# auto: paged where the kernels' constraints hold, else fused (model/attention_form.py).
+ATTENTION_FORMS = ("auto", "paged", *ATTENTION)
 # How a mixture-of-experts prefill runs its experts (ops/moe.py): `grouped` sorts the
 # (token, slot) pairs by expert and runs one matmul chain per expert; `gather` reads each
 # token's experts' weights inside the contraction (the decode form).
@@ -46,7 +47,7 @@ class EmitOptions:
     bs_decode: tuple[int, ...] = (4,)
     block_seq_stride: int = 32
     dtype: str = "f16"
-    attention: str = "paged"
+    attention: str = "auto"
     # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quant).
     weight_formats: tuple[tuple[str, str], ...] = ()
     # The decoder stack as one `scf.for` over stacked weights (parameter layout `stacked`).
@@ -486,6 +487,9 @@ class _Stack:
 
 def emit_module(cfg: LlamaConfig, opts: EmitOptions = EmitOptions(), *, context=None):
     """Build the module (an `ir.Module`) in `context` (a fresh one when None)."""
+    from halo_mlir.model.attention_form import resolve
+
+    opts, _ = resolve(cfg, opts)
     b = Builder(context)
     with b.context, b.at("halo_mlir"):
         module = b.new_module()

@@ -13,6 +13,7 @@ import numpy as np
 
 from halo_mlir.config import LLAMA3_ROPE_SCALING, LlamaConfig
 from halo_mlir.errors import HaloError
+from halo_mlir.io_utils import check_header
 from halo_mlir.params.fd_file import FdFile
 from halo_mlir.ops.rope import inv_freq
 
@@ -23,9 +24,7 @@ class GgufFile(FdFile):
     def __init__(self, path: str | Path):
         import gguf
 
-        self.path = Path(path)
-        if not self.path.exists():
-            raise HaloError(f"{self.path}: no such file")
+        self.path = check_header(path, "a GGUF file", (b"GGUF",))
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the gguf package raises bare ValueError/IndexError

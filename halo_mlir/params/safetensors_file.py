@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from halo_mlir.errors import HaloError
+from halo_mlir.io_utils import shown_bytes
 from halo_mlir.params.fd_file import FdFile
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -30,8 +31,17 @@ class SafetensorsFile(FdFile):
         except OSError as e:
             raise HaloError(f"{self.path}: cannot open ({e.strerror})") from None
         size = os.fstat(self._fd).st_size
+        if size == 0:
+            self.close()
+            raise HaloError(f"{self.path} is empty; expected a safetensors file")
+        head = os.pread(self._fd, 9, 0)
+        if len(head) < 9 or head[8:9] != b"{":
+            # the format: an 8-byte little-endian header length, then a JSON object
+            self.close()
+            raise HaloError(f"{self.path} is not a safetensors file (it starts with "
+                            f"{shown_bytes(head[:8])}; expected an 8-byte header length, then '{{')")
         try:
-            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            (n,) = struct.unpack("<Q", head[:8])
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(os.pread(self._fd, n, 8))

@@ -1,6 +1,6 @@
-"""`--attention paged` (the default: templated kernels reading the cache pages) gives the
-same numbers as the generic fused op, unrolled and with `--layer-loop`, and is a drop-in
-for the sharding pass (`--tp 2`)."""
+"""`--attention paged` (templated kernels reading the cache pages; what the default `auto`
+emits where they fit) gives the same numbers as the generic fused op, unrolled and with
+`--layer-loop`, and is a drop-in for the sharding pass (`--tp 2`)."""
 
 from __future__ import annotations
 

@@ -51,10 +51,13 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    """Generator factory over a private cache dir."""
+    """Generator factory over a cache dir private to the test session (shared with
+    test_chat.py, so the model compiles once per session)."""
     import os
 
-    os.environ["HALO_CACHE_DIR"] = str(tmp_path_factory.mktemp("halo_cache"))
+    cache = tmp_path_factory.getbasetemp() / "smollm2_cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["HALO_CACHE_DIR"] = str(cache)
     from halo_mlir.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.tokenizer import GgufTokenizer
@@ -107,8 +110,8 @@ def test_capital_of_france_through_the_cli(tmp_path):
     import os
 
     env_dir = tmp_path / "cache"
-    proc = halo_env({"HALO_CACHE_DIR": str(env_dir)}, "generate", "--prompt",
-                    "The capital of France is", "--max-tokens", 8)
+    proc = halo_env({"HALO_CACHE_DIR": str(env_dir)}, "generate", "--raw",
+                    "--prompt", "The capital of France is", "--max-tokens", 8)
     assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout
     assert "tokens/s" in proc.stderr
     assert os.listdir(env_dir / "modules")  # compiled once, cached by content hash
@@ -118,7 +121,7 @@ def test_capital_of_france_in_fp8(tmp_path):
     """`generate --dtype fp8`: the GGUF imported with calibrated fp8 scales, the fp8 program
     (fp8 linears, cache and attention) still answers Paris (quality: BENCHMARKS.md)."""
     proc = halo_env({"HALO_CACHE_DIR": str(tmp_path / "cache")}, "generate", "--dtype", "fp8",
-                    "--prompt", "The capital of France is", "--max-tokens", 3)
+                    "--raw", "--prompt", "The capital of France is", "--max-tokens", 3)
     assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout
     assert "calibrating fp8 scales on 256 tokens" in proc.stdout + proc.stderr
 

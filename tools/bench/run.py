@@ -4,6 +4,7 @@
     python tools/bench/run.py                      # everything (hours on 2 cores)
     python tools/bench/run.py --only emit,loop     # some sections
     python tools/bench/run.py --quick -o OUT.md    # tiny sizes in seconds (CI runs this)
+    python tools/bench/run.py --dashboard OUT/     # the status page (docs/dashboard.md)
 
 Sections:
   emit     emission wall time and peak RSS: 8b/70b/405b at TP1 and TP8, bs 4, and bs 1,4,8
@@ -308,15 +309,17 @@ def _cost_row(label, tp, form, entry, layers, total_layers, planned) -> str:
             f"{per['weight_bytes_read'] / 1e6:.1f} | {est * 1e3:.2f} | {plan_ms} |")
 
 
-def cost_section(quick: bool, out: Path, peer_mlir: str | None = None) -> list[str]:
+def cost_section(quick: bool, out: Path, peer_mlir: str | None = None,
+                 cases: list | None = None) -> list[str]:
+    """`cases`: (model, dtype, tp, form) rows instead of the section's own (the dashboard)."""
     from halo_mlir import capacity
     from halo_mlir.config import preset
 
     context = 2048
-    if quick:
+    if cases is None and quick:
         cases = [("toy", "f16", 1, "unrolled"), ("toy", "f16", 2, "unrolled"),
                  ("toy", "f16", 2, "loop")]
-    else:
+    elif cases is None:
         cases = [(m, dt, tp, form) for m, dt, tp in
                  (("8b", "f16", 1), ("70b", "f16", 8), ("405b", "f16", 8), ("405b", "fp8", 8))
                  for form in ("unrolled", "loop")]
@@ -404,7 +407,8 @@ def write(path: Path, head: list[str], sections: dict[str, list[str]]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI); with --dashboard: one gfx942 "
+                    "compile and no full-depth measurements")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections among {', '.join(SECTIONS)}")
     ap.add_argument("-o", "--output", default=str(ROOT / "BENCHMARKS.md"))
@@ -413,7 +417,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--peer-mlir", help="cost: sharktank's TP8 toy export (tools/bench_peer.py)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import dashboard
+
+    dashboard.add_arguments(ap)
     args = ap.parse_args()
+    if args.dashboard:
+        from halo_mlir.errors import HaloError
+
+        try:
+            sys.exit(dashboard.run(args))
+        except (dashboard.DashboardError, HaloError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
