@@ -185,6 +185,11 @@ def _in_layers(key: str, n_layers: int) -> bool:
               type=click.Choice(["f16", "bf16", "f32"]),
               help="With --dtype fp8: norms, residuals and logits (f32 leaves the fp8 "
                    "roundings as the only difference from an f32 reference).")
+@click.option("--fp8-scales", default="per-tensor", show_default=True,
+              metavar="per-tensor|per-channel",
+              help="With --dtype fp8: the weight scales' scheme the parameters were imported "
+                   "with (`import-params --fp8-scales`): one per weight (KEY:d) or one per "
+                   "output row (KEY:d_rows).")
 @click.option("--attention", default="auto", show_default=True,
               type=click.Choice(["auto", "paged", "fused", "decomposed"]),
               help="auto: paged where the paged kernels' constraints hold (head_dim a "
@@ -214,8 +219,9 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, attention, template_dir,
-         moe_prefill, layer_loop, tp, allreduce, allreduce_dtype, device_block_count, locations, output,
+         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales, attention,
+         template_dir, moe_prefill, layer_loop, tp, allreduce, allreduce_dtype,
+         device_block_count, locations, output,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
     from halo_mlir.api import emit_to_file
@@ -230,7 +236,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
-                       fp8_activations=activation_dtype, moe_prefill=moe_prefill)
+                       fp8_activations=activation_dtype, fp8_scales=fp8_scales,
+                       moe_prefill=moe_prefill)
     opts, chosen = resolve(cfg, opts)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
@@ -360,8 +367,11 @@ def _print_report(report, cfg=None, opts=None) -> None:
               help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
                    "modules emitted with --layer-loop.")
 @click.option("--quantize", metavar="fp8",
-              help="fp8: linear weights as f8E4M3FNUZ with per-tensor scales, activation "
-                   "scales by calibration (docs/fp8.md).")
+              help="fp8: linear weights as f8E4M3FNUZ with their scales (--fp8-scales), "
+                   "activation scales by calibration (docs/fp8.md).")
+@click.option("--fp8-scales", metavar="per-tensor|per-channel",
+              help="With --quantize fp8: one scale per weight (KEY:d, the default) or one per "
+                   "output row (KEY:d_rows [out]); emit with the same --fp8-scales.")
 @click.option("--calibration-text", type=click.Path(),
               help="With --quantize fp8: text to calibrate on (default: one shipped in the package).")
 @click.option("--calibration-tokens", type=int,
@@ -372,7 +382,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
 @_reports_errors
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
-                  calibration_text, calibration_tokens, tokenizer, output):
+                  fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
     """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
 
@@ -382,9 +392,14 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
         from halo_mlir.params.fp8_import import check_quantize
 
         check_quantize(quantize, keep_quantized)
+        if fp8_scales is not None:
+            from halo_mlir.fp8 import check_scales
+
+            check_scales(fp8_scales)
     else:
         given = [flag for flag, v in (("--calibration-text", calibration_text),
                                       ("--calibration-tokens", calibration_tokens),
+                                      ("--fp8-scales", fp8_scales),
                                       ("--tokenizer", tokenizer)) if v is not None]
         if given:
             raise HaloError(f"{given[0]} applies to --quantize fp8 only")
@@ -393,7 +408,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
     start = time.perf_counter()
     if quantize is not None:
         n = _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                        calibration_tokens, tokenizer, output)
+                        calibration_tokens, tokenizer, output, fp8_scales or "per-tensor")
     else:
         progress = Progress("importing")
         try:
@@ -422,7 +437,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
 
 
 def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                calibration_tokens, tokenizer, output) -> int:
+                calibration_tokens, tokenizer, output, scales="per-tensor") -> int:
     """import-params --quantize fp8: calibration tokens, then calibrate + write."""
     from halo_mlir.params import calibrate
     from halo_mlir.params.fp8_import import import_fp8, preflight
@@ -447,7 +462,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
         progress, calibrating = Progress("importing"), Progress("calibrating")
         try:
             return import_fp8(source, output, ids, dtype=dtype, tp=tp, layout=layout,
-                              progress=progress, calibration_progress=calibrating)
+                              scales=scales, progress=progress, calibration_progress=calibrating)
         finally:
             calibrating.close()
             progress.close()
@@ -579,6 +594,10 @@ def _model_options(fn):
         click.option("--dtype", type=click.Choice(["f32", "f16", "fp8"]),
                      help="Activation dtype (default: f32 on cpu, f16 on GPUs); fp8: FP8 "
                           "weights and KV cache (imported with calibrated scales)."),
+        click.option("--fp8-scales", default="per-tensor", show_default=True,
+                     metavar="per-tensor|per-channel",
+                     help="With --gguf --dtype fp8: one scale per weight or per output row "
+                          "(docs/fp8-per-channel.md)."),
         click.option("--keep-quantized", is_flag=True,
                      help="Run Q8_0/Q4_1/Q4_K/Q6_K weights natively instead of dequantizing them."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
@@ -590,12 +609,17 @@ def _model_options(fn):
 
 
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
-                pages, layer_loop):
+                pages, layer_loop, fp8_scales="per-tensor"):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
+    from halo_mlir.fp8 import check_scales
     from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.tokenizer import GgufTokenizer, JsonTokenizer
 
+    check_scales(fp8_scales)
+    if fp8_scales != "per-tensor" and (vmfb or dtype != "fp8"):
+        raise HaloError("--fp8-scales applies to --gguf --dtype fp8 (a --vmfb module has its "
+                        "scheme from emit)")
     g = None
     if vmfb:
         if not (params and config_path):
@@ -622,7 +646,7 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         if not vmfb:
             files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
                                     keep_quantized=keep_quantized, device=device,
-                                    layer_loop=layer_loop,
+                                    layer_loop=layer_loop, fp8_scales=fp8_scales,
                                     echo=lambda m: click.echo(m, err=True))
     finally:
         if g:

@@ -1,4 +1,4 @@
-"""FP8 models (`--dtype fp8`): MI300X's f8E4M3FNUZ with per-tensor scales.
+"""FP8 models (`--dtype fp8`): MI300X's f8E4M3FNUZ with per-tensor or per-channel scales.
 
 The parameter names are sharktank's (its quark importer writes them), so a module emitted
 here reads an FP8 dataset laid out that way, and ours reads the same:
@@ -14,6 +14,14 @@ here reads an FP8 dataset laid out that way, and ours reads the same:
 
 Token embedding, norms and lm_head (`output.weight`) stay in the activation dtype (f16).
 A scale is amax / FP8_MAX (the fnuz format's largest finite value is 240).
+
+Weight scales come in one of two schemes (`SCALES`), fixed at import
+(`import-params --fp8-scales`) and at emission (`emit --fp8-scales`):
+- `per-tensor` (the default): `KEY:d` f32 [], one scale for the whole weight;
+- `per-channel`: `KEY:d_rows` f32 [out], one scale per output row (amax of the row / 240),
+  applied after the contraction: out[m, n] = acc[m, n] * x_rscale * d_rows[n].
+The two schemes store their scales under different keys, so a module emitted for one scheme
+never reads the other's scales (a missing-parameter error at load instead of wrong numbers).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import numpy as np
 
 FP8 = "f8E4M3FNUZ"
 FP8_MAX = 240.0
+SCALES = ("per-tensor", "per-channel")
+ROW_SCALE_FIELD = "d_rows"
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Which tensor each linear's input is (the q/k/v projections share attn_norm's output).
 INPUT_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
@@ -29,9 +39,18 @@ INPUT_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
             "ffn_down": "silu_mul"}
 
 
-def weight_keys(key: str) -> tuple[str, str]:
-    """(`KEY:qs`, `KEY:d`) of linear weight KEY."""
-    return f"{key}:qs", f"{key}:d"
+def weight_keys(key: str, scales: str = "per-tensor") -> tuple[str, str]:
+    """(`KEY:qs`, the scale key) of linear weight KEY: `KEY:d` (per-tensor) or
+    `KEY:d_rows` (per-channel)."""
+    check_scales(scales)
+    return f"{key}:qs", f"{key}:{'d' if scales == 'per-tensor' else ROW_SCALE_FIELD}"
+
+
+def check_scales(scales: str) -> None:
+    from halo_mlir.errors import HaloError
+
+    if scales not in SCALES:
+        raise HaloError(f"unknown --fp8-scales {scales!r}: choose one of {', '.join(SCALES)}")
 
 
 def input_scale_key(layer, linear: str) -> str:
@@ -64,20 +83,34 @@ def scale_of(amax: float) -> np.float32:
     return np.float32(amax / FP8_MAX if amax > 0 and np.isfinite(amax) else 1.0)
 
 
+def row_scales(amax: np.ndarray) -> np.ndarray:
+    """`scale_of` of each row's amax: f32 [rows] (1.0 for an all-zero row)."""
+    amax = np.asarray(amax, np.float64)
+    ok = (amax > 0) & np.isfinite(amax)
+    return np.where(ok, amax / FP8_MAX, 1.0).astype(np.float32)
+
+
 def quantize(x: np.ndarray, rscale) -> np.ndarray:
     """x / rscale saturated to +-240, rounded to nearest even in f8E4M3FNUZ (as the emitted
-    program does; -0 becomes +0: fnuz has no negative zero)."""
-    q = np.clip(np.asarray(x, np.float32) / np.float32(rscale), -FP8_MAX, FP8_MAX) + np.float32(0)
+    program does; -0 becomes +0: fnuz has no negative zero). `rscale` is a scalar, or one
+    scale per row of a 2-d x ([rows]: per-channel weights)."""
+    rscale = np.asarray(rscale, np.float32)
+    if rscale.ndim == 1:
+        rscale = rscale[:, None]
+    q = np.clip(np.asarray(x, np.float32) / rscale, -FP8_MAX, FP8_MAX) + np.float32(0)
     return q.astype(numpy_fp8())
 
 
 def dequantize(q: np.ndarray, rscale) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(rscale)
+    rscale = np.asarray(rscale, np.float32)
+    return q.astype(np.float32) * (rscale[:, None] if rscale.ndim == 1 else rscale)
 
 
-def param_entries(cfg) -> dict[str, tuple[tuple[int, ...], str]]:
+def param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[int, ...], str]]:
     """Every parameter an FP8 model of `cfg` reads: key -> (shape, IR dtype); `float` marks
-    the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`)."""
+    the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`).
+    `scales`: the weight scales' scheme (per-tensor `KEY:d` [], per-channel `KEY:d_rows`
+    [out])."""
     from halo_mlir.params.names import param_shapes
 
     out: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -86,9 +119,9 @@ def param_entries(cfg) -> dict[str, tuple[tuple[int, ...], str]]:
             out[key] = (shape, "float")
             continue
         i, name = key.split(".")[1], key.split(".")[2]
-        qs, d = weight_keys(key)
+        qs, d = weight_keys(key, scales)
         out[qs] = (shape, FP8)
-        out[d] = ((), "f32")
+        out[d] = ((shape[0],) if scales == "per-channel" else (), "f32")
         out[input_scale_key(i, name)] = ((), "f32")
         if name == "attn_q":
             out[q_scale_key(i)] = ((), "f32")

@@ -311,7 +311,8 @@ def file_digest(path: Path) -> str:
     return known[key]
 
 
-def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo) -> None:
+def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo,
+                     scales: str = "per-tensor") -> None:
     """`import-params --quantize fp8` of a GGUF: scales calibrated on the shipped text with
     the GGUF's tokenizer."""
     from halo_mlir.params import calibrate
@@ -321,13 +322,14 @@ def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo) -> None
     with GgufSource(gguf) as source:
         ids = calibrate.calibration_ids(source.cfg.vocab_size, tokenizer=source.tokenizer())
         echo(f"calibrating fp8 scales on {len(ids)} tokens")
-        import_fp8(source, out, ids, layout=layout, progress=progress)
+        import_fp8(source, out, ids, layout=layout, scales=scales, progress=progress)
 
 
 def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
-                    layer_loop: bool = False, echo=print) -> ModelFiles:
+                    layer_loop: bool = False, echo=print,
+                    fp8_scales: str = "per-tensor") -> ModelFiles:
     """Import, emit and compile (bs 1) what `Generator` needs from the open GgufFile `g`;
-    reuse cached results."""
+    reuse cached results. `fp8_scales`: the weight scales of a `dtype` fp8 model."""
     from iree.compiler import version as iree_version
 
     from halo_mlir import __version__
@@ -343,8 +345,9 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     gguf = g.path
     digest = file_digest(gguf)
     layout = "stacked" if layer_loop else "per-layer"
+    scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
     params_key = hashlib.sha256(
-        f"{digest}:{dtype}:{keep_quantized}:{layout}:{__version__}".encode())
+        f"{digest}:{dtype}{scheme}:{keep_quantized}:{layout}:{__version__}".encode())
     params = cache_dir() / "params" / f"{params_key.hexdigest()[:24]}.irpa"
     if not params.exists():
         params.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +355,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         progress = Progress("importing")
         try:
             if dtype == "fp8":
-                _import_gguf_fp8(gguf, params, layout, progress, echo)
+                _import_gguf_fp8(gguf, params, layout, progress, echo, fp8_scales)
             else:
                 import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
                             progress=progress, layout=layout, note=echo)
@@ -361,7 +364,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     cfg = g.config()
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
-                       layer_loop=layer_loop)
+                       layer_loop=layer_loop, fp8_scales=fp8_scales)
     opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
     with module.context:

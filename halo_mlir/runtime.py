@@ -30,6 +30,22 @@ def _check_ranks(params, n_devices: int) -> None:
         raise HaloError(f"rank files come from different imports: {sorted(stems)}")
 
 
+def _fp8_scales_mismatch(key: str, keys: list[str]) -> str | None:
+    """The module reads per-channel weight scales (`KEY:d_rows`) and the files hold
+    per-tensor ones (`KEY:d`), or the other way round: what to run instead."""
+    base = re.sub(r"\.shard\.\d+$", "", key)
+    for field, other, module, files in ((":d_rows", ":d", "per-channel", "per-tensor"),
+                                        (":d", ":d_rows", "per-tensor", "per-channel")):
+        if not base.endswith(field):
+            continue
+        twin = base[:-len(field)] + other
+        if any(k == twin or k.startswith(twin + ".shard.") for k in keys):
+            return (f"the module reads {module} fp8 weight scales ({base}: emitted with "
+                    f"--fp8-scales {module}) but the files hold {files} ones ({twin}): emit "
+                    f"with --fp8-scales {files}, or import with --fp8-scales {module}")
+    return None
+
+
 class Program:
     """A vmfb + IRPA files on `n_devices` local devices of `driver`."""
 
@@ -98,10 +114,14 @@ class Program:
                     "stacked layout; emit with --layer-loop, or import with --layout per-layer")
         keys = [k for k, _ in self.index.items()]
         fp8_files = any(k.endswith(":qs") for k in keys)
-        if key.endswith((":qs", ":d", ":rscale")) and not fp8_files:
+        scheme = _fp8_scales_mismatch(key, keys)
+        if scheme:
+            return scheme
+        if key.endswith((":qs", ":d", ":d_rows", ":rscale")) and not fp8_files:
             return (f"the module is an fp8 model and reads {key}, which the files lack: "
                     "import the parameters with `halo-mlir import-params --quantize fp8`")
-        if key.endswith(":rscale") or (key.endswith(":d") and f"{key[:-2]}:qs" in keys):
+        if key.endswith(":rscale") or (key.endswith((":d", ":d_rows")) and
+                                       f"{key.rsplit(':', 1)[0]}:qs" in keys):
             return (f"the fp8 parameters lack the scale {key}; re-import with `halo-mlir "
                     "import-params --quantize fp8` (it computes every scale)")
         if fp8_files and f"{key}:qs" in keys:

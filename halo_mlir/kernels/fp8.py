@@ -1,4 +1,5 @@
-"""FP8 (f8E4M3FNUZ, MI300X's FP8) kernels with per-tensor scales and their numpy references.
+"""FP8 (f8E4M3FNUZ, MI300X's FP8) kernels with per-tensor (and, for the matmul, per-row
+weight) scales and their numpy references.
 
 The references apply each scale to its tensor before the math (dequantize, then compute in
 f32); the kernels fold the scales (after the contraction, into the softmax scale): the
@@ -54,6 +55,30 @@ _MATMUL = Harness(
     tolerance=lambda v: TOLERANCE[v["out_dtype"]] * max(1.0, np.sqrt(v["k"]) / 8))
 
 
+# ---- fp8_matmul_rows: one weight scale per row (per-channel) ------------------------------
+def matmul_rows_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Each weight row dequantized with its own scale, then the f32 matmul."""
+    x, w, xs, ws = ins
+    return [_dequant(x, xs) @ (w.astype(np.float32) * ws.astype(np.float32)[:, None]).T]
+
+
+def _row_scales(rng, n: int) -> np.ndarray:
+    """Scales spread over two orders of magnitude, as a calibration's per-row amax gives."""
+    return (SCALES[1] * np.exp(rng.uniform(-2.3, 2.3, n))).astype(np.float32)
+
+
+_MATMUL_ROWS = Harness(
+    sizes={"m": (16, 256, "rows M of x (dynamic)")},
+    args=lambda v, z: ([Arg("x", (z["m"], v["k"]), FP8), Arg("w", (v["n"], v["k"]), FP8),
+                        Arg("x_scale", (), "f32"), Arg("w_scale", (v["n"],), "f32")],
+                       [Arg("out", (z["m"], v["n"]), v["out_dtype"])]),
+    inputs=lambda v, z, rng: [_fp8(rng, (z["m"], v["k"])), _fp8(rng, (v["n"], v["k"])),
+                              np.array([SCALES[0]], np.float32), _row_scales(rng, v["n"])],
+    reference=matmul_rows_reference,
+    # The scales reach ~10x SCALES[1]: the bound of fp8_matmul, scaled by the largest.
+    tolerance=lambda v: TOLERANCE[v["out_dtype"]] * 10 * max(1.0, np.sqrt(v["k"]) / 8))
+
+
 # ---- fp8_attention -------------------------------------------------------------------
 def attention_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
     q, k, vv, lens, qs, ks, vs = ins
@@ -90,6 +115,14 @@ KERNELS = [
                        positive_multiple_of(32), 128),
             "out_dtype": Param(str, "result type", default="f16", choices=OUT_DTYPES)},
            harness=_MATMUL),
+    Kernel("fp8_matmul_rows",
+           "x[M,K] f8E4M3FNUZ @ w[N,K]^T f8E4M3FNUZ, x_scale (0-d f32) and one weight scale "
+           "per row w_scale[N] f32 (per-channel) -> [M,N] out_dtype (f32 accumulation)",
+           {"n": Param(int, "rows of w (output features)", positive, 64),
+            "k": Param(int, "the contraction: MFMA_F32_16x16x32_F8 needs a multiple of 32",
+                       positive_multiple_of(32), 128),
+            "out_dtype": Param(str, "result type", default="f16", choices=OUT_DTYPES)},
+           harness=_MATMUL_ROWS),
     Kernel("fp8_attention",
            "q[N,KVH,G,S,D], k/v[N,KVH,T,D] f8E4M3FNUZ, seq_lens[N], q/k/v scales f32 -> "
            "[N,KVH,G,S,D] out_dtype: q/k scales folded into the softmax scale, v's on the output",

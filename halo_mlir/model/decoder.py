@@ -61,6 +61,9 @@ class EmitOptions:
     fp8_activations: str = "f16"
     # Mixture-of-experts families only: the prefill's expert form (MOE_PREFILL_FORMS).
     moe_prefill: str = "grouped"
+    # An fp8 model's weight scales (fp8.SCALES): per-tensor `KEY:d` [] or per-channel
+    # `KEY:d_rows` [out], as the parameters were imported (`import-params --fp8-scales`).
+    fp8_scales: str = "per-tensor"
 
     @property
     def activation_dtype(self) -> str:
@@ -92,6 +95,9 @@ class EmitOptions:
             if kv != "fp8" and kv != self.activation_dtype:
                 raise HaloError(f"--kv-cache-dtype {kv} with --dtype {self.dtype}: the cache "
                                 f"holds fp8 or the activation dtype ({self.activation_dtype})")
+        fp8.check_scales(self.fp8_scales)
+        if self.fp8_scales != "per-tensor" and self.dtype != "fp8":
+            raise HaloError("--fp8-scales applies to --dtype fp8 only")
         if self.dtype == "fp8" and self.weight_formats:
             raise HaloError("--dtype fp8 takes fp8 parameters (`import-params --quantize fp8`), "
                             "not kept-quantized GGUF weights; drop --keep-quantized")
@@ -369,17 +375,19 @@ class _Stack:
         m = self.m
         values, formats = [], []
 
-        def scalar(key):  # a per-layer fp8 scale: [] (or [layers] stacked)
-            key, shape = place(key, ())
+        def scalar(key, shape=()):  # a per-layer fp8 scale: [] (or [layers] stacked)
+            key, shape = place(key, shape)
             return m.b.param(key, shape, "f32")
         for name in m.block_weights:
             layer_key = template.format(name)
             key, shape = place(layer_key, block_shapes(m.cfg)[f"blk.{{i}}.{name}.weight"])
             fmt = m.formats.get(layer_key)
             if fmt == "fp8":
-                qs, d = fp8.weight_keys(key)
+                qs = fp8.weight_keys(key)[0]
+                d = fp8.weight_keys(layer_key, m.opts.fp8_scales)[1]
+                rows = (shape[-2],) if m.opts.fp8_scales == "per-channel" else ()
                 prefix = layer_key[:-len("weight")]  # "blk.{i}.NAME."
-                values += [m.b.param(qs, shape, fp8.FP8), scalar(f"{prefix}weight:d"),
+                values += [m.b.param(qs, shape, fp8.FP8), scalar(d, rows),
                            scalar(f"{prefix}q_input:rscale")]
             elif fmt is not None:
                 lead = tuple(shape[:-2])

@@ -28,12 +28,14 @@ def fp8_linear(b: Builder, x: Value, qs: Value, d: Value, in_rscale: Value, *,
                dtype: str) -> Value:
     """x[N,S,K] (dtype), weight qs[M,K] fp8 with scale d, input scale in_rscale -> [N,S,M]:
     x quantized with in_rscale, fp8 x fp8 matmul accumulated in f32, both scales applied
-    after the contraction, cast to dtype."""
+    after the contraction, cast to dtype. `d` is 0-d (per-tensor: `fp8_matmul`) or [M]
+    (per-channel, one scale per weight row: `fp8_matmul_rows`)."""
     n, s, k = b.dims(x)
     m = b.shape(qs)[0]
     rows = b.reshape(quantize(b, x, in_rscale), [[0, 1], [2]], [None, b.shape(x)[2]])
     rows = b.retype(rows, [None, b.shape(x)[2]])
-    fn = kernels.instantiate(b, "fp8_matmul", n=m, k=b.shape(qs)[1], out_dtype=dtype)
+    kernel = "fp8_matmul_rows" if len(b.shape(d)) == 1 else "fp8_matmul"
+    fn = kernels.instantiate(b, kernel, n=m, k=b.shape(qs)[1], out_dtype=dtype)
     out = b.call(fn, [rows, qs, in_rscale, d], [b.tensor_type([None, m], dtype)])[0]
     if isinstance(n, int) and isinstance(s, int):  # decode: the rows are static again
         out = b.retype(out, [n * s, m])

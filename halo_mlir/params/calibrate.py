@@ -4,8 +4,8 @@ The forward is HF LlamaForCausalLM's math in f32 over one sequence of calibratio
 (positions 0..T-1): RMSNorm, RoPE (`ops.rope.inv_freq`, rotate_half), causal softmax
 attention with GQA, SiLU MLP. It runs layer by layer, and every linear streams its weight
 in row blocks (`x @ W[a:b].T`), so memory is the activations plus one block, whatever
-the model's size; the same pass records each weight's amax. Every scale is
-`fp8.scale_of(amax)` (amax / 240).
+the model's size; the same pass records each weight's amax (of the whole weight, or of each
+row for per-channel scales). Every scale is `fp8.scale_of(amax)` (amax / 240).
 """
 
 from __future__ import annotations
@@ -115,21 +115,31 @@ def _amax(x: np.ndarray) -> float:
 
 class _Run:
     """The forward over one sequence, streaming weights from `source`; `scales` collects
-    every f32 scalar of `fp8.param_entries` (weight `:d` and activation rscales)."""
+    every f32 scale of `fp8.param_entries(cfg, weight_scales)` (weight `:d` or `:d_rows`,
+    and the activation rscales)."""
 
-    def __init__(self, source):
+    def __init__(self, source, weight_scales: str = "per-tensor"):
         self.source = source
         self.cfg = source.cfg
-        self.scales: dict[str, np.float32] = {}
+        self.weight_scales = weight_scales
+        self.scales: dict[str, np.float32 | np.ndarray] = {}
 
     def linear(self, key: str, x: np.ndarray) -> np.ndarray:
-        """x @ W^T, W read in row blocks; records W's scale (`KEY:d`)."""
-        out = np.empty((x.shape[0], self.source.shape(key)[0]), np.float32)
+        """x @ W^T, W read in row blocks; records W's scale (`KEY:d`, or `KEY:d_rows`: one
+        per row)."""
+        rows = self.source.shape(key)[0]
+        out = np.empty((x.shape[0], rows), np.float32)
         amax = 0.0
+        row_amax = np.zeros(rows, np.float32) if self.weight_scales == "per-channel" else None
         for start, stop, w in self.source.row_blocks(key):
             np.matmul(x, w.T, out=out[:, start:stop])
-            amax = max(amax, _amax(w))
-        self.scales[fp8.weight_keys(key)[1]] = fp8.scale_of(amax)
+            if row_amax is None:
+                amax = max(amax, _amax(w))
+            elif w.size:
+                row_amax[start:stop] = np.abs(w).max(axis=1)
+        scale_key = fp8.weight_keys(key, self.weight_scales)[1]
+        self.scales[scale_key] = fp8.scale_of(amax) if row_amax is None else \
+            fp8.row_scales(row_amax)
         return out
 
     def vector(self, key: str) -> np.ndarray:
@@ -164,11 +174,13 @@ class _Run:
 
 
 def calibrate(source, ids: np.ndarray,
-              progress: Callable[[int, int, str], None] = lambda *_: None) -> dict[str, np.float32]:
-    """Every f32 scalar entry of `fp8.param_entries(source.cfg)` (`KEY:d` of each linear
-    weight, and the activation rscales), from the model's forward over `ids`."""
+              progress: Callable[[int, int, str], None] = lambda *_: None,
+              weight_scales: str = "per-tensor") -> dict:
+    """Every f32 entry of `fp8.param_entries(source.cfg, weight_scales)` (`KEY:d` of each
+    linear weight, or `KEY:d_rows` [rows] per-channel, and the activation rscales), from the
+    model's forward over `ids`."""
     cfg = source.cfg
-    run = _Run(source)
+    run = _Run(source, weight_scales)
     with np.errstate(over="ignore"):  # exp(-x) of a very negative x is inf: silu -> -0
         x = run.embed(np.asarray(ids))
         cos, sin = rope_tables(cfg, len(ids))

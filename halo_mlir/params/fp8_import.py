@@ -1,7 +1,8 @@
 """`import-params --quantize fp8`: a float checkpoint -> the FP8 parameters of `fp8.py`.
 
 Entries follow `fp8.param_entries(cfg)` (keys, shapes, dtypes, order): each linear weight
-KEY as `KEY:qs` (f8E4M3FNUZ [out, in], `fp8.quantize`) and `KEY:d` (f32 [], amax / 240);
+KEY as `KEY:qs` (f8E4M3FNUZ [out, in], `fp8.quantize`) and `KEY:d` (f32 [], amax / 240)
+or, with per-channel scales, `KEY:d_rows` (f32 [out], each row's amax / 240);
 the activation rscales from `calibrate`; token embedding, norms and lm_head in `dtype`.
 Weights stream in row blocks from a `sources.RowsSource` (safetensors or GGUF): the
 calibration pass reads each weight once (forward + amax), the write pass once more
@@ -46,20 +47,22 @@ def preflight(cfg, out: str | Path, tp: int = 1) -> None:
 
 
 def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", tp: int = 1,
-               layout: str = "per-layer",
+               layout: str = "per-layer", scales: str = "per-tensor",
                progress: Callable[[int, int, str], None] = lambda *_: None,
                calibration_progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
     """Calibrate on token `ids`, then write every entry of `fp8.param_entries(source.cfg)`
-    to `out` (rank files for tp > 1, stacked entries for layout `stacked`). Returns the
-    bytes written; nothing is left at `out` on error."""
+    to `out` (rank files for tp > 1, stacked entries for layout `stacked`); `scales`: the
+    weight scales' scheme (`fp8.SCALES`). Returns the bytes written; nothing is left at
+    `out` on error."""
     cfg = source.cfg
     np_dtype = numpy_dtype(dtype)
+    fp8.check_scales(scales)
     preflight(cfg, out, tp)
-    entries = fp8.param_entries(cfg)
+    entries = fp8.param_entries(cfg, scales)
     # The writer first: a bad --layout or output directory fails before the calibration.
     with irpa.writer(out, tp, layout) as writer:
-        scales = calibrate(source, ids, calibration_progress)
-        missing = [k for k, (_, kind) in entries.items() if kind == "f32" and k not in scales]
+        found = calibrate(source, ids, calibration_progress, scales)
+        missing = [k for k, (_, kind) in entries.items() if kind == "f32" and k not in found]
         if missing:
             raise HaloError(f"internal error: calibration gave no scale for {missing[0]}")
         for n, (key, (_, kind)) in enumerate(entries.items()):
@@ -69,11 +72,15 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
                                         for _, _, rows in source.row_blocks(key)))
             elif kind == fp8.FP8:
                 weight = key[:-len(":qs")]
-                d = scales[fp8.weight_keys(weight)[1]]
-                writer.add_chunks(key, (fp8.quantize(rows, d)
-                                        for _, _, rows in source.row_blocks(weight)))
-            else:
-                writer.add(key, np.array(scales[key], np.float32))  # 0-d: 4 bytes
+                d = found[fp8.weight_keys(weight, scales)[1]]
+                if np.ndim(d):  # per-channel: each block of rows with its rows' scales
+                    chunks = (fp8.quantize(rows, d[a:b])
+                              for a, b, rows in source.row_blocks(weight))
+                else:
+                    chunks = (fp8.quantize(rows, d) for _, _, rows in source.row_blocks(weight))
+                writer.add_chunks(key, chunks)
+            else:  # 0-d: 4 bytes; per-channel weight scales [rows]
+                writer.add(key, np.array(found[key], np.float32))
         progress(len(entries), len(entries), "")
         writer.commit()
         return writer.nbytes

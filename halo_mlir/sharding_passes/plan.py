@@ -69,17 +69,23 @@ def weight_sharding(key: str, shape=None, tp: int | None = None):
     """How `key` splits. lm_head (`output.weight`) stays replicated when tp does not divide
     the vocabulary (every device then computes all logits). A field `KEY:FIELD` of a
     quantized weight splits like KEY, except scalars (per-tensor scales: `[]`, or `[layers]`
-    when stacked), which are replicated."""
+    when stacked), which are replicated, and fields without KEY's split dim: per-row scales
+    `KEY:d_rows` [out] split with the rows of a weight split by rows (q/k/v/gate/up) and are
+    replicated whole for one split by columns (attn_output/down)."""
     key, sep, _ = key.partition(":")
     if sep and shape is not None and len(shape) <= (1 if _STACKED.match(key) else 0):
         return REPLICATED
     m = _STACKED.match(key)
     if m:
         s = WEIGHT_STYLES.get(m.group(1), REPLICATED)
-        return Split(s.dim + 1) if isinstance(s, Split) else s
+        s = Split(s.dim + 1) if isinstance(s, Split) else s
+        return REPLICATED if sep and shape is not None and isinstance(s, Split) and \
+            s.dim >= len(shape) else s
     m = _BLOCK.match(key)
     s = WEIGHT_STYLES.get(m.group(1) if m else key, REPLICATED)
     if key == "output.weight" and shape is not None and tp and shape[0] % tp:
+        return REPLICATED
+    if sep and shape is not None and isinstance(s, Split) and s.dim >= len(shape):
         return REPLICATED
     return s
 

@@ -350,14 +350,17 @@ def _is_truncation(op) -> bool:
 
 
 def _is_scaled_rounding(op, svs: list[SV]) -> bool:
-    """A linalg.generic that multiplies its one tensor input by replicated scalars (0-d
-    tensors) and rounds the product to the output type (the fp8 matmul's scale epilogue):
-    linear in the input, so it applies to each device's partial sum alike."""
+    """A linalg.generic that multiplies its one tensor input by replicated scales (0-d
+    tensors, or one per output column: the per-channel weight scales, replicated whole for
+    a weight split by columns) and rounds the product to the output type (the fp8 matmul's
+    scale epilogue): linear in the input, so it applies to each device's partial sum
+    alike."""
     if op.name != "linalg.generic" or len(op.results) != 1:
         return False
     maps = _maps(op)
     if maps[0] != maps[-1] or not maps[0].is_permutation or \
-            any(len(m.results) for m in maps[1:-1]) or \
+            any(not all(isinstance(e, ir.AffineDimExpr) for e in m.results)
+                for m in maps[1:-1]) or \
             any(not isinstance(sv.sharding, Replicated) for sv in svs[1:-1]):
         return False
     names = {inner.operation.name for inner in op.regions[0].blocks[0].operations}

@@ -61,7 +61,7 @@ def fake_quant(x, rscale: float):
 def fp8_model(model, params: dict, *, fused: bool = True):
     """A copy of `model` computing as halo's `--dtype fp8` program with the FP8 parameters
     `params` (key -> numpy array, halo_mlir.fp8 names): linear weights are their fp8 values
-    times `:d`; each linear's input is fake-quantized with its `q_input:rscale`; Q (after
+    times `:d` (per-tensor) or each row times its `:d_rows` entry (per-channel); each linear's input is fake-quantized with its `q_input:rscale`; Q (after
     RoPE) with `attn_q.q_output:rscale`, K and V with `kv_cache.quantizer:rscale` (as the
     fp8 cache holds them). `fused`: as `iree_linalg_ext.attention` computes with fp8 V, the
     softmax weights exp(s - max) are rounded to fp8 before P @ V (their sum is not)."""
@@ -87,8 +87,10 @@ def fp8_model(model, params: dict, *, fused: bool = True):
                 continue
             key = f"blk.{i}.{names[mod_name]}.weight"
             qs = np.asarray(params[f"{key}:qs"]).view(fp8.numpy_fp8()).reshape(mod.weight.shape)
+            d = np.asarray(params[f"{key}:d_rows"], np.float32) if f"{key}:d_rows" in params \
+                else scalar(f"{key}:d")
             with torch.no_grad():
-                mod.weight.copy_(torch.from_numpy(fp8.dequantize(qs, scalar(f"{key}:d"))))
+                mod.weight.copy_(torch.from_numpy(fp8.dequantize(qs, d)))
             rs = scalar(fp8.input_scale_key(i, names[mod_name]))
             mod.register_forward_pre_hook(lambda _m, args, rs=rs: (fake_quant(args[0], rs),))
 

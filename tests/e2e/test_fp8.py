@@ -36,7 +36,8 @@ def read_params(paths, float_dtype=np.float32) -> dict:
     from halo_mlir.config import from_hf_dict
     from hf_reference import config_json
 
-    entries = fp8.param_entries(from_hf_dict(config_json(paths[0].parent)))
+    cfg = from_hf_dict(config_json(paths[0].parent))
+    entries = {**fp8.param_entries(cfg), **fp8.param_entries(cfg, "per-channel")}
     out = {}
     for p in paths:
         index = rt.ParameterIndex()
@@ -199,6 +200,100 @@ def test_fp8_bad_input(checkpoint, tmp_path):
     proc = halo("emit", "--model", "toy", "--kv-cache-dtype", "fp8", "-o", tmp_path / "x.mlir",
                 check=False)
     assert proc.returncode != 0 and "needs --dtype fp8" in proc.stderr
+
+
+# ---- per-channel weight scales (`--fp8-scales per-channel`) ----------------------------------
+PC = ("--fp8-scales", "per-channel")
+
+
+@pytest.fixture(scope="module")
+def per_channel(checkpoint):
+    """The same checkpoint imported with one weight scale per output row (f32 rest)."""
+    d, model, _ = checkpoint
+    irpa = d / "w8pc.irpa"
+    if not irpa.exists():
+        halo("import-params", "--safetensors", d, "--quantize", "fp8", *PC, "--dtype", "f32",
+             "-o", irpa)
+    return d, model, irpa
+
+
+def test_per_channel_f32_activations_match_fake_quant_reference(per_channel):
+    """Each weight row dequantized with its own scale in the reference (applied in the
+    program after the fp8 contraction): the bound of the per-tensor model (1e-3), and the
+    program is closer to the unquantized model than per-tensor's on average."""
+    d, model, irpa = per_channel
+    vmfb = build(d, "pc_f32_paged", "--activation-dtype", "f32", *PC)
+    results, _ = run(vmfb, [irpa], model)
+    params = read_params([irpa])
+    assert params["blk.0.ffn_up.weight:d_rows"].shape == (model.config.intermediate_size,)
+    worst, mean = errors(results, fp8_model(model, params))
+    q_worst, q_mean = errors(results, model)
+    tensor_results, _ = run(build(d, "f32_paged", "--activation-dtype", "f32"),
+                            [d / "w8.irpa"], model)
+    t_worst, t_mean = errors(tensor_results, model)
+    print(f"fp8 per-channel (f32 activations): vs fake-quant reference max {worst:.2e} mean "
+          f"{mean:.2e}; vs unquantized max {q_worst:.3f} mean {q_mean:.4f} (per-tensor: max "
+          f"{t_worst:.3f} mean {t_mean:.4f})")
+    assert worst < 1e-3
+    assert q_mean > 5 * mean  # the reference is the quantized model, not the f32 one
+    assert q_mean < t_mean
+
+
+def test_per_channel_default_f16_activations(checkpoint):
+    """f16 activations and fp8 cache with per-channel weights: within the per-tensor bounds
+    of the fake-quant reference (0.5 max / 0.08 mean)."""
+    d, model, _ = checkpoint
+    irpa = d / "w8pc_f16.irpa"
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", *PC, "-o", irpa)
+    results, _ = run(build(d, "pc_f16_default", *PC), [irpa], model)
+    worst, mean = errors(results, fp8_model(model, read_params([irpa], np.float16)))
+    q_worst, q_mean = errors(results, model)
+    print(f"fp8 per-channel (f16 activations): vs fake-quant max {worst:.3f} mean {mean:.3f}; "
+          f"vs unquantized max {q_worst:.3f} mean {q_mean:.3f}")
+    assert worst < 0.5 and mean < 0.08
+    assert mean < q_mean
+
+
+def test_per_channel_layer_loop_and_tp2_match_unrolled(per_channel):
+    """`--layer-loop` (stacked row scales [layers, out]) and `--tp 2` (row scales split with
+    q/k/v/gate/up's rows, whole for attn_output/down, whose partial sums are scaled on each
+    device before the all-reduce) give the TP1 unrolled logits: the per-tensor bounds."""
+    d, model, irpa = per_channel
+    base, _ = run(build(d, "pc_f32_paged", "--activation-dtype", "f32", *PC), [irpa], model)
+    stacked = d / "w8pcs.irpa"
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", *PC, "--dtype", "f32",
+         "--layout", "stacked", "-o", stacked)
+    loop, _ = run(build(d, "pc_loop", "--activation-dtype", "f32", "--layer-loop", *PC),
+                  [stacked], model)
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", *PC, "--dtype", "f32",
+         "--tp", 2, "-o", d / "w8pctp.irpa")
+    ranks = [d / f"w8pctp.rank{i}.irpa" for i in range(2)]
+    tp2, _ = run(build(d, "pc_tp2", "--activation-dtype", "f32", *PC, tp=2), ranks, model,
+                 tp=2)
+    for name, other, tol in (("layer loop", loop, 1e-5), ("tp2", tp2, 1e-4)):
+        diff = max(float(np.abs(a - b).max()) for (a, _), (b, _) in zip(base, other))
+        print(f"fp8 per-channel {name} vs unrolled TP1: {diff:.2e}")
+        assert diff < tol, name
+
+
+def test_fp8_scales_mismatch_is_one_line(per_channel):
+    """A module emitted for one weight-scale scheme over parameters of the other fails at
+    load (the schemes use different keys: never a silently wrong scale), naming both fixes."""
+    from halo_mlir.errors import HaloError
+    from halo_mlir.runtime import Program
+
+    d, model, irpa = per_channel
+    tensor_vmfb = build(d, "f32_paged", "--activation-dtype", "f32")
+    with pytest.raises(HaloError) as e:
+        Program(tensor_vmfb, [irpa])
+    msg = str(e.value)
+    assert "\n" not in msg and "per-tensor" in msg and "--fp8-scales per-channel" in msg, msg
+    assert ":d_rows" in msg, msg
+    channel_vmfb = build(d, "pc_f32_paged", "--activation-dtype", "f32", *PC)
+    with pytest.raises(HaloError, match=r"emit with --fp8-scales per-channel|import with "
+                                        r"--fp8-scales per-channel") as e:
+        Program(channel_vmfb, [d / "w8.irpa"])
+    assert "blk." in str(e.value) and ":d_rows" in str(e.value)
 
 
 def test_fp8_two_query_heads_per_kv_head_at_batch_1(tmp_path):

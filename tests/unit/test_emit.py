@@ -77,7 +77,46 @@ def test_fp8_module_reads_fp8_parameters_and_cache():
     assert "-> (tensor<1x?x1024xf16>" in impl  # logits
 
 
+@pytest.mark.parametrize("extra", [[], ["--layer-loop"], ["--tp", "2"]],
+                         ids=["unrolled", "loop", "tp2"])
+def test_fp8_per_channel_module_reads_row_scales(tmp_path, extra):
+    """--fp8-scales per-channel: the keys of fp8.param_entries(cfg, "per-channel") (stacked
+    / sharded as the plan says), every linear through fp8_matmul_rows with a [out] f32
+    scale; the per-tensor module of the same options is unchanged by the flag's existence
+    (no `d_rows`, only fp8_matmul)."""
+    import re
+
+    from halo_mlir import fp8, preset
+    from halo_mlir.params.names import stacked_key
+
+    pc, pt = tmp_path / "pc.mlir", tmp_path / "pt.mlir"
+    halo("emit", "--model", "toy", "--layers", 2, "--dtype", "fp8", "--fp8-scales",
+         "per-channel", "--bs-prefill", 1, "--bs-decode", 1, *extra, "-o", pc)
+    halo("emit", "--model", "toy", "--layers", 2, "--dtype", "fp8", "--bs-prefill", 1,
+         "--bs-decode", 1, *extra, "-o", pt)
+    text, tensor_text = pc.read_text(), pt.read_text()
+    cfg = preset("toy").with_layers(2)
+    keys = set(re.findall(r'#flow.parameter.named<"model"::"([^"]+)">', text))
+    want = set(fp8.param_entries(cfg, "per-channel"))
+    if "--layer-loop" in extra:
+        want = {stacked_key(k) or k for k in want}
+    if "--tp" in extra:
+        keys = {re.sub(r"\.shard\.\d+$", "", k) for k in keys}
+    assert keys == want
+    assert "halo_fp8_matmul_rows_" in text and "halo_fp8_matmul_n" not in text
+    assert "d_rows" not in tensor_text and "fp8_matmul_rows" not in tensor_text
+    if "--tp" in extra:  # q's row scales split with its rows, down's whole on each device
+        assert '"blk.0.attn_q.weight:d_rows.shard.1"> : tensor<256xf32>' in text
+        assert '"blk.0.ffn_down.weight:d_rows"> : tensor<512xf32>' in text
+    elif "--layer-loop" in extra:
+        assert '"blk.ffn_up.weight.stacked:d_rows"> : tensor<2x1024xf32>' in text
+    else:
+        assert '"blk.1.attn_k.weight:d_rows"> : tensor<512xf32>' in text
+
+
 @pytest.mark.parametrize("kwargs,message", [
+    (dict(dtype="fp8", fp8_scales="per-row"), "unknown --fp8-scales 'per-row'"),
+    (dict(fp8_scales="per-channel"), "--fp8-scales applies to --dtype fp8 only"),
     (dict(kv_cache_dtype="fp8"), "needs --dtype fp8"),
     (dict(dtype="fp8", kv_cache_dtype="f32"), "holds fp8 or the activation dtype"),
     (dict(fp8_activations="f32"), "applies to --dtype fp8 only"),

@@ -303,3 +303,151 @@ def test_missing_tensor_writes_nothing(tmp_path):
                 "-o", tmp_path / "w.irpa", check=False)
     assert_one_line_error(proc, "lacks tensor model.layers.1.mlp.up_proj.weight")
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+# ---- --fp8-scales per-channel: one weight scale per output row ------------------------------
+@pytest.fixture(scope="module")
+def per_channel(ckpt, tmp_path_factory):
+    """(dir, model, cfg, entries) of the same checkpoint imported with per-channel scales."""
+    d, model, cfg, _ = ckpt
+    out = tmp_path_factory.mktemp("fp8pc") / "pc.irpa"
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", "--fp8-scales",
+         "per-channel", "-o", out)
+    return d, model, cfg, entries(out)
+
+
+def test_per_channel_entries_follow_the_contract(ckpt, per_channel):
+    _, _, cfg, got = per_channel
+    want = fp8.param_entries(cfg, "per-channel")
+    assert list(got) == list(want)  # same keys, same order
+    for key, (shape, kind) in want.items():
+        assert len(got[key]) == int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[kind], key
+    d_rows = [k for k in want if k.endswith(":d_rows")]
+    assert len(d_rows) == 7 * cfg.n_layers and not any(k.endswith(":d") for k in want)
+    assert want["blk.0.ffn_down.weight:d_rows"] == ((cfg.hidden_size,), "f32")
+    assert want["blk.0.attn_k.weight:d_rows"] == ((cfg.n_kv_heads * cfg.head_dim,), "f32")
+    # Everything else (activation scales, float tensors, key order) as per-tensor.
+    whole = ckpt[3]
+    for key in whole:
+        if not key.endswith((":d", ":qs")):
+            assert got[key] == whole[key], key
+
+
+def test_per_channel_weights_are_quantized_with_row_scales(per_channel):
+    _, model, cfg, got = per_channel
+    for key, (shape, kind) in fp8.param_entries(cfg, "per-channel").items():
+        if kind != fp8.FP8:
+            continue
+        w = weight(model, key[:-len(":qs")])
+        qs_key, d_key = fp8.weight_keys(key[:-len(":qs")], "per-channel")
+        d = np.frombuffer(got[d_key], np.float32)
+        assert d.shape == (shape[0],)
+        np.testing.assert_array_equal(d, (np.abs(w).max(axis=1) / 240).astype(np.float32))
+        qs = np.frombuffer(got[qs_key], fp8.numpy_fp8()).reshape(shape).astype(np.float32)
+        assert np.all(np.abs(qs).max(axis=1) == 240)  # every row's amax lands on 240
+        deq = qs * d[:, None]
+        # Within fp8 rounding of each row: half an ulp (3-bit mantissa) of the value, or of
+        # the row's smallest normal step.
+        assert np.all(np.abs(deq - w) <= 2.0 ** -4 * np.abs(w) + 2.0 ** -10 * d[:, None]), key
+    # The per-row scales differ (else per-channel would gain nothing on this model).
+    d = np.frombuffer(got["blk.0.ffn_gate.weight:d_rows"], np.float32)
+    assert d.max() > 1.2 * d.min()
+
+
+def test_per_channel_tp2_and_stacked(per_channel, tmp_path):
+    """--tp 2: a row-split weight's (q/k/v/gate/up) row scales split with its rows; a
+    column-split weight (attn_output/down) keeps all its row scales, once, in rank 0.
+    --layout stacked: `blk.NAME.weight.stacked:d_rows` [layers, out]; both together."""
+    from halo_mlir.params.names import stacked_key
+
+    d, _, cfg, whole = per_channel
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", "--fp8-scales",
+         "per-channel", "--tp", 2, "-o", tmp_path / "w.irpa")
+    ranks = [entries(tmp_path / f"w.rank{i}.irpa") for i in range(2)]
+    for key in fp8.param_entries(cfg, "per-channel"):
+        if not key.endswith((":d_rows", ":qs")):
+            continue
+        by_rows = key.split(".")[2] not in ("attn_output", "ffn_down")
+        if key.endswith(":d_rows") and not by_rows:
+            assert ranks[0][key] == whole[key] and key not in ranks[1], key
+            continue
+        elem = 4 if key.endswith(":d_rows") else 1
+        full = np.frombuffer(whole[key], np.uint8)
+        rows = fp8.param_entries(cfg, "per-channel")[key][0][0]
+        full = full.reshape(rows, -1)
+        dim = 0 if by_rows or key.endswith(":d_rows") else 1
+        for i in range(2):
+            piece = np.frombuffer(ranks[i][f"{key}.shard.{i}"], np.uint8)
+            assert np.array_equal(piece, np.split(full, 2, axis=dim)[i].reshape(-1)), key
+        assert elem == 1 or len(ranks[0][f"{key}.shard.0"]) == 4 * rows // 2
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", "--fp8-scales",
+         "per-channel", "--layout", "stacked", "-o", tmp_path / "s.irpa")
+    got = entries(tmp_path / "s.irpa")
+    want: dict[str, list[bytes]] = {}
+    for key in fp8.param_entries(cfg, "per-channel"):
+        want.setdefault(stacked_key(key) or key, []).append(whole[key])
+    assert sorted(got) == sorted(want)
+    for key, parts in want.items():
+        assert got[key] == b"".join(parts), key
+    L = cfg.n_layers
+    assert len(got["blk.ffn_up.weight.stacked:d_rows"]) == 4 * L * cfg.ffn_dim
+    halo("import-params", "--safetensors", d, "--quantize", "fp8", "--fp8-scales",
+         "per-channel", "--layout", "stacked", "--tp", 2, "-o", tmp_path / "st.irpa")
+    st = [entries(tmp_path / f"st.rank{i}.irpa") for i in range(2)]
+    up = np.frombuffer(got["blk.ffn_up.weight.stacked:d_rows"], np.float32).reshape(L, -1)
+    for i in range(2):
+        np.testing.assert_array_equal(
+            np.frombuffer(st[i][f"blk.ffn_up.weight.stacked:d_rows.shard.{i}"], np.float32),
+            np.split(up, 2, axis=1)[i].reshape(-1))
+    assert st[0]["blk.ffn_down.weight.stacked:d_rows"] == got["blk.ffn_down.weight.stacked:d_rows"]
+    assert not any(k.startswith("blk.ffn_down.weight.stacked:d_rows") for k in st[1])
+
+
+def test_per_channel_streaming_in_small_blocks(per_channel, tmp_path, monkeypatch):
+    """Row blocks that cut a weight anywhere give the same row scales and fp8 values."""
+    from halo_mlir.params import sources
+    from halo_mlir.params.calibrate import calibration_ids
+    from halo_mlir.params.fp8_import import import_fp8
+
+    d, _, cfg, whole = per_channel
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    with sources.open_source(safetensors=d) as src:
+        import_fp8(src, tmp_path / "b.irpa", calibration_ids(cfg.vocab_size),
+                   scales="per-channel")
+    got = entries(tmp_path / "b.irpa")
+    assert list(got) == list(whole)
+    for key in whole:
+        if not key.endswith(":rscale"):
+            assert got[key] == whole[key], key
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--fp8-scales", "per-channel"], "--fp8-scales applies to --quantize fp8 only"),
+    (["--quantize", "fp8", "--fp8-scales", "per-row"], "per-row"),
+])
+def test_per_channel_bad_flags(ckpt, tmp_path, args, needle):
+    proc = halo("import-params", "--safetensors", ckpt[0], *args, "-o", tmp_path / "w.irpa",
+                check=False)
+    assert_one_line_error(proc, needle)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("wanted,files,needle", [
+    ("blk.0.attn_q.weight:d", ["blk.0.attn_q.weight:d_rows"], "emit with --fp8-scales per-channel"),
+    ("blk.0.attn_q.weight:d_rows", ["blk.0.attn_q.weight:d"], "emit with --fp8-scales per-tensor"),
+    ("blk.0.attn_q.weight:d.shard.1", ["blk.0.attn_q.weight:d_rows.shard.1"],
+     "files hold per-channel ones (blk.0.attn_q.weight:d_rows)"),
+    ("blk.ffn_down.weight.stacked:d_rows", ["blk.ffn_down.weight.stacked:d"],
+     "import with --fp8-scales per-channel"),
+    ("blk.0.attn_q.weight:d", ["blk.0.attn_q.weight:d"], None),
+])
+def test_scales_scheme_mismatch_message(wanted, files, needle):
+    """What `runtime.Program` says when the module's weight-scale key is missing and the
+    other scheme's is there (per-layer, sharded, stacked); nothing for other misses."""
+    from halo_mlir.runtime import _fp8_scales_mismatch
+
+    msg = _fp8_scales_mismatch(wanted, files + ["blk.0.attn_q.weight:qs"])
+    if needle is None:
+        assert msg is None
+    else:
+        assert needle in msg and "\n" not in msg, msg

@@ -273,12 +273,15 @@ def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
               "calibrated on the shipped text; CPU; tools/bench/fp8_quality.py): logits of "
               f"{q['tokens']} tokens of tests/data/sample.txt, and greedy generation of "
               f"{q['greedy_of']} tokens after \"The capital of France is\":", "",
-              "| max |logit error| | mean |logit error| | mean error / f16 logit std "
-              "| next-token (argmax) agreement | greedy tokens equal before the first difference |",
-              "|---|---|---|---|---|",
-              progress(f"| {float(q['max_err']):.2f} | {float(q['mean_err']):.3f} | "
-                       f"{float(q['rel_mean_err']):.3f} | {float(q['top1_agree']):.1%} | "
-                       f"{q['greedy_same']} of {q['greedy_of']} |")]
+              "| weight scales | max |logit error| | mean |logit error| | mean error / f16 "
+              "logit std | next-token (argmax) agreement | greedy tokens equal before the "
+              "first difference |",
+              "|---|---|---|---|---|---|"]
+    for label, p in (("per-tensor", ""), ("per-channel", "pc_")):
+        lines.append(progress(
+            f"| {label} | {float(q[p + 'max_err']):.2f} | {float(q[p + 'mean_err']):.3f} | "
+            f"{float(q[p + 'rel_mean_err']):.3f} | {float(q[p + 'top1_agree']):.1%} | "
+            f"{q[p + 'greedy_same']} of {q['greedy_of']} |"))
     return lines
 
 
