@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 FORMS = {  # label -> halo-mlir generate options
     "f32": {"dtype": "f32", "keep_quantized": False},
     "f16": {"dtype": "f16", "keep_quantized": False},
-    "kept quantized (Q4_1/Q8_0 native, f32 activations)": {"dtype": "f32", "keep_quantized": True},
+    "kept quantized (Q4_1/Q8_0 native; f32 activations)": {"dtype": "f32", "keep_quantized": True},
 }
 
 
