@@ -95,11 +95,24 @@ def halo_run(args) -> None:
 # ---- llama.cpp side (runs in the llama-cpp-python venv) ----------------------------------
 def llama_runs(gguf: str, ids: list[int], tokens: int, threads: int, repeats: int) -> dict:
     import llama_cpp
+    import llama_cpp.llama
     import numpy as np
 
+    # This build (0.3.36 from source, GGML_NATIVE on an AVX-512 + AMX host) crashes in
+    # llama_decode when weights go to the extra (repacked / AMX) buffer types; plain CPU
+    # buffers work. Llama() builds its model params from this function, so patch it.
+    defaults = llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
+    # logits_all: 0.3.36's eval() keeps logits (`scores`) only then.
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=max(512, len(ids) + tokens + 8),
                           n_threads=threads, n_threads_batch=threads, n_batch=512,
-                          logits_all=False, verbose=False)
+                          logits_all=True, verbose=False)
     runs = []
     for _ in range(repeats + 1):
         llm.reset()
