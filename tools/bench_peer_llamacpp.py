@@ -6,16 +6,16 @@ llama.cpp runs in this script's own process, which must be a virtualenv holding
 llama-cpp-python (never halo-mlir's venv). Set-up (pip compiles llama.cpp with cmake; about
 15-25 minutes on 2 busy cores):
 
-    python3 -m venv /work/venv-llamacpp
-    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/venv-llamacpp/bin/pip install llama-cpp-python==0.3.36
+    python3 -m venv ../venv-llamacpp
+    CMAKE_BUILD_PARALLEL_LEVEL=2 ../venv-llamacpp/bin/pip install llama-cpp-python==0.3.36
 
 halo-mlir runs in child processes of `--halo-python` (the halo venv's python, which needs
 halo_mlir importable, e.g. PYTHONPATH=the repository): each runs this same file's
 `halo-run` subcommand, which builds (or takes from the compile cache) the bs-1 program of one
 form and generates with `halo_mlir.generate.Generator`. Example:
 
-    /work/venv-llamacpp/bin/python tools/bench_peer_llamacpp.py \\
-        --halo-python /work/main/.venv/bin/python --tokens 64 --repeats 3 --markdown peer.md
+    ../venv-llamacpp/bin/python tools/bench_peer_llamacpp.py \\
+        --halo-python .venv/bin/python --tokens 64 --repeats 3 --markdown peer.md
 
 Every run generates exactly --tokens tokens (no stop at end-of-sequence) from the token ids
 halo-mlir's GGUF tokenizer makes of --prompt, so both sides see the same ids. Reported per
