@@ -26,6 +26,7 @@ class Param:
     check: Callable[[object], str | None] = lambda v: None  # an error message or None
     default: object = None  # None: required
     choices: tuple = ()  # for str parameters: the legal values
+    omit_default: bool = False  # at its default the parameter is left out of the symbol
 
     def describe(self) -> str:
         what = "|".join(self.choices) if self.choices else self.kind.__name__
@@ -63,7 +64,9 @@ class Kernel:
 
     def mangle(self, values: dict) -> str:
         """Deterministic symbol: `halo_<kernel>_<param><value>...` in parameter order."""
-        return "halo_" + self.name + "".join(f"_{p}{values[p]}" for p in self.params)
+        return "halo_" + self.name + "".join(
+            f"_{p}{values[p]}" for p, spec in self.params.items()
+            if not (spec.omit_default and values[p] == spec.default))
 
     def validate(self, values: dict) -> dict:
         unknown = set(values) - set(self.params)

@@ -8,10 +8,22 @@ import numpy as np
 from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive, positive_multiple_of
 
 
-def _params(block: int) -> dict[str, Param]:
-    return {"n": Param(int, "rows of the weight (output features)", positive, 96),
-            "k": Param(int, "columns of the weight (input features)",
-                       positive_multiple_of(block), 64 if block == 32 else 512)}
+LANES = (0, 16)  # the matmul forms of Q8_0 / Q4_1 (docs/cpu-quantized.md)
+
+
+def _lanes(v: int) -> str | None:
+    return None if v in LANES else f"must be one of {', '.join(map(str, LANES))}"
+
+
+def _params(block: int, matmul: bool = False) -> dict[str, Param]:
+    params = {"n": Param(int, "rows of the weight (output features)", positive, 96),
+              "k": Param(int, "columns of the weight (input features)",
+                         positive_multiple_of(block), 64 if block == 32 else 512)}
+    if matmul and block == 32:
+        params["lanes"] = Param(int, "0: one in-order reduction over K (the GPU form); 16: "
+                                "16 partial sums, one per position in a half block, added "
+                                "last (the CPU form)", _lanes, 0, omit_default=True)
+    return params
 
 
 def dequantize(fmt: str, fields: list[np.ndarray]) -> np.ndarray:
@@ -109,7 +121,8 @@ def _family(fmt: str, block: int) -> list[Kernel]:
         reference=lambda v, ins: [dequantize(fmt, ins[1:])[ins[0]]],
         tolerance=lambda v: 0.0)
     upper = fmt.upper()
-    return [Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32", _params(block),
+    return [Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32",
+                   _params(block, matmul=True),
                    harness=matmul),
             Kernel(f"{fmt}_rows", f"rows ids[T] of {upper} w[N,K], dequantized -> [T,K] f32",
                    _params(block), harness=rows)]

@@ -64,6 +64,9 @@ class EmitOptions:
     # An fp8 model's weight scales (fp8.SCALES): per-tensor `KEY:d` [] or per-channel
     # `KEY:d_rows` [out], as the parameters were imported (`import-params --fp8-scales`).
     fp8_scales: str = "per-tensor"
+    # Q8_0 / Q4_1 matmuls: 0 one in-order reduction (GPUs), 16 the lane-sum form that IREE's
+    # CPU codegen vectorizes (docs/cpu-quantized.md); `generate` picks 16 on cpu.
+    quant_lanes: int = 0
 
     @property
     def activation_dtype(self) -> str:
@@ -135,6 +138,7 @@ class _Model:
         # Attention in fp8 over an fp8 cache: Q, K, V quantized with the layer's scales.
         self.kv_fp8 = opts.cache_dtype == fp8.FP8
         b.template_dir = opts.template_dir
+        b.quant_lanes = opts.quant_lanes
         if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
             for name in self.block_weights:
                 found = {self.formats.get(f"blk.{i}.{name}.weight") for i in range(cfg.n_layers)}

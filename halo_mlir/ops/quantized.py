@@ -13,7 +13,8 @@ def quantized_linear(b: Builder, x: Value, fmt: str, fields: list[Value], n: int
     nb, s, k = b.dims(x)
     rows = b.reshape(x, [[0, 1], [2]], [None, k])
     rows = b.retype(b.map("mk->mk", [rows], "f32", lambda v: b.cast(v, "f32")), [None, k])
-    fn = kernels.instantiate(b, f"{fmt}_matmul", n=n, k=k)
+    lanes = getattr(b, "quant_lanes", 0) if fmt in ("q8_0", "q4_1") else 0
+    fn = kernels.instantiate(b, f"{fmt}_matmul", n=n, k=k, **({"lanes": lanes} if lanes else {}))
     out = b.call(fn, [rows, *fields], [b.tensor_type([None, n], "f32")])[0]
     out = b.map("mn->mn", [out], dtype, lambda v: b.cast(v, dtype))
     return b.reshape(out, [[0, 1], [2]], [nb, s, n])

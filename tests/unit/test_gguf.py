@@ -1,6 +1,7 @@
 """GGUF import on small files written here: Q/K un-permutation, quantized fields, bad input."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,26 @@ def test_keep_quantized_tp_split_that_cuts_a_block(tmp_path):
     proc = halo("emit", "--gguf", path, "--keep-quantized", "--tp", 2, "--bs-prefill", 1,
                 "--bs-decode", 1, "-o", tmp_path / "m.mlir")
     assert "4 all-reduces" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("device,lanes", [("cpu", True), ("hip", False)])
+def test_generate_build_picks_the_lane_sum_matmuls_on_cpu(tmp_path, monkeypatch, device, lanes):
+    """`generate`'s build emits the Q8_0 / Q4_1 matmuls in their lane-sum form for the CPU
+    (docs/cpu-quantized.md) and in the one-reduction form for GPUs; K-quant kernels have
+    one form."""
+    import halo_mlir.compile
+    from halo_mlir.generate import build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+
+    write_gguf(tmp_path / "m.gguf", qtypes={"blk.0.ffn_up.weight": "Q4_1",
+                                            "blk.0.attn_q.weight": "Q8_0"})
+    monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
+    compiled = []
+    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+                        lambda src, out, **kw: compiled.append(Path(src).read_text()))
+    with GgufFile(tmp_path / "m.gguf") as g:
+        build_from_gguf(g, dtype="f32", keep_quantized=True, device=device, echo=lambda m: None)
+    text, = compiled
+    for kernel in ("q4_1_matmul_n96_k64", "q8_0_matmul_n64_k64"):
+        assert (f"util.func private @halo_{kernel}_lanes16(" in text) == lanes, kernel
+        assert (f"util.func private @halo_{kernel}(" in text) != lanes, kernel

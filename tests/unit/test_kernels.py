@@ -24,7 +24,7 @@ def quantized(fmt, rng):
     return gguf.quants.dequantize(raw, t), FORMATS[fmt].split(raw, N, K[fmt])
 
 
-def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k):
+def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k, **extra):
     import iree.runtime as rt
 
     from halo_mlir import kernels
@@ -37,7 +37,7 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k):
         types = [b.tensor_type(*first_type)] + [
             b.tensor_type(a.shape, {np.float16: "f16", np.int8: "i8"}[a.dtype.type])
             for a in fields.values()]
-        symbol = kernels.instantiate(b, kernel, n=N, k=k)
+        symbol = kernels.instantiate(b, kernel, n=N, k=k, **extra)
         b.define("main", types, lambda *args: b.call(
             symbol, list(args), [b.tensor_type(out_shape, "f32")])[0])
         (tmp_path / "k.mlir").write_text(str(module))
@@ -48,19 +48,20 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k):
     return np.asarray(ctx.modules.module.main(first, *fields.values()).to_host())
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q6_k"])
-def test_quantized_matmul_matches_numpy(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,lanes", [("q8_0", 0), ("q8_0", 16), ("q4_1", 0), ("q4_1", 16),
+                                       ("q4_k", 0), ("q6_k", 0)])
+def test_quantized_matmul_matches_numpy(tmp_path, fmt, lanes):
     """Against gguf's dequantization + a float64 matmul, within f32 accumulation: the
     error bound is relative to |x| @ |w|^T (the K-quant blocks span f16's whole range)."""
     rng = np.random.default_rng(0)
     w, fields = quantized(fmt, rng)
     x = rng.standard_normal((M, K[fmt])).astype(np.float32)
     got = run_kernel(tmp_path, f"{fmt}_matmul", fields, x, ([None, K[fmt]], "f32"), [None, N],
-                     K[fmt])
+                     K[fmt], **({"lanes": lanes} if lanes else {}))
     want = x.astype(np.float64) @ w.T.astype(np.float64)
     scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
     worst = float((np.abs(got - want) / np.maximum(scale, 1e-30)).max())
-    print(f"{fmt}_matmul: max |error| / (|x| @ |w|^T) = {worst:.3g}")
+    print(f"{fmt}_matmul lanes={lanes}: max |error| / (|x| @ |w|^T) = {worst:.3g}")
     assert np.isfinite(got).all() and worst < 1e-5
 
 
