@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import halo
+from conftest import FULL, halo
 
 # The published multipliers (xai-org/grok-1 run.py).
 ATTN_MULT = 0.08838834764831845
@@ -240,8 +240,9 @@ def _worst_error(w, vmfb, params, tp: int = 1):
     return max(errors)
 
 
-@pytest.mark.parametrize("prefill,loop", [("grouped", False), ("gather", False),
-                                          ("grouped", True)])
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill,loop", [("grouped", False)] + (
+    [("gather", False), ("grouped", True)] if FULL else []))
 def test_prefill_then_decode_matches_reference(model, prefill, loop):
     d, w = model
     worst = _worst_error(w, *_build(d, prefill, loop=loop))
