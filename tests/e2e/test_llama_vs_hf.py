@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import halo
-from hf_reference import AWKWARD, logits, make_model
+from hf_reference import logits, make_model
 
 STRIDE = 8
 PAGES = 12
@@ -50,13 +50,13 @@ def build(d, dtype, attention):
     return vmfb, irpa
 
 
-def run_and_compare(d, model, dtype, attention):
-    """Prefill two right-padded rows, then decode; returns (max error, where, host cache)."""
+def prefill_then_decode(vmfb, irpa, model, dtype, steps: int = DECODE_STEPS):
+    """Prefill two right-padded rows, then `steps` decode steps over the shuffled pages,
+    every logit against `model` (transformers); returns ((max error, where), host cache)."""
     from halo_mlir.runtime import Program
 
-    vmfb, irpa = build(d, dtype, attention)
     rng = np.random.default_rng(1)
-    vocab = AWKWARD["vocab_size"]
+    vocab = model.config.vocab_size
     tokens = rng.integers(0, vocab, size=(2, PREFILL_LEN)).astype(np.int64)
     errors = []
     with Program(vmfb, [irpa]) as prog:
@@ -67,7 +67,7 @@ def run_and_compare(d, model, dtype, attention):
         seqs = [list(tokens[b, :n]) for b, n in enumerate(LENS)]
         for b, seq in enumerate(seqs):
             errors.append((np.abs(out[b, :LENS[b]] - logits(model, seq)).max(), f"prefill row {b}"))
-        for step in range(DECODE_STEPS):
+        for step in range(steps):
             new = rng.integers(0, vocab, size=(2, 1)).astype(np.int64)
             start = np.array([len(s) for s in seqs], np.int64)
             out = prog.decode(new, start + 1, start, BLOCK_IDS, [cache])
@@ -77,7 +77,12 @@ def run_and_compare(d, model, dtype, attention):
                 ref = logits(model, seqs[b])[-1]
                 errors.append((np.abs(out[b, 0] - ref).max(), f"decode {step} row {b}"))
         host_cache = cache.to_host()
-    worst = max(errors)
+    return max(errors), host_cache
+
+
+def run_and_compare(d, model, dtype, attention):
+    """Build, then `prefill_then_decode`; returns ((max error, where), host cache)."""
+    worst, host_cache = prefill_then_decode(*build(d, dtype, attention), model, dtype)
     print(f"{dtype}/{attention}: max |logit error| = {worst[0]:.3g} ({worst[1]})")
     return worst, host_cache
 
