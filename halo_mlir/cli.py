@@ -94,7 +94,7 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="halo-mlir")
 def main():
-    """Emit Llama 3.1 inference programs directly as IREE MLIR.
+    """Emit Llama 3.1, Mixtral and Grok-1 inference programs directly as IREE MLIR.
 
     \b
     The flow:
