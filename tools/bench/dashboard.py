@@ -144,10 +144,36 @@ def select(rows: list[Row], args) -> list[Row]:
 
 
 def not_applicable(row: Row) -> str | None:
-    """Why the whole row cannot run, or None."""
+    """Why the whole row cannot run, or None: kv heads that do not split, or what the
+    preset's model family does not run (its attention forms, options it lacks yet)."""
     if row.kv_heads % row.tp:
         return f"{row.kv_heads} kv heads do not split over {row.tp} devices"
+    from halo_mlir.config import PRESETS, preset
+
+    if row.model in PRESETS:
+        from halo_mlir.errors import HaloError
+        from halo_mlir.model.decoder import EmitOptions
+        from halo_mlir.model.families import family
+
+        fam = family(preset(row.model).family)
+        if fam.attention is not None and row.attention not in fam.attention:
+            return (f"the {fam.name} family runs {'/'.join(fam.attention)} attention only "
+                    "(soft-capped logits)")
+        try:
+            fam.check(EmitOptions(dtype=row.dtype))
+        except HaloError as e:
+            return str(e)
     return None
+
+
+def _default_form(model: str) -> str:
+    """The attention form `auto` picks for a preset's family where the kernels fit: paged,
+    or the family's own (Grok-1: decomposed)."""
+    from halo_mlir.config import preset
+    from halo_mlir.model.families import family
+
+    forms = family(preset(model).family).attention
+    return forms[0] if forms else "paged"
 
 
 def default_gfx942(row: Row) -> bool:
@@ -156,7 +182,7 @@ def default_gfx942(row: Row) -> bool:
     bf16/f32 paged at TP1."""
     if row.model in EXTRA_MODELS:
         return False
-    if row.attention == "paged" and ((row.tp == 1 and row.dtype in ("f16", "fp8"))
+    if row.attention == _default_form(row.model) and ((row.tp == 1 and row.dtype in ("f16", "fp8"))
                                      or (row.tp == 8 and row.dtype == "f16")):
         return True
     return row.small and row.tp == 1 and (row.dtype == "f16" or row.attention == "paged")
