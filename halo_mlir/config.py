@@ -222,8 +222,11 @@ def _moe_from_hf(d: dict, family: str, where: str) -> dict:
     if d.get("sliding_window") is not None:
         raise HaloError(f"{where}: sliding_window {d['sliding_window']} is not supported "
                         "(halo_mlir attends to the whole context); set it to null")
-    return dict(family=family, n_experts=int(d["num_local_experts"]),
-                experts_per_token=int(d["num_experts_per_tok"]), moe_renormalize=True)
+    experts, used = int(d["num_local_experts"]), int(d["num_experts_per_tok"])
+    if experts >= 1 and not 1 <= used <= experts:
+        raise HaloError(f"{where}: num_experts_per_tok {used} (experts a token runs) is not in "
+                        f"1..num_local_experts ({experts}); fix config.json")
+    return dict(family=family, n_experts=experts, experts_per_token=used, moe_renormalize=True)
 
 
 def from_hf_config(path: str | Path) -> LlamaConfig:

@@ -63,7 +63,7 @@ def _row_blocks(rows: int, cols: int, read):
 def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     shapes = param_shapes(cfg)
     for key, shape in shapes.items():
-        if key not in g.tensors:
+        if not g.has(key):
             raise HaloError(f"{g.path}: tensor {key} is missing; is this a complete llama GGUF?")
         if g.shape(key) != shape:
             raise HaloError(f"{g.path}: tensor {key} has shape {list(g.shape(key))}, the "

@@ -1,6 +1,7 @@
 """Mixtral (mixture of experts): config, parameter names and import, emission, errors, and
 the MoE block's numerics against transformers' own MixtralSparseMoeBlock."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -48,7 +49,9 @@ def test_hf_config_equals_preset():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(num_experts_per_tok=9), "experts_per_token must be in 1..8"),
+    (dict(num_experts_per_tok=9), r"num_experts_per_tok 9 \(experts a token runs\) is not in "
+                                  r"1..num_local_experts \(8\); fix config.json"),
+    (dict(num_experts_per_tok=0), r"num_experts_per_tok 0 .* is not in 1..num_local_experts"),
     (dict(num_local_experts=0), "needs n_experts >= 1"),
     (dict(sliding_window=4096), "sliding_window 4096 is not supported"),
     (dict(model_type="grok"), "model_type 'grok' is not a Llama-family model or Mixtral"),
@@ -171,23 +174,101 @@ def test_plan_accounts_the_experts(tmp_path):
     assert json.loads(proc.stdout)["params"] == params
 
 
-def test_moe_gguf_is_a_one_line_error(tmp_path):
-    """A llama.cpp MoE GGUF (expert_count set) is refused by name, not half-imported."""
-    import gguf
+# ---- Mixtral from a GGUF (llama.cpp's layout: arch `llama`, expert metadata) ----------
+def _tiny_gguf(d, name="m.gguf", **kw):
+    """TINY's random weights as safetensors (config.json beside) and as a llama.cpp GGUF."""
+    from moe_gguf import write_mixtral_gguf
 
-    path = tmp_path / "moe.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_uint32("llama.expert_count", 8)
-    w.add_uint32("llama.block_count", 1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    out = tmp_path / "x.irpa"
-    proc = halo("import-params", "--gguf", path, "-o", out, check=False)
-    assert_one_line_error(proc, "mixture-of-experts GGUF", "expert_count = 8")
+    tensors = _tiny_checkpoint(d)
+    write_mixtral_gguf(d / name, tensors, TINY, **kw)
+    return d / name
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_gguf_imports_and_emits_as_the_checkpoint(tmp_path, per_expert):
+    """A Mixtral GGUF (stacked `_exps` tensors, or the older one tensor per expert) imports
+    to the same IRPA entries as the HF checkpoint it was converted from (Q/K rows
+    un-permuted, experts stacked in order), and emits the same program as its config.json
+    (the model's name aside, which the program does not hold)."""
+    from test_layout import entries
+
+    gguf_path = _tiny_gguf(tmp_path, per_expert=per_expert)
+    halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "-o", tmp_path / "g.irpa")
+    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "-o", tmp_path / "s.irpa")
+    got, want = entries(tmp_path / "g.irpa"), entries(tmp_path / "s.irpa")
+    assert sorted(got) == sorted(want) and "blk.1.ffn_down_exps.weight" in got
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    halo("emit", "--gguf", gguf_path, "--dtype", "f32", "-o", tmp_path / "g.mlir")
+    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "f32",
+         "-o", tmp_path / "s.mlir")
+    assert (tmp_path / "g.mlir").read_text() == (tmp_path / "s.mlir").read_text()
+
+
+def test_gguf_config_reads_the_expert_metadata(tmp_path):
+    from halo_mlir.params.gguf_file import GgufFile
+
+    with GgufFile(_tiny_gguf(tmp_path)) as g:
+        c = g.config()
+    assert (c.family, c.n_experts, c.experts_per_token, c.moe_renormalize, c.ffn_dim) == \
+        ("mixtral", 3, 2, True, 24)
+    assert c.rms_eps == pytest.approx(1e-5, rel=1e-6)  # GGUF stores it as f32
+    assert c == dataclasses.replace(from_hf_dict(TINY), name=c.name, rms_eps=c.rms_eps)
+
+
+def _gate(shape):
+    return np.zeros(shape, np.float32)
+
+
+# (what the GGUF writer changes, what the one-line error says)
+BAD_GGUF = [
+    (dict(metadata={"expert_count": 4}),
+     ["llama.expert_count = 4 disagrees with blk.0.ffn_gate_exps.weight, which holds 3 experts"]),
+    (dict(metadata={"expert_used_count": 4}),
+     ["llama.expert_used_count = 4 (experts a token runs) is not in 1..llama.expert_count = 3"]),
+    (dict(metadata={"expert_used_count": None}), ["llama.expert_used_count is missing"]),
+    (dict(drop=("blk.1.ffn_down_exps.weight",)),
+     ["without blk.1.ffn_down_exps.weight or blk.1.ffn_down.0.weight: an unknown expert layout",
+      "ffn_{gate,up,down}_exps"]),
+    (dict(replace={"blk.0.ffn_gate_exps.weight": _gate((3, 32, 24))}),  # [E, D, F]: transposed
+     ["blk.0.ffn_gate_exps.weight has shape [3, 32, 24], not [experts, ffn, hidden] = [3, 24, 32]",
+      "unknown expert layout"]),
+    (dict(replace={"blk.0.ffn_up_exps.weight": _gate((3 * 24, 32))}),  # 2-D: experts flattened
+     ["blk.0.ffn_up_exps.weight has shape [72, 32], not [experts, ffn, hidden]"]),
+    (dict(drop=("blk.0.ffn_gate_inp.weight",)), ["without the router blk.0.ffn_gate_inp.weight"]),
+    (dict(per_expert=True, drop=("blk.1.ffn_up.1.weight",)),
+     ["per-expert tensors of blk.1.ffn_up_exps.weight are experts [0, 2], not 0..1"]),
+]
+
+
+@pytest.mark.parametrize("change,needles", BAD_GGUF)
+@pytest.mark.parametrize("command", ["import-params", "emit"])
+def test_bad_moe_gguf_is_a_one_line_error(tmp_path, change, needles, command):
+    """A Mixtral GGUF whose metadata and expert tensors disagree, or whose experts are in a
+    layout halo_mlir does not read, is refused in one line by import and emit, and nothing
+    is written."""
+    gguf_path = _tiny_gguf(tmp_path, **change)
+    out = tmp_path / ("x.irpa" if command == "import-params" else "x.mlir")
+    proc = halo(command, "--gguf", gguf_path, "-o", out, check=False)
+    assert_one_line_error(proc, *needles)
     assert not out.exists()
+
+
+def test_expert_tensors_without_expert_count(tmp_path):
+    gguf_path = _tiny_gguf(tmp_path, metadata={"expert_count": None, "expert_used_count": None})
+    proc = halo("emit", "--gguf", gguf_path, "-o", tmp_path / "x.mlir", check=False)
+    assert_one_line_error(proc, "has expert tensors (blk.0.ffn_gate_exps.weight) but no "
+                                "llama.expert_count")
+
+
+def test_top_k_above_the_experts_in_hf_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "num_experts_per_tok": 4}))
+    for cmd in (["emit", "--hf-config", tmp_path / "config.json", "-o", tmp_path / "x.mlir"],
+                ["plan", "--hf-config", tmp_path / "config.json"]):
+        proc = halo(*cmd, check=False)
+        assert_one_line_error(proc, "num_experts_per_tok 4 (experts a token runs) is not in "
+                                    "1..num_local_experts (3); fix config.json")
+    assert not (tmp_path / "x.mlir").exists()
 
 
 def test_tp2_splits_each_experts_ffn_rows(tmp_path):
