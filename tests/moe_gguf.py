@@ -102,7 +102,7 @@ def write_mixtral_gguf(path, tensors: dict[str, np.ndarray], hf: dict, *, qtype:
     for key, value in meta.items():
         if value is not None:
             w.add_uint32(f"llama.{key}", int(value))
-    w.add_float32("llama.rope.freq_base", float(hf["rope_theta"]))
+    w.add_float32("llama.rope.freq_base", float(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]))
     w.add_float32("llama.attention.layer_norm_rms_epsilon", float(hf["rms_norm_eps"]))
     if tokenizer is not None:
         add_tokenizer(w, tokenizer)
