@@ -40,6 +40,10 @@ class IreeCompat:
     paged_attention: bool = True
     # Extra iree-compile flags per target.
     extra_flags: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Whether this release computes the mixture-of-experts `grouped` prefill right (3.9 on
+    # CPU does not: a prefill's logits after its first position differ from 3.13's and
+    # transformers' by ~5, while the `gather` form matches them to 4e-6; NOTES.md).
+    moe_grouped_prefill: bool = True
 
     def attention_for(self, target: str) -> str:
         """The attention form that compiles for `target` under this release."""
@@ -54,6 +58,7 @@ TABLE: dict[str, IreeCompat] = {
         shortfin="3.9.0",
         no_fused_attention=("gfx942",),
         paged_attention=False,
+        moe_grouped_prefill=False,
     ),
     "3.13": IreeCompat(
         release="3.13",

@@ -246,6 +246,13 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
         check_release()
+        from halo_mlir import compat
+
+        iree = compat.current()
+        if cfg.is_moe and not iree.moe_grouped_prefill:
+            opts = dataclasses.replace(opts, moe_prefill="gather")
+            echo(f"note: mixture-of-experts prefill in the gather form (IREE {iree.release} "
+                 "computes the grouped form wrongly)")
         # auto: what the installed release (shortfin's) compiles for `target`
         opts, chosen = resolve(cfg, opts, target=target)
         echo(chosen)

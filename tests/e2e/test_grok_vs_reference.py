@@ -61,7 +61,8 @@ def make_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
-def write_gguf(path, w: dict[str, np.ndarray]) -> None:
+def write_gguf(path, w: dict[str, np.ndarray], tokenizer=None) -> None:
+    """`tokenizer`: a `tokenizers` BPE written as the file's tokenizer metadata."""
     import gguf
 
     g = gguf.GGUFWriter(str(path), "grok")
@@ -82,6 +83,10 @@ def write_gguf(path, w: dict[str, np.ndarray]) -> None:
     g.add_float32("grok.attn_logit_softcapping", CAP)
     g.add_float32("grok.embedding_scale", EMB_SCALE)
     g.add_float32("grok.logit_scale", OUT_SCALE)
+    if tokenizer is not None:
+        from moe_gguf import add_tokenizer
+
+        add_tokenizer(g, tokenizer)
     for name, a in w.items():
         g.add_tensor(name, a)
     g.write_header_to_file()

@@ -209,3 +209,53 @@ def test_safetensors_generate_and_perplexity(mixtral, tmp_path):
                               "--window", 24, "--stride", 16))
     assert got == pytest.approx(_reference_perplexity(model, tk.encode(TEXT).ids, 24, 16)[0],
                                 rel=1e-3)
+
+
+# ---- Grok-1 (a `grok` GGUF) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def grok(tmp_path_factory, mixtral):
+    """(dir, weights, tokenizer): test_grok_vs_reference's random Grok written as a `grok`
+    GGUF with a byte-level BPE tokenizer; builds go to the module's cache (HALO_CACHE_DIR)."""
+    from test_grok_vs_reference import V, make_weights, write_gguf
+
+    d = tmp_path_factory.mktemp("grok_generate")
+    w = make_weights()
+    tk = byte_level_bpe(V, EOS)
+    write_gguf(d / "grok.gguf", w, tokenizer=tk)
+    return d, w, tk
+
+
+def test_grok_generate_and_perplexity_equal_the_reference(grok):
+    """`halo-mlir generate --gguf` and `perplexity --gguf` on the Grok GGUF, and each
+    greedy step's logits through the Python API, against test_grok_vs_reference's torch
+    implementation of Grok-1's forward (the random model repeats a token, by margins of ~7)."""
+    from test_grok_vs_reference import reference
+
+    d, w, tk = grok
+    ids = tk.encode(PROMPT).ids
+    want, worst = [], 0.0
+    files, gen = _build(d / "grok.gguf")
+    record = []
+    try:
+        got = list(gen.generate(ids, NEW_TOKENS, record=record))
+    finally:
+        gen.close()
+    for step in range(NEW_TOKENS):
+        ref = reference(w, ids + want)[-1]
+        assert np.diff(np.sort(ref)[-2:])[0] > 10 * TOL
+        worst = max(worst, np.abs(record[step] - ref).max())
+        want.append(int(ref.argmax()))
+    print(f"grok GGUF generate: max |logit error| = {worst:.3g} over {NEW_TOKENS} steps")
+    assert worst <= TOL and got == want
+    proc = halo("generate", "--gguf", d / "grok.gguf", "--raw", "--prompt", PROMPT,
+                "--max-tokens", NEW_TOKENS)
+    assert _generated(proc.stdout) == tk.decode(want, skip_special_tokens=True)
+    (d / "text.txt").write_text(TEXT)
+    text_ids = tk.encode(TEXT).ids
+    logp = torch.log_softmax(torch.from_numpy(reference(w, text_ids)).double(), -1)
+    nll = -sum(float(logp[t - 1, text_ids[t]]) for t in range(1, len(text_ids)))
+    expected = math.exp(nll / (len(text_ids) - 1))  # one window holds the whole text
+    value, n = _perplexity(halo("perplexity", "--gguf", d / "grok.gguf", "--text",
+                                d / "text.txt", "--window", 256))
+    print(f"grok perplexity: halo {value:.4f}, reference {expected:.4f} over {n} tokens")
+    assert n == len(text_ids) - 1 and value == pytest.approx(expected, rel=1e-3)

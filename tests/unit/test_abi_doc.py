@@ -563,6 +563,63 @@ def test_export_shortfin_config(tmp_path, monkeypatch):
     assert got == doc_config(tables, ns, "f32")  # --target cpu: f32
 
 
+# A small Mixtral (family `mixtral`): the SMALL model with 3 experts, top-2.
+SMALL_MOE = {**{k: v for k, v in SMALL.items() if k != "rope_scaling"},
+             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+             "num_local_experts": 3, "num_experts_per_tok": 2, "sliding_window": None,
+             "vocab_size": 300}  # room for a byte-level BPE vocabulary (256 bytes + merges)
+
+
+@pytest.mark.parametrize("source", ["hf-config", "gguf"])
+def test_export_shortfin_config_moe(tmp_path, monkeypatch, source):
+    """export-shortfin of a mixture-of-experts model (from --hf-config with --params, and
+    from a llama.cpp Mixtral GGUF) writes the config.json this doc specifies (compiled by a
+    stand-in, as above)."""
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models
+
+    import halo_mlir.compile
+    import halo_mlir.export
+    from halo_mlir.export import export_shortfin
+    from halo_mlir.params.names import hf_sources, param_shapes
+    from moe_gguf import byte_level_bpe, write_mixtral_gguf
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    cfg = cfg_of(SMALL_MOE)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for key, shape in param_shapes(cfg).items():
+        names = hf_sources(key, cfg)
+        for name in names:
+            tensors[name] = rng.standard_normal(shape[1:] if len(names) > 1 else shape
+                                                ).astype(np.float32)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(SMALL_MOE))
+    monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
+    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+                        lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))
+    if source == "gguf":
+        write_mixtral_gguf(d / "m.gguf", tensors, SMALL_MOE,
+                           tokenizer=byte_level_bpe(SMALL_MOE["vocab_size"]))
+        export_shortfin(tmp_path / "out", gguf=str(d / "m.gguf"), target="cpu", bs=(1, 4),
+                        device_block_count=64, echo=lambda _: None)
+    else:
+        Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")).save(
+            str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+        halo("import-params", "--safetensors", d, "--dtype", "f32", "-o", d / "m.irpa")
+        export_shortfin(tmp_path / "out", hf_config=str(d / "config.json"),
+                        params=str(d / "m.irpa"), target="cpu", bs=(1, 4),
+                        device_block_count=64, echo=lambda _: None)
+    got = json.loads((tmp_path / "out" / "config.json").read_text())
+    tables = doc_tables()
+    ns = symbols(tables, cfg, bs_prefill=(1, 4), bs_decode=(1, 4), device_block_count=64)
+    assert got == doc_config(tables, ns, "f32")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.irpa", "model.vmfb", "tokenizer.json", "tokenizer_config.json"]
+
+
 def test_iree_releases():
     from halo_mlir import compat
 
