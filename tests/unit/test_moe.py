@@ -311,3 +311,38 @@ def test_import_tp2_stacked_splits_each_expert(tmp_path):
                 np.testing.assert_array_equal(gate[layer, e], w1[r * half:(r + 1) * half])
                 np.testing.assert_array_equal(down[layer, e], w2[:, r * half:(r + 1) * half])
         assert f == 2 * half
+
+
+@pytest.mark.parametrize("release,form", [("3.13", "grouped"), ("3.9", "gather")])
+def test_export_shortfin_moe_prefill_form(tmp_path, monkeypatch, release, form):
+    """export-shortfin compiles a mixture of experts with the grouped prefill, except under
+    IREE 3.9 (shortfin's), whose grouped form computes wrong logits after a prefill's first
+    position: there it emits the gather form and says so (compiled by a stand-in here; the
+    served tokens are checked in tests/e2e/test_moe_shortfin.py)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models
+
+    import halo_mlir.compile
+    import halo_mlir.export
+    import halo_mlir.model.llama
+    from halo_mlir import compat
+    from halo_mlir.export import export_shortfin
+
+    _tiny_checkpoint(tmp_path)
+    Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")).save(
+        str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "-o", tmp_path / "m.irpa")
+    monkeypatch.setattr(compat, "current", lambda: compat.TABLE[release])
+    monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
+    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+                        lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))
+    emitted, emit = [], halo_mlir.model.llama.emit_module
+    monkeypatch.setattr(halo_mlir.model.llama, "emit_module",
+                        lambda cfg, opts: emitted.append(opts) or emit(cfg, opts))
+    notes = []
+    export_shortfin(tmp_path / "out", hf_config=str(tmp_path / "config.json"),
+                    params=str(tmp_path / "m.irpa"), target="cpu", echo=notes.append)
+    assert [o.moe_prefill for o in emitted] == [form]
+    assert any("gather form" in str(n) for n in notes) == (form == "gather")

@@ -1,0 +1,79 @@
+"""A Mixtral GGUF served by shortfin: `halo-mlir export-shortfin` in the IREE 3.9 + shortfin
+environment (which emits the experts' prefill in the gather form: 3.9 computes the grouped
+form wrongly), the printed server started on a free port, three prompts sent alone and
+batched, and the generated ids compared with transformers' greedy ids.
+
+Runs with HALO_FULL=1 (an IREE 3.9 compile and a server start, ~3 minutes); the choice of
+the gather form under 3.9 is pinned by tests/unit/test_moe.py in every run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import FULL, halo_in, shortfin_python
+from hf_reference import MIXTRAL_AWKWARD, make_mixtral
+from moe_gguf import byte_level_bpe, write_mixtral_gguf
+from test_moe_generate import EOS, _reference_greedy
+from test_shortfin import LAUNCHER, free_port, post
+
+PROMPTS = ["In the beginning", "Once upon a time", "The quick brown fox"]
+NEW_TOKENS = 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="an IREE 3.9 compile and a shortfin server: HALO_FULL=1")
+def test_shortfin_serves_mixtral_greedy_tokens(tmp_path):
+    from safetensors.numpy import load_file
+
+    python = shortfin_python()
+    model = make_mixtral(tmp_path)
+    tk = byte_level_bpe(MIXTRAL_AWKWARD["vocab_size"], EOS)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    write_mixtral_gguf(tmp_path / "m.gguf", load_file(str(tmp_path / "model.safetensors")), hf,
+                       tokenizer=tk)
+    want = [_reference_greedy(model, tk.encode(p).ids, NEW_TOKENS)[0] for p in PROMPTS]
+    assert not any(tk.token_to_id(EOS) in w for w in want)  # shortfin would stop there
+    out = tmp_path / "served"
+    proc = halo_in(python, "export-shortfin", "--gguf", tmp_path / "m.gguf", "--out", out,
+                   "--bs", "1,4")
+    assert "mixture-of-experts prefill in the gather form" in proc.stderr
+    args = shlex.split(proc.stdout.strip().splitlines()[-1])
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([python, str(LAUNCHER), *args[3:]], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"shortfin exited ({server.returncode}):\n"
+                            f"{(tmp_path / 'server.log').read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    pytest.fail("shortfin did not come up within 180 s")
+                time.sleep(1)
+        params = {"max_completion_tokens": NEW_TOKENS}
+        for p, w in zip(PROMPTS, want):
+            assert post(port, {"text": p, "sampling_params": params,
+                               "return_input_ids": True}) == [w], p
+        got = post(port, {"text": PROMPTS, "sampling_params": params, "return_input_ids": True})
+        assert got == [[w] for w in want]
+    finally:
+        server.terminate()  # by its pid
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
