@@ -640,7 +640,13 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         if tokenizer:  # the tokenizer first: fail before any import or compile
             tok = JsonTokenizer(tokenizer)
         elif g:
-            tok = GgufTokenizer(g)
+            try:
+                tok = GgufTokenizer(g)
+            except HaloError:
+                raise
+            except Exception as e:  # the tokenizers library's own errors: a broken vocabulary
+                raise HaloError(f"{g.path}: the GGUF's tokenizer cannot be built ({e}); pass "
+                                "--vmfb/--params/--config with --tokenizer instead") from None
         else:
             raise HaloError("no tokenizer: pass --tokenizer tokenizer.json or --gguf FILE")
         if not vmfb:

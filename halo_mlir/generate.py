@@ -343,6 +343,7 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
 
     target, _ = DEVICES[device]
     gguf = g.path
+    cfg = g.config()  # a file it cannot read fails here, before anything is written
     digest = file_digest(gguf)
     layout = "stacked" if layer_loop else "per-layer"
     scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
@@ -361,7 +362,6 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                             progress=progress, layout=layout, note=echo)
         finally:
             progress.close()
-    cfg = g.config()
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop, fp8_scales=fp8_scales,

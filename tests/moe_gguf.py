@@ -63,11 +63,12 @@ def add_tokenizer(w, tk, eos: str = "<|endoftext|>") -> None:
 
 def write_mixtral_gguf(path, tensors: dict[str, np.ndarray], hf: dict, *, qtype: str | None = None,
                        per_expert: bool = False, tokenizer=None, drop=(), replace=None,
-                       metadata=None) -> dict[str, np.ndarray]:
+                       metadata=None, extra=None) -> dict[str, np.ndarray]:
     """Write HF-named f32 `tensors` of the Mixtral `hf` config.json as llama.cpp's GGUF.
     `qtype` (e.g. "Q8_0"): every matrix stored in that block format (norms stay F32), as
     `gguf.quants.quantize` makes it. `drop`: GGUF names left out; `replace`: GGUF name ->
-    array stored instead; `metadata`: llama.* keys -> values overriding the config's.
+    array stored instead; `metadata`: llama.* keys -> values overriding the config's (None
+    leaves a key out); `extra(writer)` adds more metadata.
     Returns HF name -> the f32 values a reader gets back (dequantized by gguf itself)."""
     import gguf
 
@@ -106,6 +107,8 @@ def write_mixtral_gguf(path, tensors: dict[str, np.ndarray], hf: dict, *, qtype:
     w.add_float32("llama.attention.layer_norm_rms_epsilon", float(hf["rms_norm_eps"]))
     if tokenizer is not None:
         add_tokenizer(w, tokenizer)
+    if extra is not None:
+        extra(w)
     back: dict[str, np.ndarray] = {}
     for name, (hf_name, array) in named.items():
         if name in drop:

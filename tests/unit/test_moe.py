@@ -346,3 +346,29 @@ def test_export_shortfin_moe_prefill_form(tmp_path, monkeypatch, release, form):
                     params=str(tmp_path / "m.irpa"), target="cpu", echo=notes.append)
     assert [o.moe_prefill for o in emitted] == [form]
     assert any("gather form" in str(n) for n in notes) == (form == "gather")
+
+
+def test_bad_moe_gguf_in_generate_and_export_shortfin(tmp_path):
+    """generate and export-shortfin check the experts before importing or compiling: one
+    line, no cache entry, no output directory."""
+    import os
+    import subprocess
+    import sys
+
+    def tokenizer(w):  # a gpt2-kind vocabulary, so generate gets past its tokenizer
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([chr(ord("0") + i) for i in range(TINY["vocab_size"] - 1)] + ["01"])
+        w.add_token_merges(["0 1"])
+        w.add_eos_token_id(1)
+
+    gguf_path = _tiny_gguf(tmp_path, metadata={"expert_count": 4}, extra=tokenizer)
+    needle = "llama.expert_count = 4 disagrees with blk.0.ffn_gate_exps.weight"
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HALO_CACHE_DIR": str(cache)}
+    for args in (["generate", "--gguf", gguf_path, "--prompt", "hi"],
+                 ["export-shortfin", "--gguf", gguf_path, "--out", tmp_path / "served"]):
+        proc = subprocess.run([sys.executable, "-m", "halo_mlir", *map(str, args)],
+                              capture_output=True, text=True, env=env)
+        assert_one_line_error(proc, needle)
+    assert not (cache / "params").exists() and not (cache / "modules").exists()
+    assert not (tmp_path / "served").exists()
