@@ -41,8 +41,8 @@ class IreeCompat:
     # Extra iree-compile flags per target.
     extra_flags: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # Whether this release computes the mixture-of-experts `grouped` prefill right (3.9 on
-    # CPU does not: a prefill's logits after its first position differ from 3.13's and
-    # transformers' by ~5, while the `gather` form matches them to 4e-6; NOTES.md).
+    # CPU does not: a prefill's logits after its first position are off by up to 5.4 on a
+    # tiny Mixtral, while its `gather` form matches 3.13's to 5e-6; NOTES.md).
     moe_grouped_prefill: bool = True
 
     def attention_for(self, target: str) -> str:
