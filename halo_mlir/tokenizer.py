@@ -38,37 +38,87 @@ def _byte_alphabet() -> dict[int, str]:
     return chars
 
 
+def _byte_level_bpe(g, tokens: list[str]):
+    """(tokenizer, vocab) of a `gpt2` vocabulary: byte-level BPE with the file's merges and
+    the split regex its `tokenizer.ggml.pre` names."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab = {(t if set(t) <= spelled else "".join(alphabet[c] for c in t.encode())): i
+             for i, t in enumerate(tokens)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS.get(g.get("tokenizer.ggml.pre"))
+    if split:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk, vocab
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a token into two
+    tokens, the merges of higher-scored tokens first (of one token, the longer left piece
+    first, then by the pieces' ids)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for t, score in zip(tokens, scores):
+        pairs = sorted(((t[:n], t[n:]) for n in range(1, len(t))
+                        if t[:n] in ids and t[n:] in ids), key=lambda p: (ids[p[0]], ids[p[1]]))
+        found += [(-float(score), -len(a), -len(b), len(found) + j, a, b)
+                  for j, (a, b) in enumerate(pairs)]
+    return [(a, b) for *_, a, b in sorted(found)]
+
+
+def _sentencepiece_bpe(g, tokens: list[str]):
+    """A `llama` (SentencePiece BPE) vocabulary: merges from the file or from the token
+    scores, unknown characters as their UTF-8 bytes (`<0xNN>` tokens), spaces as U+2581 with
+    one before the text unless `tokenizer.ggml.add_space_prefix` is false."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if g.get("tokenizer.ggml.merges") is not None:
+        merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges")]
+    else:
+        merges = sentencepiece_merges(tokens, list(g.require("tokenizer.ggml.scores")))
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                              fuse_unk=True, byte_fallback=True))
+    prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                prepend_scheme="first" if prefix else "never")
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
+
+
 class GgufTokenizer:
     """encode(text) -> ids, decode(ids) -> text, eos/bos ids, and `save(tokenizer.json)`."""
 
     def __init__(self, g):
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken
 
         kind = g.get("tokenizer.ggml.model")
         if kind is None:
             raise HaloError(f"{g.path}: the GGUF has no tokenizer (tokenizer.ggml.model "
                             "missing); pass --vmfb/--params/--config with --tokenizer instead")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise HaloError(f"{g.path}: tokenizer model {kind!r} is not supported; supported: "
-                            "gpt2 (byte-level BPE, as Llama 3 and SmolLM use)")
+                            "gpt2 (byte-level BPE, as Llama 3 and SmolLM use) and llama "
+                            "(SentencePiece BPE, as Llama 2, Mistral and Mixtral use)")
         tokens = list(g.require("tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
         types = list(g.get("tokenizer.ggml.token_type") or [])
-        alphabet = _byte_alphabet()
-        spelled = set(alphabet.values())
-        vocab = {(t if set(t) <= spelled else "".join(alphabet[c] for c in t.encode())): i
-                 for i, t in enumerate(tokens)}
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        split = PRE_TOKENIZER_SPLITS.get(g.get("tokenizer.ggml.pre"))
-        if split:
-            tk.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if kind == "llama":
+            tk = _sentencepiece_bpe(g, tokens)
+            control = [t for t, k in zip(tokens, types) if k == CONTROL]
         else:
-            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                               for t, k in zip(tokens, types) if k == CONTROL and set(t) <= spelled])
+            tk, _ = _byte_level_bpe(g, tokens)
+            spelled = set(_byte_alphabet().values())
+            control = [t for t, k in zip(tokens, types) if k == CONTROL and set(t) <= spelled]
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        vocab = tk.get_vocab()
         tk.add_tokens([AddedToken(t, normalized=False, special=False)
                        for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
         self.tokenizer = tk
@@ -76,7 +126,8 @@ class GgufTokenizer:
         self.bos_id = g.get("tokenizer.ggml.bos_token_id")
         self.eos_id = g.get("tokenizer.ggml.eos_token_id")
         self.eot_id = g.get("tokenizer.ggml.eot_token_id")
-        self.add_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+        self.add_bos = bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         self.chat_template = g.get("tokenizer.chat_template")
         # The special tokens a chat template sees by name (transformers' GGUF loading
         # names the same ids).
