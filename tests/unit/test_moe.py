@@ -184,23 +184,29 @@ def _tiny_gguf(d, name="m.gguf", **kw):
     return d / name
 
 
-@pytest.mark.parametrize("per_expert", [False, True])
-def test_gguf_imports_and_emits_as_the_checkpoint(tmp_path, per_expert):
+@pytest.mark.parametrize("per_expert,form", [(False, []), (True, []),
+                                              (True, ["--tp", "2", "--layout", "stacked"])])
+def test_gguf_imports_and_emits_as_the_checkpoint(tmp_path, per_expert, form):
     """A Mixtral GGUF (stacked `_exps` tensors, or the older one tensor per expert) imports
     to the same IRPA entries as the HF checkpoint it was converted from (Q/K rows
-    un-permuted, experts stacked in order), and emits the same program as its config.json
-    (the model's name aside, which the program does not hold)."""
+    un-permuted, experts stacked in order; also split over 2 ranks in the stacked layout),
+    and emits the same program as its config.json (the model's name aside, which the
+    program does not hold)."""
     from test_layout import entries
 
     gguf_path = _tiny_gguf(tmp_path, per_expert=per_expert)
-    halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "-o", tmp_path / "g.irpa")
-    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "-o", tmp_path / "s.irpa")
-    got, want = entries(tmp_path / "g.irpa"), entries(tmp_path / "s.irpa")
-    assert sorted(got) == sorted(want) and "blk.1.ffn_down_exps.weight" in got
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    halo("emit", "--gguf", gguf_path, "--dtype", "f32", "-o", tmp_path / "g.mlir")
-    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "f32",
+    halo("import-params", "--gguf", gguf_path, "--dtype", "f32", *form, "-o", tmp_path / "g.irpa")
+    halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", *form,
+         "-o", tmp_path / "s.irpa")
+    files = ["g.rank0.irpa", "g.rank1.irpa"] if form else ["g.irpa"]
+    for name in files:
+        got, want = entries(tmp_path / name), entries(tmp_path / name.replace("g.", "s.", 1))
+        assert sorted(got) == sorted(want) and any("ffn_down_exps" in k for k in got)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    emit_form = ["--tp", "2", "--layer-loop"] if form else []
+    halo("emit", "--gguf", gguf_path, "--dtype", "f32", *emit_form, "-o", tmp_path / "g.mlir")
+    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "f32", *emit_form,
          "-o", tmp_path / "s.mlir")
     assert (tmp_path / "g.mlir").read_text() == (tmp_path / "s.mlir").read_text()
 
