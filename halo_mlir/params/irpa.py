@@ -7,6 +7,8 @@ place, so a failed import leaves no partial `.irpa` behind.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import tempfile
 from pathlib import Path
@@ -233,9 +235,10 @@ class StackedLayout:
             self.close()
 
 
-def writer(path: str | Path, tp: int = 1, layout: str = "per-layer"):
-    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan; with layout
-    `stacked`, block weights go into stacked entries."""
+def writer(path: str | Path, tp: int = 1, layout: str = "per-layer", moe: str = "ffn"):
+    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan (`moe`: how
+    the experts split, plan.MOE_PARALLEL); with layout `stacked`, block weights go into
+    stacked entries."""
     from halo_mlir.params.names import LAYOUTS
 
     if layout not in LAYOUTS:
@@ -245,5 +248,5 @@ def writer(path: str | Path, tp: int = 1, layout: str = "per-layer"):
     else:
         from halo_mlir.sharding_passes.plan import weight_sharding
 
-        w = ShardedIrpaWriter(path, tp, weight_sharding)
+        w = ShardedIrpaWriter(path, tp, functools.partial(weight_sharding, moe=moe))
     return StackedLayout(w) if layout == "stacked" else w
