@@ -489,6 +489,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
                                 "grok-1 (or pass --hf-config).")
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
 @_tp_option("Tensor-parallel devices the weights and KV cache are split over.")
+@_moe_parallel_option(_MOE_PARALLEL_HELP)
 @click.option("--dtype", default="f16", show_default=True,
               type=click.Choice(["f16", "bf16", "f32", "fp8"]),
               help="Weight dtype (fp8: linear weights in 1 byte, the rest f16).")
@@ -498,12 +499,14 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--require-fit", is_flag=True, help="Exit 1 with the shortfall when it does not fit.")
 @_reports_errors
-def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, require_fit):
+def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu, as_json,
+             require_fit):
     """Per-device memory and a roofline latency estimate, before compiling anything."""
     from halo_mlir import capacity
 
     cfg, _ = _load_config(model, hf_config, None, None, sources=("--model", "--hf-config"))
-    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu)
+    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu,
+                      moe_parallel=moe_parallel)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
     if require_fit:
         capacity.require_fit(p)

@@ -556,7 +556,7 @@ def _split_experts(module, groups: int) -> None:
     from iree.compiler import ir
 
     from halo_mlir.sharding_passes.pipeline import _param_key
-    from halo_mlir.sharding_passes.plan import EXPERT_STYLES, weight_sharding
+    from halo_mlir.sharding_passes.plan import EXPERT_STYLES, shard_key, weight_sharding
     from halo_mlir.sharding_passes.shard import split_attr
 
     for op in module.body.operations:
@@ -564,3 +564,5 @@ def _split_experts(module, groups: int) -> None:
         if key and any(name in key for name in EXPERT_STYLES):
             s = weight_sharding(key, None, groups, moe="expert")
             op.attributes["halo.split"] = ir.DenseI64ArrayAttr.get(split_attr(s))
+            op.attributes["halo.shard_name"] = ir.StringAttr.get(
+                shard_key(key, 0, "expert").rsplit(".", 2)[1])

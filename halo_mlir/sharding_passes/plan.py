@@ -97,6 +97,18 @@ def weight_sharding(key: str, shape=None, tp: int | None = None, moe: str = "ffn
     return s
 
 
+def shard_key(key: str, i: int, moe: str = "ffn") -> str:
+    """Rank i's piece of the split weight `key`: `KEY.shard.i`; under expert parallelism
+    the experts' pieces (rank i's whole experts) are `KEY.expert_shard.i`. The two modes'
+    expert pieces have the same byte size ([E/N, F, D] and [E, F/N, D]) and IREE loads a
+    parameter of the right size whatever it holds, so the names differ: files of one mode
+    given to the other's module are a missing parameter (runtime.Program names the fix)."""
+    base = key.partition(":")[0]
+    m = _STACKED.match(base) or _BLOCK.match(base)
+    expert = moe == "expert" and m is not None and m.group(1) in EXPERT_STYLES
+    return f"{key}.{'expert_shard' if expert else 'shard'}.{i}"
+
+
 def cache_sharding(cfg: LlamaConfig, stride: int) -> Split:
     """The flat cache argument [pages, page_elems] splits by kv head inside each page."""
     return Split(1, (cfg.n_layers, 2, cfg.n_kv_heads, stride, cfg.head_dim), 2)
