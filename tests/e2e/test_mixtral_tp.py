@@ -19,9 +19,10 @@ def _page_elems(c) -> int:
     return c.num_hidden_layers * 2 * c.num_key_value_heads * STRIDE * c.head_dim
 
 
-def _check(d, model, one, tp, mode):
+def _check(d, model, one, tp, mode, built=None, loop=False):
     c = model.config
-    many, tokens = run(*build(d, tp, moe_parallel=mode), tp, _page_elems(c), c.vocab_size)
+    built = built or build(d, tp, loop, moe_parallel=mode)
+    many, tokens = run(*built, tp, _page_elems(c), c.vocab_size)
     diff = _max_diff(one, many)
     # And the sharded program is right, not only self-consistent: prefill row 0 vs HF.
     ref = logits(model, list(tokens[0, :LENS[0]]))
@@ -42,9 +43,38 @@ def six_experts(tmp_path_factory):
     return d, model, one
 
 
+@pytest.fixture(scope="module")
+def tp2_builds(six_experts):
+    """TP2 in each mode: mode -> (vmfb, rank files)."""
+    return {mode: build(six_experts[0], 2, moe_parallel=mode) for mode in ("ffn", "expert")}
+
+
 @pytest.mark.parametrize("mode", ["ffn", "expert"])
-def test_tp2_matches_tp1_and_transformers(six_experts, mode):
-    _check(*six_experts, 2, mode)
+def test_tp2_matches_tp1_and_transformers(six_experts, tp2_builds, mode):
+    _check(*six_experts, 2, mode, tp2_builds[mode])
+
+
+@pytest.mark.parametrize("module,files", [("ffn", "expert"), ("expert", "ffn")])
+def test_rank_files_of_the_other_mode_are_one_line(tp2_builds, module, files):
+    """The two modes' expert pieces have the same byte size, so IREE would load either;
+    their names differ, and the runtime says which mode the files are."""
+    from halo_mlir.errors import HaloError
+    from halo_mlir.runtime import Program
+
+    with pytest.raises(HaloError) as e:
+        Program(tp2_builds[module][0], tp2_builds[files][1], n_devices=2)
+    msg = str(e.value)
+    print(msg)
+    assert "\n" not in msg and f"the files hold --moe-parallel {files} shards" in msg
+    assert f"emit with --moe-parallel {files}, or import with --moe-parallel {module}" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="one more compile (HALO_FULL=1)")
+def test_tp2_expert_parallel_layer_loop(six_experts):
+    """--moe-parallel expert with --layer-loop: stacked experts split along the expert dim
+    ([layers, E/N, ...] per rank)."""
+    _check(*six_experts, 2, "expert", loop=True)
 
 
 @pytest.fixture(scope="module")
