@@ -79,10 +79,12 @@ def test_tp2_expert_parallel_layer_loop(six_experts):
 
 @pytest.fixture(scope="module")
 def eight_experts(tmp_path_factory):
-    """8 experts and 4 kv heads (8 query heads), so TP4 divides both."""
+    """8 experts and 4 kv heads, so TP4 divides both; 3 query heads per kv head (with 2,
+    iree-compile 3.13 fails on the CPU decode attention of 1 kv head per device: the
+    'vector.mask' failure of NOTES.md, in either mode)."""
     d = tmp_path_factory.mktemp("mixtral_tp4")
     model = make_mixtral(d, seed=4, num_local_experts=8, num_key_value_heads=4,
-                         num_attention_heads=8)
+                         num_attention_heads=12)
     c = model.config
     one, _ = run(*build(d, 1), 1, _page_elems(c), c.vocab_size)
     return d, model, one
