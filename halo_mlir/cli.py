@@ -359,6 +359,10 @@ def _print_report(report, cfg=None, opts=None) -> None:
                      f"in all, busiest device receives {report.busiest[entry] / scale / 1e3:.1f}"
                      f" KB (bandwidth bound 2(N-1)/N per all-reduce: {bound / 1e3:.1f} KB)")
         click.echo(line, err=True)
+    if cfg is not None and opts is not None and opts.moe_parallel == "expert":
+        click.echo(f"experts: {cfg.n_experts // tp} of {cfg.n_experts} whole per device "
+                   "(--moe-parallel expert); their partial sums meet in each block's "
+                   "second all-reduce", err=True)
 
 
 @main.command("import-params", short_help="Weights (safetensors/GGUF) -> IRPA.")

@@ -38,6 +38,7 @@ def test_emit_holds_whole_experts_per_device(tmp_path):
     assert '_exps.weight.shard.' not in "".join(re.findall(r'"model"::"[^"]+"', text))
     assert text.count('"model"::"blk.0.ffn_gate_inp.weight"> : tensor<8x4096xf16>') == 2
     assert "prefill_bs4: " in proc.stderr and "2 all-reduces" in proc.stderr
+    assert "experts: 4 of 8 whole per device (--moe-parallel expert)" in proc.stderr
 
 
 def test_ffn_mode_is_the_default(tmp_path):
