@@ -81,10 +81,18 @@ class Sharder:
         # its input twice) is all-reduced once.
         self.reduced: list[dict] = [{}]
         self.shard_callee = None  # set by the pipeline (it owns function-level sharding)
+        self._promises: dict[int, ir.Attribute] = {}
 
     # ---- helpers -------------------------------------------------------------------
     def devices(self):
         return range(self.tp)
+
+    def promise(self, i: int) -> ir.Attribute:
+        """`#hal.device.promise<@__device_i>`, parsed once per device (a TP8 module
+        places thousands of globals)."""
+        if i not in self._promises:
+            self._promises[i] = Builder.device(i)
+        return self._promises[i]
 
     def replicated(self, values) -> SV:
         return SV(REPLICATED, list(values))
@@ -227,7 +235,7 @@ class Sharder:
         with ir.InsertionPoint(op_global), op_global.location:
             g = util.global_(sym, t, sym_visibility="private",
                              initial_value=ir.Attribute.parse(init))
-            g.attributes["stream.affinity"] = Builder.device(i)
+            g.attributes["stream.affinity"] = self.promise(i)
         self.device_globals[key] = (sym, t)
         return sym, t
 
