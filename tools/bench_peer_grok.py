@@ -29,7 +29,7 @@ hidden x experts as the generator makes them, vocab 256, RMSNorm eps 0.01, RoPE 
 
 Set up sharktank's virtualenv as tools/bench_peer.py's docstring says, then:
 
-    python tools/bench_peer_grok.py --sharktank-python /work/venv-sharktank/bin/python \\
+    python tools/bench_peer_grok.py --sharktank-python venv-sharktank/bin/python \\
         --work-dir out --json grok_peer.json
 
 It prints a table and writes --json. Exit status 1 when the tanh-GELU comparison exceeds
