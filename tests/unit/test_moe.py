@@ -80,12 +80,12 @@ def test_parameter_names_and_shapes():
     assert hf_sources("blk.0.attn_q.weight", cfg) == ["model.layers.0.self_attn.q_proj.weight"]
 
 
-def _tiny_checkpoint(d, drop=None):
+def _tiny_checkpoint(d, drop=None, hf=TINY):
     from safetensors.numpy import save_file
 
     from halo_mlir.params.names import hf_sources, param_shapes
 
-    cfg = from_hf_dict(TINY)
+    cfg = from_hf_dict(hf)
     rng = np.random.default_rng(0)
     tensors = {}
     for key, shape in param_shapes(cfg).items():
@@ -96,7 +96,7 @@ def _tiny_checkpoint(d, drop=None):
     if drop:
         del tensors[drop]
     save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(TINY))
+    (d / "config.json").write_text(json.dumps(hf))
     return tensors
 
 
@@ -175,26 +175,29 @@ def test_plan_accounts_the_experts(tmp_path):
 
 
 # ---- Mixtral from a GGUF (llama.cpp's layout: arch `llama`, expert metadata) ----------
-def _tiny_gguf(d, name="m.gguf", **kw):
-    """TINY's random weights as safetensors (config.json beside) and as a llama.cpp GGUF."""
+def _tiny_gguf(d, name="m.gguf", hf=TINY, **kw):
+    """`hf`'s random weights as safetensors (config.json beside) and as a llama.cpp GGUF."""
     from moe_gguf import write_mixtral_gguf
 
-    tensors = _tiny_checkpoint(d)
-    write_mixtral_gguf(d / name, tensors, TINY, **kw)
+    tensors = _tiny_checkpoint(d, hf=hf)
+    write_mixtral_gguf(d / name, tensors, hf, **kw)
     return d / name
 
 
 @pytest.mark.parametrize("per_expert,form", [
-    (False, []), (True, []), (True, ["--tp", "2", "--layout", "stacked"])])
+    (False, []), (True, []), (True, ["--tp", "2", "--layout", "stacked"]),
+    (True, ["--tp", "2", "--moe-parallel", "expert"])])
 def test_gguf_imports_and_emits_as_the_checkpoint(tmp_path, per_expert, form):
     """A Mixtral GGUF (stacked `_exps` tensors, or the older one tensor per expert) imports
     to the same IRPA entries as the HF checkpoint it was converted from (Q/K rows
-    un-permuted, experts stacked in order; also split over 2 ranks in the stacked layout),
+    un-permuted, experts stacked in order; also over 2 ranks in the stacked layout, and
+    with whole experts per rank, `--moe-parallel expert`),
     and emits the same program as its config.json (the model's name aside, which the
     program does not hold)."""
     from test_layout import entries
 
-    gguf_path = _tiny_gguf(tmp_path, per_expert=per_expert)
+    hf = {**TINY, "num_local_experts": 4} if "expert" in form else TINY  # 2 whole a device
+    gguf_path = _tiny_gguf(tmp_path, per_expert=per_expert, hf=hf)
     halo("import-params", "--gguf", gguf_path, "--dtype", "f32", *form, "-o", tmp_path / "g.irpa")
     halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", *form,
          "-o", tmp_path / "s.irpa")
