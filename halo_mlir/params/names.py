@@ -34,6 +34,20 @@ MIXTRAL_HF_NAMES = {
     "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
 }
+# The same model as transformers keeps it in memory (and a checkpoint saved without the
+# legacy conversion): each layer's experts already stacked, gate and up fused into one
+# tensor `gate_up_proj` [experts, 2 * ffn, hidden] (gate rows first, then up, as
+# `MixtralExperts.forward` chunks them), `down_proj` [experts, hidden, ffn]. A source
+# `NAME#0` / `NAME#1` is the first / second half of NAME's dim 1.
+MIXTRAL_FUSED_HF_NAMES = {
+    **{k: v for k, v in HF_NAMES.items() if ".ffn_" not in k or "ffn_norm" in k},
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.mlp.experts.gate_up_proj#0",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.mlp.experts.gate_up_proj#1",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.mlp.experts.down_proj",
+}
+# The tensor whose presence marks a checkpoint as fused (checkpoint_layout).
+FUSED_EXPERTS_MARK = "model.layers.0.mlp.experts.gate_up_proj"
 # Grok-1 has no transformers port in the library; its parameters come from a GGUF in
 # llama.cpp's `grok` naming (the ABI keys themselves), so it has no HF table.
 FAMILY_HF_NAMES = {"llama": HF_NAMES, "mixtral": MIXTRAL_HF_NAMES}
@@ -121,16 +135,24 @@ def hf_name(key: str) -> str:
     return HF_NAMES[key]
 
 
-def hf_sources(key: str, cfg: LlamaConfig) -> list[str]:
+def hf_sources(key: str, cfg: LlamaConfig, fused: bool = False) -> list[str]:
     """The HF tensors an ABI key is made of, in order: one, or one per expert for a stacked
-    expert entry (`blk.3.ffn_gate_exps.weight` <- `...experts.{0..E-1}.w1.weight`)."""
+    expert entry (`blk.3.ffn_gate_exps.weight` <- `...experts.{0..E-1}.w1.weight`). With
+    `fused` (a Mixtral checkpoint holding `mlp.experts.gate_up_proj`), the stacked tensor or
+    a half of it (`NAME#0`, `NAME#1`: split_source)."""
     if cfg.family not in FAMILY_HF_NAMES:
         raise HaloError(f"the {cfg.family} family has no HF safetensors naming in halo_mlir; "
                         "import its GGUF (llama.cpp naming) with `import-params --gguf`")
-    names = FAMILY_HF_NAMES[cfg.family]
+    names = MIXTRAL_FUSED_HF_NAMES if fused and cfg.is_moe else FAMILY_HF_NAMES[cfg.family]
     m = _LAYER.match(key)
     template = names["blk.{i}." + m.group(2)] if m else names[key]
     layer = m.group(1) if m else None
     if "{e}" in template:
         return [template.format(i=layer, e=e) for e in range(cfg.n_experts)]
     return [template.format(i=layer)]
+
+
+def split_source(source: str) -> tuple[str, int | None]:
+    """`NAME#h` -> (NAME, h): half h of NAME's dim 1 (fused gate/up experts); else (NAME, None)."""
+    name, sep, half = source.partition("#")
+    return name, int(half) if sep else None

@@ -12,7 +12,7 @@ import numpy as np
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
-from halo_mlir.params.names import hf_sources, param_shapes
+from halo_mlir.params.names import FUSED_EXPERTS_MARK, hf_sources, param_shapes, split_source
 from halo_mlir.params.safetensors_file import SafetensorsFile
 from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel
 
@@ -56,10 +56,21 @@ def _row_blocks(f: SafetensorsFile, name: str, dtype: np.dtype):
         yield f.rows(name, r, min(r + step, shape[0])).astype(dtype, copy=False)
 
 
+def _half_rows(f: SafetensorsFile, name: str, half: int, dtype: np.dtype):
+    """Half `half` of dim 1 of a stacked [E, 2F, ...] tensor, one expert at a time."""
+    experts, rows = f.shape(name)[:2]
+    part = rows // 2
+    for e in range(experts):
+        yield f.rows(name, e, e + 1)[:, half * part:(half + 1) * part].astype(dtype)
+
+
 def open_checkpoint(path: str | Path, cfg: LlamaConfig,
-                    stack: contextlib.ExitStack) -> Callable[[str], SafetensorsFile]:
-    """`file_of(hf name)` for the checkpoint at `path` (files opened on first use, closed
-    with `stack`), after checking every parameter of `cfg` is there with its shape."""
+                    stack: contextlib.ExitStack) -> tuple[Callable[[str], SafetensorsFile], bool]:
+    """(`file_of(hf name)`, fused) for the checkpoint at `path` (files opened on first use,
+    closed with `stack`), after checking every parameter of `cfg` is there with its shape.
+    `fused`: a Mixtral checkpoint in transformers' in-memory layout (experts stacked, gate
+    and up in one `gate_up_proj`, names.MIXTRAL_FUSED_HF_NAMES) instead of `save_pretrained`'s
+    one tensor per expert."""
     located = checkpoint_files(Path(path))
     opened: dict[Path, SafetensorsFile] = {}
 
@@ -71,20 +82,26 @@ def open_checkpoint(path: str | Path, cfg: LlamaConfig,
             opened[file] = stack.enter_context(SafetensorsFile(file))
         return opened[file]
 
+    fused = False
+    if cfg.is_moe:
+        fused = (FUSED_EXPERTS_MARK in located if isinstance(located, dict)
+                 else FUSED_EXPERTS_MARK in file_of(FUSED_EXPERTS_MARK).tensors)
     for key, shape in param_shapes(cfg).items():  # check everything before writing anything
-        names = hf_sources(key, cfg)
+        names = hf_sources(key, cfg, fused)
         if len(names) > 1:  # one tensor per expert, stacked
             shape = shape[1:]
-        for name in names:
+        for source in names:
+            name, half = split_source(source)
             f = file_of(name)
             if name not in f.tensors:
                 raise HaloError(f"{f.path}: checkpoint lacks tensor {name} (ABI key {key}); "
                                 "is the config right for this checkpoint?")
-            if f.shape(name) != shape:
+            want = shape if half is None else (shape[0], 2 * shape[1], *shape[2:])
+            if f.shape(name) != want:
                 raise HaloError(f"{f.path}: {name} has shape {list(f.shape(name))}, the "
-                                f"config expects {list(shape)}")
+                                f"config expects {list(want)}")
             f.dtype(name)
-    return file_of
+    return file_of, fused
 
 
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
@@ -99,13 +116,15 @@ def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, d
         check_divisible(cfg, tp, moe)
     shapes = param_shapes(cfg)
     with contextlib.ExitStack() as stack:
-        file_of = open_checkpoint(path, cfg, stack)
+        file_of, fused = open_checkpoint(path, cfg, stack)
         writer = stack.enter_context(irpa.writer(out, tp, layout, moe))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
-            names = hf_sources(key, cfg)
+            names = hf_sources(key, cfg, fused)
             if len(names) == 1:
-                writer.add_chunks(key, _row_blocks(file_of(name := names[0]), name, np_dtype))
+                name, half = split_source(names[0])
+                writer.add_chunks(key, _row_blocks(file_of(name), name, np_dtype) if half is None
+                                  else _half_rows(file_of(name), name, half, np_dtype))
             else:  # experts stacked in order, one [1, ...] piece each: [E, ...]
                 writer.add_chunks(key, (np.concatenate(list(_row_blocks(
                     file_of(name), name, np_dtype)))[None] for name in names))

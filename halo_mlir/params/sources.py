@@ -75,7 +75,7 @@ class SafetensorsSource(RowsSource):
         self._config_path = Path(config_path) if config_path else None
         self._stack = contextlib.ExitStack()
         try:
-            self._file_of = open_checkpoint(self.path, cfg, self._stack)
+            self._file_of, _ = open_checkpoint(self.path, cfg, self._stack)
         except BaseException:
             self._stack.close()
             raise

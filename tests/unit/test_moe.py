@@ -382,3 +382,39 @@ def test_bad_moe_gguf_in_generate_and_export_shortfin(tmp_path):
         assert_one_line_error(proc, needle)
     assert not (cache / "params").exists() and not (cache / "modules").exists()
     assert not (tmp_path / "served").exists()
+
+
+def test_import_reads_transformers_fused_experts(tmp_path):
+    """A checkpoint in transformers' in-memory layout (`mlp.experts.gate_up_proj` [E, 2F, D],
+    `mlp.experts.down_proj`, `mlp.gate`: what `save_file(model.state_dict())` writes) imports
+    to the same parameters as `save_pretrained`'s one-tensor-per-expert layout."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    from test_layout import entries
+
+    hf = transformers.MixtralConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    num_local_experts=3, num_experts_per_tok=2,
+                                    vocab_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(hf)
+    legacy, fused = tmp_path / "legacy", tmp_path / "fused"
+    model.save_pretrained(legacy, safe_serialization=True)
+    state = model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state  # the layout under test
+    fused.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(fused / "model.safetensors"))
+    (fused / "config.json").write_text((legacy / "config.json").read_text())
+    written = {}
+    for d in (legacy, fused):
+        out = tmp_path / f"{d.name}.irpa"
+        halo("import-params", "--safetensors", d, "--dtype", "f32", "-o", out)
+        written[d.name] = entries(out)
+    assert written["legacy"].keys() == written["fused"].keys()
+    for key, value in written["legacy"].items():
+        np.testing.assert_array_equal(written["fused"][key], value, err_msg=key)
+    # and the halves are where transformers' forward takes them: gate rows first
+    gate_up = state["model.layers.1.mlp.experts.gate_up_proj"].numpy()
+    np.testing.assert_array_equal(
+        written["fused"]["blk.1.ffn_up_exps.weight"].reshape(3, 24, 32), gate_up[:, 24:])
