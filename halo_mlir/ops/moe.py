@@ -195,8 +195,8 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
     """As `moe_ffn`, with the (token, slot) pairs sorted by expert: each expert runs one
     matmul chain (gate, up, down) over the rows of the tokens that picked it, so each
     expert's weights are read once and the FLOPs are those of the K picked experts.
-    The group sizes are read on the host (a device -> host read per layer) to size the
-    per-expert matmuls."""
+    The group sizes are read on the host to size the per-expert matmuls: all of them
+    before the first expert runs, so the host waits once a layer (not once an expert)."""
     weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
     n_experts, d = b.shape(w_gate)[0], b.shape(x)[2]
     n, s, _ = b.dims(x)
@@ -208,9 +208,10 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
     xs = b.generic("p->pd", [perm], [b.empty([pairs, d], dtype)], lambda p, _: b.extract(
         rows, [b.cast(b.divsi(p, k_i64), "index"), b.linalg_index(1)]))
     ys = b.filled([pairs, d], 0.0, dtype)
-    for e in range(n_experts):
-        at = b.index(e)
-        off, cnt = (b.cast(b.extract(t, [at]), "index") for t in (offsets, counts))
+    # Every expert's slice bounds, read before any expert runs: one host read a layer.
+    bounds = [[b.cast(b.extract(t, [b.index(e)]), "index") for t in (offsets, counts)]
+              for e in range(n_experts)]
+    for e, (off, cnt) in enumerate(bounds):
         xe = b.slice(xs, [off, 0], [cnt, d])
         expert = b.barrier(b.index(e))  # opaque: every expert reuses the same kernels
         wg, wu, wd = (b.layer_slice(w, expert) for w in (w_gate, w_up, w_down))

@@ -59,3 +59,22 @@ def test_expert_parallel_decode_at_the_stream_level(tmp_path):
 
 
 DISPATCHES, SUBMISSIONS = 23, 3  # measured: see the module docstring
+
+
+def test_grouped_prefill_waits_once_a_layer(tmp_path):
+    """The grouped prefill (ffn mode, the default) sizes each expert's matmuls from the
+    routing counts read on the host: every expert's bounds are read before the first expert
+    runs, so the host waits once a layer, not once an expert (it was 4 here, E); at TP1."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    paths = {}
+    for layers in (2, 3):
+        paths[layers] = tmp_path / f"p{layers}.mlir"
+        halo("emit", "--hf-config", tmp_path / "config.json", "--layers", layers,
+             "--bs-prefill", 4, "--bs-decode", 4, "-o", paths[layers])
+    d = json.loads(halo("cost", paths[3], "--minus", paths[2], "--target", "gfx942",
+                        "--json").stdout)
+    entry = next(e for e in d["entries"] if e["entry"] == "prefill_bs4$async")
+    per = entry["per_layer_per_device"]
+    print(f"toy MoE TP1 grouped prefill bs4, per layer: host waits {per['host_waits']}, "
+          f"submissions {per['submissions']}, dispatches {per['dispatches']}")
+    assert per["host_waits"] == 1
