@@ -70,7 +70,7 @@ def write(path, formats=MIXED, seed: int = 0) -> dict[str, str]:
         elif len(shape) == 1:
             g.add_tensor(name, (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32))
         else:
-            s = {"token_embd": 0.5, "ffn_gate_inp": 0.5}.get(kind, 0.08)
+            s = {"token_embd": 0.05, "ffn_gate_inp": 0.5}.get(kind, 0.08)
             g.add_tensor(name, (s * rng.standard_normal(shape)).astype(np.float32))
     g.write_header_to_file()
     g.write_kv_data_to_file()
