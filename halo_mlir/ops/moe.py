@@ -14,6 +14,11 @@ An expert stack may also be kept quantized (`--keep-quantized`): the weight is t
 form calls the `{format}_expert_matmul` kernel, which reads the picked expert's blocks
 inside its contraction and dequantizes them there; the grouped form slices each expert's
 fields and runs the dense `{format}_matmul` kernel on its rows.
+
+In an fp8 model (`--dtype fp8`) a stack is `("fp8", [qs [E, O, I] f8E4M3FNUZ, d [E] f32,
+rscale [] f32])`: one weight scale per expert and one input scale for every expert. The
+input is quantized once (x / rscale), the fp8 products accumulate in f32, and both scales
+are applied after the contraction (d of the token's expert), as `ops/fp8.fp8_linear` does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 
 from halo_mlir import kernels
 from halo_mlir.ir_builder import Builder, Value
+from halo_mlir.ops.fp8 import quantize as fp8_quantize
 from halo_mlir.ops.linear import linear
 
 # A stacked expert weight: a float Value [E, O, I], or (format, fields [E, O, I/block, ...]).
@@ -87,6 +93,8 @@ def expert_linear(b: Builder, x: Value, experts: Value, w: Experts, *, dtype: st
     """x[N,S,K,I] (or [N,S,I], shared by the K slots), experts[N,S,K] i64, w[E,O,I] ->
     y[N,S,K,O] = x @ w[expert]^T, accumulated in f32, cast to dtype. The weight rows are
     read where the token's expert id points (a gather inside the contraction)."""
+    if isinstance(w, tuple) and w[0] == "fp8":
+        return fp8_expert_linear(b, x, experts, *w[1], dtype=dtype)
     if isinstance(w, tuple):
         return quantized_expert_linear(b, x, experts, *w, dtype=dtype)
     n, s, k = b.dims(experts)
@@ -125,6 +133,27 @@ def quantized_expert_linear(b: Builder, x: Value, experts: Value, fmt: str,
     out = b.call(fn, [rows, ids, *fields], [b.tensor_type([None, o], "f32")])[0]
     out = b.map("po->po", [out], dtype, lambda v: b.cast(v, dtype))
     return b.reshape(out, [[0, 1, 2], [3]], [n, s, k, o])
+
+
+def fp8_expert_linear(b: Builder, x: Value, experts: Value, qs: Value, d: Value,
+                      rscale: Value, *, dtype: str) -> Value:
+    """As expert_linear for fp8 experts: x quantized with rscale, the picked expert's fp8
+    rows read inside the contraction (fp8 x fp8 products in f32), then acc * rscale *
+    d[expert], cast to dtype."""
+    n, s, k = b.dims(experts)
+    o = b.shape(qs)[1]
+    xq = fp8_quantize(b, x, rscale)
+    spec = "bski,bsk->bsko" if len(b.shape(x)) == 4 else "bsi,bsk->bsko"
+    dims = "".join(dict.fromkeys(spec.replace(",", "").replace("->", "")))
+
+    def body(xv, e, acc):
+        row = [b.cast(e, "index"), b.linalg_index(dims.index("o")),
+               b.linalg_index(dims.index("i"))]
+        return b.addf(acc, b.mulf(b.cast(xv, "f32"), b.cast(b.extract(qs, row), "f32")))
+
+    acc = b.generic(spec, [xq, experts], [b.filled([n, s, k, o], 0.0, "f32")], body)
+    return b.map("bsko,bsk,->bsko", [acc, experts, rscale], dtype, lambda a, e, r: b.cast(
+        b.mulf(b.mulf(a, r), b.extract(d, [b.cast(e, "index")])), dtype))
 
 
 def _gelu_tanh(b: Builder, x: Value) -> Value:
@@ -185,6 +214,12 @@ def _rows_linear(b: Builder, x: Value, w: Experts, *, dtype: str) -> Value:
     """x[M,K], w[O,K] (or (format, fields [O, K/block, ...])) -> x @ w^T [M,O],
     accumulated in f32, cast to dtype; a quantized w runs the dense `{format}_matmul`."""
     m = b.dims(x)[0]
+    if isinstance(w, tuple) and w[0] == "fp8":  # fp8: the expert's qs [O, I] and d []
+        qs, d, rscale = w[1]
+        o, i = b.shape(qs)
+        rows = b.retype(fp8_quantize(b, x, rscale), [None, i])
+        fn = kernels.instantiate(b, "fp8_matmul", n=o, k=i, out_dtype=dtype)
+        return b.call(fn, [rows, qs, rscale, d], [b.tensor_type([None, o], dtype)])[0]
     if isinstance(w, tuple):
         fmt, fields = w
         o, i = b.shape(fields[0])[0], b.shape(x)[1]
@@ -200,6 +235,8 @@ def _rows_linear(b: Builder, x: Value, w: Experts, *, dtype: str) -> Value:
 
 def _expert_slice(b: Builder, w: Experts, expert: Value) -> Experts:
     """Expert `expert` of a stack: w[expert], or each quantized field's slice."""
+    if isinstance(w, tuple) and w[0] == "fp8":  # qs and d per expert; the input scale shared
+        return w[0], [b.layer_slice(w[1][0], expert), b.layer_slice(w[1][1], expert), w[1][2]]
     if isinstance(w, tuple):
         return w[0], [b.layer_slice(f, expert) for f in w[1]]
     return b.layer_slice(w, expert)

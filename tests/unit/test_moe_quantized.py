@@ -146,8 +146,8 @@ def test_split_that_cuts_expert_blocks_is_an_error():
 
 
 def test_one_line_errors(mixed, tmp_path):
-    """--layer-loop with a different expert format per layer, and --dtype fp8 for a MoE
-    family, stop with one line and write nothing."""
+    """--layer-loop with a different expert format per layer, and per-channel fp8 scales
+    for experts (one scale per expert only), stop with one line and write nothing."""
     path, _ = mixed
     out = tmp_path / "x.mlir"
     proc = halo("emit", "--gguf", path, "--keep-quantized", "--layer-loop", "-o", out,
@@ -155,6 +155,12 @@ def test_one_line_errors(mixed, tmp_path):
     assert_one_line_error(proc, "--layer-loop needs every layer's ffn_gate_exps weight in one "
                           "format")
     assert not out.exists()
-    proc = halo("emit", "--gguf", path, "--dtype", "fp8", "-o", out, check=False)
-    assert_one_line_error(proc, "--dtype fp8 is not supported for the grok family")
+    proc = halo("emit", "--gguf", path, "--dtype", "fp8", "--fp8-scales", "per-channel",
+                "-o", out, check=False)
+    assert_one_line_error(proc, "--fp8-scales per-channel is not supported for the experts")
+    assert not out.exists()
+    proc = halo("import-params", "--gguf", path, "--quantize", "fp8", "--fp8-scales",
+                "per-channel", "-o", tmp_path / "x.irpa", check=False)
+    assert_one_line_error(proc, "--fp8-scales per-channel is not supported for the experts")
+    assert not (tmp_path / "x.irpa").exists()
     assert not out.exists()
