@@ -34,17 +34,21 @@ def model(tmp_path_factory):
     return d
 
 
-def _build(d, tp: int = 1, prefill: str = "grouped"):
-    irpa = d / f"f8_tp{tp}.irpa"
-    if not irpa.exists() and not (d / f"f8_tp{tp}.rank0.irpa").exists():
+def _build(d, tp: int = 1, prefill: str = "grouped", loop: bool = False):
+    """`loop`: parameters imported --layout stacked, the stack emitted as one loop."""
+    tag = f"f8_tp{tp}{'_loop' if loop else ''}"
+    irpa = d / f"{tag}.irpa"
+    if not irpa.exists() and not (d / f"{tag}.rank0.irpa").exists():
         halo("import-params", "--gguf", d / "m.gguf", "--quantize", "fp8", "--dtype", "f32",
-             "--tp", tp, "-o", irpa)
-    mlir, vmfb = d / f"f8_tp{tp}_{prefill}.mlir", d / f"f8_tp{tp}_{prefill}.vmfb"
-    halo("emit", "--gguf", d / "m.gguf", "--dtype", "fp8", "--activation-dtype", "f32",
-         "--kv-cache-dtype", "f32", "--moe-prefill", prefill, "--tp", tp, "--bs-prefill", 2,
-         "--bs-decode", 2, "--block-seq-stride", STRIDE, "-o", mlir)
-    halo("compile", mlir, "--target", "cpu", "--tp", tp, "-o", vmfb)
-    return vmfb, [d / f"f8_tp{tp}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
+             "--tp", tp, *(["--layout", "stacked"] if loop else []), "-o", irpa)
+    mlir, vmfb = d / f"{tag}_{prefill}.mlir", d / f"{tag}_{prefill}.vmfb"
+    if not vmfb.exists():
+        halo("emit", "--gguf", d / "m.gguf", "--dtype", "fp8", "--activation-dtype", "f32",
+             "--kv-cache-dtype", "f32", "--moe-prefill", prefill, "--tp", tp, "--bs-prefill",
+             2, "--bs-decode", 2, "--block-seq-stride", STRIDE,
+             *(["--layer-loop"] if loop else []), "-o", mlir)
+        halo("compile", mlir, "--target", "cpu", "--tp", tp, "-o", vmfb)
+    return vmfb, [d / f"{tag}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
 
 
 def _params(path) -> dict[str, np.ndarray]:
@@ -161,8 +165,9 @@ def _logits(vmfb, params, tp: int = 1):
     return calls
 
 
-@pytest.mark.parametrize("prefill", ["grouped"] + (["gather"] if FULL else []))
-def test_fp8_experts_match_fake_quant_reference(model, prefill):
+@pytest.mark.parametrize("prefill,loop", [("grouped", False)] + (
+    [("gather", False), ("grouped", True)] if FULL else []))
+def test_fp8_experts_match_fake_quant_reference(model, prefill, loop):
     """Per position (13 + 6 prefill, 6 decode): most agree with the reference within f32
     rounding; the rest differ by an fp8 step of some activation that f32 (program) and
     float64 (reference) round to neighbouring fp8 values (a flip moves a logit by ~1e-2 here,
@@ -170,6 +175,8 @@ def test_fp8_experts_match_fake_quant_reference(model, prefill):
     program at every position than the flips: the comparison sees the activation scales."""
     vmfb, params = _build(model, prefill=prefill)
     p = _params(params[0])
+    if loop:
+        vmfb, params = _build(model, prefill=prefill, loop=True)
     errors, plain, scale = [], [], 0.0
     for seq, got in _logits(vmfb, params):
         want, loose = reference(p, seq), reference(p, seq, inputs_fp8=False)
@@ -180,7 +187,7 @@ def test_fp8_experts_match_fake_quant_reference(model, prefill):
         scale = max(scale, float(np.abs(want).max()))
     errors, plain = np.array(errors), np.array(plain)
     exact = float(np.mean(errors <= 1e-4 * scale))
-    print(f"fp8 experts ({prefill}): logits up to {scale:.3g}; per position max |program - "
+    print(f"fp8 experts ({prefill}{', --layer-loop' if loop else ''}): logits up to {scale:.3g}; per position max |program - "
           f"fake-quant reference|: median {np.median(errors):.3g}, max {errors.max():.3g}, "
           f"{exact:.0%} within 1e-4 x max logit; without input rounding: median "
           f"{np.median(plain):.3g}, min {plain.min():.3g}")

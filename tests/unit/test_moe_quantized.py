@@ -164,3 +164,43 @@ def test_one_line_errors(mixed, tmp_path):
     assert_one_line_error(proc, "--fp8-scales per-channel is not supported for the experts")
     assert not (tmp_path / "x.irpa").exists()
     assert not out.exists()
+
+
+def test_mixtral_fp8_import_and_emit(tmp_path, monkeypatch):
+    """import-params --quantize fp8 of a Mixtral safetensors checkpoint: each expert stack
+    is `KEY:qs` f8E4M3FNUZ [experts, out, in], expert e quantized with its own scale
+    `KEY:d`[e] = amax(expert e) / 240 (checked against the HF per-expert tensors with
+    ml_dtypes' rounding), one input scale `q_input:rscale` per stack, the router in floats;
+    emit --dtype fp8 reads exactly those (unrolled and, from a stacked import, as a loop)."""
+    import ml_dtypes
+    from test_layout import entries
+    import test_moe
+
+    # expert ffn 32: the fp8 matmul of the grouped prefill takes whole 32-column blocks
+    monkeypatch.setattr(test_moe, "TINY", {**test_moe.TINY, "intermediate_size": 32})
+    tensors = test_moe._tiny_checkpoint(tmp_path)
+    out = tmp_path / "f8.irpa"
+    halo("import-params", "--safetensors", tmp_path, "--quantize", "fp8", "-o", out)
+    raw = entries(out)
+    fp8 = ml_dtypes.float8_e4m3fnuz
+    for key, kind in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")):
+        want = np.stack([tensors[f"model.layers.1.block_sparse_moe.experts.{e}.{kind}.weight"]
+                         for e in range(3)])
+        d = raw[f"blk.1.{key}.weight:d"].view(np.float32)
+        np.testing.assert_array_equal(d, (np.abs(want).max(axis=(1, 2)) / 240).astype(np.float32))
+        qs = raw[f"blk.1.{key}.weight:qs"].view(np.uint8).view(fp8).reshape(want.shape)
+        np.testing.assert_array_equal(qs.astype(np.float32), np.clip(
+            want / d[:, None, None], -240, 240).astype(fp8).astype(np.float32))
+        assert raw[f"blk.1.{key}.q_input:rscale"].view(np.float32).shape == (1,)
+    assert raw["blk.0.ffn_gate_inp.weight"].view(np.float16).size == 3 * 32
+    mlir = tmp_path / "f8.mlir"
+    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "fp8", "-o", mlir)
+    text = mlir.read_text()
+    assert '"model"::"blk.1.ffn_down_exps.weight:qs"> : tensor<3x32x32xf8E4M3FNUZ>' in text
+    assert '"model"::"blk.1.ffn_down_exps.weight:d"> : tensor<3xf32>' in text
+    assert '"model"::"blk.1.ffn_down_exps.q_input:rscale"> : tensor<f32>' in text
+    assert '"model"::"blk.1.ffn_gate_inp.weight"> : tensor<3x32xf16>' in text
+    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "fp8", "--layer-loop",
+         "-o", tmp_path / "loop.mlir")
+    loop = (tmp_path / "loop.mlir").read_text()
+    assert '"model"::"blk.ffn_up_exps.weight.stacked:d"> : tensor<2x3xf32>' in loop
