@@ -243,3 +243,32 @@ def test_k_quant_model_compiles_for_gfx942(tmp_path):
             packed = Counter(re.findall(r"^\s*(v_pk_mul_f32)", asm[n], re.M))["v_pk_mul_f32"]
             assert w.get("b128", 0) + w.get("b64", 0) >= 1 and narrow(w) <= 8, (n, w)
             assert packed >= 2, (n, packed)
+
+
+def test_fp8_experts_compile_for_gfx942(tmp_path):
+    """A Grok-shaped model with fp8 experts (tests/moeq_gguf.py: 4 experts, hidden 256,
+    expert ffn 512; --dtype fp8, f16 activations, an fp8 cache, bs 4) compiles for gfx942.
+    The dense fp8 linears (attention) use the fp8 MFMA; the experts do not: the grouped
+    prefill's per-expert fp8 matmuls have a dynamic row count (the tokens that picked the
+    expert) with no divisibility to promise, and the decode form gathers the picked experts'
+    fp8 rows one byte a load (docs/moe.md)."""
+    import moeq_gguf as mq
+
+    from halo_mlir.isa import kernels, widths
+
+    path, mlir, vmfb, dump = (tmp_path / n for n in ("m.gguf", "m.mlir", "m.vmfb", "dump"))
+    mq.write(path, mq.MIXED)
+    halo("emit", "--gguf", path, "--dtype", "fp8", "--bs-prefill", 4, "--bs-decode", 4,
+         "-o", mlir)
+    proc = halo("compile", mlir, "--target", "gfx942", "-o", vmfb,
+                f"--flag=--iree-hal-dump-executable-files-to={dump}")
+    assert "--iree-codegen-llvmgpu-use-reduction-vector-distribution=false" in proc.stderr
+    found = kernels(dump)
+    fp8_mfma = {n: a.count("v_mfma_f32_16x16x32_fp8_fp8") for n, a in found.items()}
+    experts = {n: c for n, c in fp8_mfma.items() if "f8E4M3FNUZ" in n and "512" in n}
+    print(f"fp8 MFMA per dispatch: {fp8_mfma}")
+    print({n: widths(found[n]) for n in experts})
+    assert any(c for n, c in fp8_mfma.items() if n.startswith("prefill") and n not in experts)
+    assert experts and not any(experts.values()), experts
+    decode = [n for n in experts if n.startswith("decode")]
+    assert len(decode) == 3 and all(widths(found[n]).get("b8", 0) >= 16 for n in decode)
