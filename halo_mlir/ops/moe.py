@@ -30,7 +30,8 @@ from halo_mlir.ir_builder import Builder, Value
 from halo_mlir.ops.fp8 import quantize as fp8_quantize
 from halo_mlir.ops.linear import linear
 
-# A stacked expert weight: a float Value [E, O, I], or (format, fields [E, O, I/block, ...]).
+# A stacked expert weight: a float Value [E, O, I], (format, fields [E, O, I/block, ...])
+# kept quantized, or ("fp8", [qs, d, rscale]).
 Experts = "Value | tuple[str, list[Value]]"
 
 
