@@ -204,3 +204,16 @@ def test_mixtral_fp8_import_and_emit(tmp_path, monkeypatch):
          "-o", tmp_path / "loop.mlir")
     loop = (tmp_path / "loop.mlir").read_text()
     assert '"model"::"blk.ffn_up_exps.weight.stacked:d"> : tensor<2x3xf32>' in loop
+
+
+@pytest.mark.parametrize("args,what", [(["--keep-quantized"], "kept-quantized"),
+                                       (["--dtype", "fp8"], "fp8")])
+def test_expert_parallel_refuses_quantized_experts(mixed, tmp_path, args, what):
+    """Expert parallelism runs float experts only: one line naming the mode that works."""
+    path, _ = mixed
+    out = tmp_path / "x.mlir"
+    proc = halo("emit", "--gguf", path, *args, "--tp", 2, "--moe-parallel", "expert",
+                "-o", out, check=False)
+    assert_one_line_error(proc, f"--moe-parallel expert does not run {what} experts yet",
+                          "--moe-parallel ffn")
+    assert not out.exists()
