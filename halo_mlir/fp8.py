@@ -34,8 +34,9 @@ SCALES = ("per-tensor", "per-channel")
 ROW_SCALE_FIELD = "d_rows"
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Mixture-of-experts stacks [experts, out, in] kept in fp8: `KEY:qs` [experts, out, in],
-# `KEY:d` f32 [experts] (one per-tensor scale per expert) and one input scale shared by
-# the experts (`q_input:rscale` []). The router (`ffn_gate_inp`) stays in floats.
+# `KEY:d` f32 [experts] (per-tensor: one scale per expert) or `KEY:d_rows` f32 [experts,
+# out] (per-channel), and one input scale shared by the experts (`q_input:rscale` []). The
+# router (`ffn_gate_inp`) stays in floats.
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # Which tensor each linear's input is (the q/k/v projections share attn_norm's output).
 INPUT_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
@@ -125,14 +126,10 @@ def param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[int,
 
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for key, shape in param_shapes(cfg).items():
-        if is_expert(key):
-            if scales != "per-tensor":
-                from halo_mlir.errors import HaloError
-                raise HaloError(f"--fp8-scales {scales} is not supported for the experts of "
-                                f"the {cfg.family} family (one scale per expert); use "
-                                "--fp8-scales per-tensor")
-            out[f"{key}:qs"] = (shape, FP8)
-            out[f"{key}:d"] = ((shape[0],), "f32")
+        if is_expert(key):  # [E, out, in]: a scale per expert, or per expert and row
+            qs, d = weight_keys(key, scales)
+            out[qs] = (shape, FP8)
+            out[d] = ((shape[0], shape[1]) if scales == "per-channel" else (shape[0],), "f32")
             out[input_scale_key(key.split(".")[1], key.split(".")[2])] = ((), "f32")
             continue
         if not is_linear(key):

@@ -152,10 +152,6 @@ class _Model:
         self.attention = self.family.attention_form(opts.attention)
         self.block_weights = block_weights(cfg)
         self.formats = dict(opts.weight_formats)
-        if opts.dtype == "fp8" and cfg.is_moe and opts.fp8_scales != "per-tensor":
-            raise HaloError(f"--fp8-scales {opts.fp8_scales} is not supported for the experts "
-                            f"of the {cfg.family} family (one scale per expert); use "
-                            "--fp8-scales per-tensor")
         if opts.dtype == "fp8":  # every block linear: `KEY:qs`, `KEY:d` and its input scale
             self.formats.update({f"blk.{i}.{name}.weight": "fp8" for i in range(cfg.n_layers)
                                  for name in (*fp8.LINEARS, *fp8.EXPERTS)
@@ -415,8 +411,8 @@ class _Stack:
                 qs = fp8.weight_keys(key)[0]
                 d = fp8.weight_keys(layer_key, m.opts.fp8_scales)[1]
                 rows = (shape[-2],) if m.opts.fp8_scales == "per-channel" else ()
-                if name in fp8.EXPERTS:  # one scale per expert: `KEY:d` [experts]
-                    d, rows = fp8.weight_keys(layer_key)[1], (shape[-3],)
+                if name in fp8.EXPERTS:  # a scale per expert [experts] (or [experts, out])
+                    rows = (shape[-3], *rows)
                 prefix = layer_key[:-len("weight")]  # "blk.{i}.NAME."
                 values += [m.b.param(qs, shape, fp8.FP8), scalar(d, rows),
                            scalar(f"{prefix}q_input:rscale")]

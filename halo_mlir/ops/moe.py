@@ -15,8 +15,9 @@ form calls the `{format}_expert_matmul` kernel, which reads the picked expert's 
 inside its contraction and dequantizes them there; the grouped form slices each expert's
 fields and runs the dense `{format}_matmul` kernel on its rows.
 
-In an fp8 model (`--dtype fp8`) a stack is `("fp8", [qs [E, O, I] f8E4M3FNUZ, d [E] f32,
-rscale [] f32])`: one weight scale per expert and one input scale for every expert. The
+In an fp8 model (`--dtype fp8`) a stack is `("fp8", [qs [E, O, I] f8E4M3FNUZ, d [E] (or
+[E, O] per-channel) f32, rscale [] f32])`: a weight scale per expert (and row) and one input
+scale for every expert. The
 input is quantized once (x / rscale), the fp8 products accumulate in f32, and both scales
 are applied after the contraction (d of the token's expert), as `ops/fp8.fp8_linear` does.
 """
@@ -153,8 +154,11 @@ def fp8_expert_linear(b: Builder, x: Value, experts: Value, qs: Value, d: Value,
         return b.addf(acc, b.mulf(b.cast(xv, "f32"), b.cast(b.extract(qs, row), "f32")))
 
     acc = b.generic(spec, [xq, experts], [b.filled([n, s, k, o], 0.0, "f32")], body)
-    return b.map("bsko,bsk,->bsko", [acc, experts, rscale], dtype, lambda a, e, r: b.cast(
-        b.mulf(b.mulf(a, r), b.extract(d, [b.cast(e, "index")])), dtype))
+
+    def scaled(a, e, r):  # d[expert] (per-tensor) or d[expert, o] (per-channel)
+        at = [b.cast(e, "index")] + ([b.linalg_index(3)] if len(b.shape(d)) == 2 else [])
+        return b.cast(b.mulf(b.mulf(a, r), b.extract(d, at)), dtype)
+    return b.map("bsko,bsk,->bsko", [acc, experts, rscale], dtype, scaled)
 
 
 def _gelu_tanh(b: Builder, x: Value) -> Value:
@@ -215,11 +219,12 @@ def _rows_linear(b: Builder, x: Value, w: Experts, *, dtype: str) -> Value:
     """x[M,K], w[O,K] (or (format, fields [O, K/block, ...])) -> x @ w^T [M,O],
     accumulated in f32, cast to dtype; a quantized w runs the dense `{format}_matmul`."""
     m = b.dims(x)[0]
-    if isinstance(w, tuple) and w[0] == "fp8":  # fp8: the expert's qs [O, I] and d []
+    if isinstance(w, tuple) and w[0] == "fp8":  # fp8: the expert's qs [O, I] and d [] or [O]
         qs, d, rscale = w[1]
         o, i = b.shape(qs)
         rows = b.retype(fp8_quantize(b, x, rscale), [None, i])
-        fn = kernels.instantiate(b, "fp8_matmul", n=o, k=i, out_dtype=dtype)
+        kernel = "fp8_matmul_rows" if len(b.shape(d)) == 1 else "fp8_matmul"
+        fn = kernels.instantiate(b, kernel, n=o, k=i, out_dtype=dtype)
         return b.call(fn, [rows, qs, rscale, d], [b.tensor_type([None, o], dtype)])[0]
     if isinstance(w, tuple):
         fmt, fields = w

@@ -172,7 +172,7 @@ class _Run:
 
     def moe(self, i: int, h: np.ndarray) -> np.ndarray:
         """Router + top-k experts (ops/moe.py's math in numpy); records each expert stack's
-        scales (`KEY:d` [experts]) and input scales (h for gate/up; act(gate) * up over
+        scales (`KEY:d` [experts], or `KEY:d_rows` [experts, rows]) and input scales (h for gate/up; act(gate) * up over
         every picked (token, slot) for down)."""
         cfg, s = self.cfg, self.scales
         w = lambda name: f"blk.{i}.{name}.weight"  # noqa: E731
@@ -184,12 +184,15 @@ class _Run:
         if cfg.moe_renormalize:
             gates = gates / gates.sum(-1, keepdims=True)
         act = ACTIVATIONS[cfg.ffn_activation]
-        amax = {name: np.zeros(cfg.n_experts, np.float32) for name in fp8.EXPERTS}
+        rows = self.weight_scales == "per-channel"  # amax per expert (and row)
+        amax = {name: np.zeros((cfg.n_experts, *((self.source.shape(w(name))[1],) if rows
+                                                 else ())), np.float32)
+                for name in fp8.EXPERTS}
         out, m_amax = np.zeros_like(h), 0.0
         for e in range(cfg.n_experts):
             weights = {name: self.source.expert_rows(w(name), e) for name in fp8.EXPERTS}
             for name, we in weights.items():
-                amax[name][e] = _amax(we)
+                amax[name][e] = np.abs(we).max(axis=1) if rows else _amax(we)
             tok, slot = np.nonzero(top == e)
             if not len(tok):
                 continue
@@ -198,7 +201,7 @@ class _Run:
             m_amax = max(m_amax, _amax(m))
             np.add.at(out, tok, gates[tok, slot][:, None] * (m @ weights["ffn_down_exps"].T))
         for name in fp8.EXPERTS:
-            s[f"{w(name)}:d"] = np.array([fp8.scale_of(a) for a in amax[name]], np.float32)
+            s[fp8.weight_keys(w(name), self.weight_scales)[1]] = fp8.row_scales(amax[name])
         s[fp8.input_scale_key(i, "ffn_gate_exps")] = fp8.scale_of(_amax(h))
         s[fp8.input_scale_key(i, "ffn_up_exps")] = fp8.scale_of(_amax(h))
         s[fp8.input_scale_key(i, "ffn_down_exps")] = fp8.scale_of(m_amax)

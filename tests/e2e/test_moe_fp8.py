@@ -1,6 +1,7 @@
 """FP8 experts (`import-params --quantize fp8`, `emit --dtype fp8`) on a Grok-shaped GGUF
 (tests/moeq_gguf.py): every linear and every expert in f8E4M3FNUZ with per-tensor scales
-(one per expert), the router in floats. Checked on CPU against a float64 torch forward of
+(one per expert; HALO_FULL=1 also per-channel: one per expert and row), the router in
+floats. Checked on CPU against a float64 torch forward of
 Grok-1 written here with the same fake quantization (weights = qs * d read from the IRPA;
 each linear's and each expert's input rounded to fp8 with its imported input scale), with
 f32 activations and an f32 KV cache so the fp8 roundings are the only difference from an
@@ -34,25 +35,29 @@ def model(tmp_path_factory):
     return d
 
 
-def _build(d, tp: int = 1, prefill: str = "grouped", loop: bool = False):
-    """`loop`: parameters imported --layout stacked, the stack emitted as one loop."""
-    tag = f"f8_tp{tp}{'_loop' if loop else ''}"
+def _build(d, tp: int = 1, prefill: str = "grouped", loop: bool = False,
+           scales: str = "per-tensor"):
+    """`loop`: parameters imported --layout stacked, the stack emitted as one loop;
+    `scales`: --fp8-scales at import and emission."""
+    tag = f"f8_tp{tp}{'_loop' if loop else ''}_{scales}"
     irpa = d / f"{tag}.irpa"
     if not irpa.exists() and not (d / f"{tag}.rank0.irpa").exists():
         halo("import-params", "--gguf", d / "m.gguf", "--quantize", "fp8", "--dtype", "f32",
-             "--tp", tp, *(["--layout", "stacked"] if loop else []), "-o", irpa)
+             "--fp8-scales", scales, "--tp", tp, *(["--layout", "stacked"] if loop else []),
+             "-o", irpa)
     mlir, vmfb = d / f"{tag}_{prefill}.mlir", d / f"{tag}_{prefill}.vmfb"
     if not vmfb.exists():
         halo("emit", "--gguf", d / "m.gguf", "--dtype", "fp8", "--activation-dtype", "f32",
              "--kv-cache-dtype", "f32", "--moe-prefill", prefill, "--tp", tp, "--bs-prefill",
-             2, "--bs-decode", 2, "--block-seq-stride", STRIDE,
+             2, "--bs-decode", 2, "--block-seq-stride", STRIDE, "--fp8-scales", scales,
              *(["--layer-loop"] if loop else []), "-o", mlir)
         halo("compile", mlir, "--target", "cpu", "--tp", tp, "-o", vmfb)
     return vmfb, [d / f"{tag}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
 
 
-def _params(path) -> dict[str, np.ndarray]:
-    """Every IRPA entry as float64 (fp8 `:qs` decoded by ml_dtypes)."""
+def _params(path, scales: str = "per-tensor") -> dict[str, np.ndarray]:
+    """Every IRPA entry as float64 (fp8 `:qs` decoded by ml_dtypes), per-channel scales
+    `:d_rows` under the name `:d` with a trailing unit dim (so `qs * d` is the weight)."""
     import iree.runtime as rt
     import ml_dtypes
 
@@ -60,13 +65,15 @@ def _params(path) -> dict[str, np.ndarray]:
     from halo_mlir.params.gguf_file import GgufFile
 
     with GgufFile(model_path(path)) as g:
-        entries = param_entries(g.config())
+        entries = param_entries(g.config(), scales)
     idx = rt.ParameterIndex()
     idx.load(str(path))
     raw = dict(idx.items())
     dt = {"float": np.float32, "f32": np.float32, "f8E4M3FNUZ": ml_dtypes.float8_e4m3fnuz}
-    return {k: np.frombuffer(raw[k].file_view, dt[kind]).astype(np.float64).reshape(shape)
-            for k, (shape, kind) in entries.items()}
+    out = {k: np.frombuffer(raw[k].file_view, dt[kind]).astype(np.float64).reshape(shape)
+           for k, (shape, kind) in entries.items()}
+    return {(k[:-len("_rows")] if k.endswith(":d_rows") else k):
+            (v[..., None] if k.endswith(":d_rows") else v) for k, v in out.items()}
 
 
 def model_path(irpa):
@@ -165,16 +172,17 @@ def _logits(vmfb, params, tp: int = 1):
     return calls
 
 
-@pytest.mark.parametrize("prefill,loop", [("grouped", False)] + (
-    [("gather", False), ("grouped", True)] if FULL else []))
-def test_fp8_experts_match_fake_quant_reference(model, prefill, loop):
+@pytest.mark.parametrize("prefill,loop,scales", [("grouped", False, "per-tensor")] + (
+    [("gather", False, "per-tensor"), ("grouped", True, "per-tensor"),
+     ("grouped", False, "per-channel")] if FULL else []))
+def test_fp8_experts_match_fake_quant_reference(model, prefill, loop, scales):
     """Per position (13 + 6 prefill, 6 decode): most agree with the reference within f32
     rounding; the rest differ by an fp8 step of some activation that f32 (program) and
     float64 (reference) round to neighbouring fp8 values (a flip moves a logit by ~1e-2 here,
     bounded below). Without the inputs' fp8 rounding the reference is farther from the
     program at every position than the flips: the comparison sees the activation scales."""
-    vmfb, params = _build(model, prefill=prefill)
-    p = _params(params[0])
+    vmfb, params = _build(model, prefill=prefill, scales=scales)
+    p = _params(params[0], scales)
     if loop:
         vmfb, params = _build(model, prefill=prefill, loop=True)
     errors, plain, scale = [], [], 0.0
@@ -187,7 +195,7 @@ def test_fp8_experts_match_fake_quant_reference(model, prefill, loop):
         scale = max(scale, float(np.abs(want).max()))
     errors, plain = np.array(errors), np.array(plain)
     exact = float(np.mean(errors <= 1e-4 * scale))
-    print(f"fp8 experts ({prefill}{', --layer-loop' if loop else ''}): logits up to {scale:.3g}; per position max |program - "
+    print(f"fp8 experts ({prefill}{', --layer-loop' if loop else ''}, {scales}): logits up to {scale:.3g}; per position max |program - "
           f"fake-quant reference|: median {np.median(errors):.3g}, max {errors.max():.3g}, "
           f"{exact:.0%} within 1e-4 x max logit; without input rounding: median "
           f"{np.median(plain):.3g}, min {plain.min():.3g}")
@@ -196,9 +204,12 @@ def test_fp8_experts_match_fake_quant_reference(model, prefill, loop):
     assert np.median(plain) > 10 * np.median(errors) and np.median(plain) > 1e-3
 
 
-def test_fp8_experts_tp2_equals_tp1(model):
-    one = _logits(*_build(model))
-    two = _logits(*_build(model, tp=2), tp=2)
+@pytest.mark.parametrize("scales", ["per-tensor"] + (["per-channel"] if FULL else []))
+def test_fp8_experts_tp2_equals_tp1(model, scales):
+    """--tp 2: each expert's qs split like a float stack (gate/up rows, down's columns),
+    per-tensor scales replicated, per-channel ones split with gate/up's rows."""
+    one = _logits(*_build(model, scales=scales))
+    two = _logits(*_build(model, tp=2, scales=scales), tp=2)
     worst = max(float(np.abs(a[1] - b[1]).max()) for a, b in zip(one, two))
-    print(f"fp8 experts TP2 vs TP1: max |logit difference| {worst:.3g}")
+    print(f"fp8 experts TP2 vs TP1 ({scales}): max |logit difference| {worst:.3g}")
     assert worst <= 2e-5

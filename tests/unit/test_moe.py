@@ -149,9 +149,8 @@ def test_emission_is_deterministic_and_verifies(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--dtype", "fp8", "--fp8-scales", "per-channel"],
-     ["--fp8-scales per-channel is not supported for the experts of the mixtral family",
-      "--fp8-scales per-tensor"]),
+    (["--dtype", "fp8", "--tp", "2", "--moe-parallel", "expert"],
+     ["--moe-parallel expert does not run fp8 experts yet", "--moe-parallel ffn"]),
 ])
 def test_unsupported_options_are_one_line_errors(tmp_path, args, needles):
     out = tmp_path / "x.mlir"

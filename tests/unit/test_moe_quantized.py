@@ -146,23 +146,14 @@ def test_split_that_cuts_expert_blocks_is_an_error():
 
 
 def test_one_line_errors(mixed, tmp_path):
-    """--layer-loop with a different expert format per layer, and per-channel fp8 scales
-    for experts (one scale per expert only), stop with one line and write nothing."""
+    """--layer-loop with a different expert format per layer stops with one line and
+    writes nothing."""
     path, _ = mixed
     out = tmp_path / "x.mlir"
     proc = halo("emit", "--gguf", path, "--keep-quantized", "--layer-loop", "-o", out,
                 check=False)
     assert_one_line_error(proc, "--layer-loop needs every layer's ffn_gate_exps weight in one "
                           "format")
-    assert not out.exists()
-    proc = halo("emit", "--gguf", path, "--dtype", "fp8", "--fp8-scales", "per-channel",
-                "-o", out, check=False)
-    assert_one_line_error(proc, "--fp8-scales per-channel is not supported for the experts")
-    assert not out.exists()
-    proc = halo("import-params", "--gguf", path, "--quantize", "fp8", "--fp8-scales",
-                "per-channel", "-o", tmp_path / "x.irpa", check=False)
-    assert_one_line_error(proc, "--fp8-scales per-channel is not supported for the experts")
-    assert not (tmp_path / "x.irpa").exists()
     assert not out.exists()
 
 
@@ -204,6 +195,22 @@ def test_mixtral_fp8_import_and_emit(tmp_path, monkeypatch):
          "-o", tmp_path / "loop.mlir")
     loop = (tmp_path / "loop.mlir").read_text()
     assert '"model"::"blk.ffn_up_exps.weight.stacked:d"> : tensor<2x3xf32>' in loop
+    # per-channel: each expert's rows their own scale, `KEY:d_rows` [experts, out]
+    pc = tmp_path / "pc.irpa"
+    halo("import-params", "--safetensors", tmp_path, "--quantize", "fp8", "--fp8-scales",
+         "per-channel", "-o", pc)
+    raw = entries(pc)
+    want = np.stack([tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"]
+                     for e in range(3)])
+    d = raw["blk.0.ffn_down_exps.weight:d_rows"].view(np.float32).reshape(3, 32)
+    np.testing.assert_array_equal(d, (np.abs(want).max(axis=2) / 240).astype(np.float32))
+    qs = raw["blk.0.ffn_down_exps.weight:qs"].view(np.uint8).view(fp8).reshape(want.shape)
+    np.testing.assert_array_equal(qs.astype(np.float32), np.clip(
+        want / d[:, :, None], -240, 240).astype(fp8).astype(np.float32))
+    halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "fp8", "--fp8-scales",
+         "per-channel", "-o", tmp_path / "pc.mlir")
+    assert '"model"::"blk.0.ffn_down_exps.weight:d_rows"> : tensor<3x32xf32>' in \
+        (tmp_path / "pc.mlir").read_text()
 
 
 @pytest.mark.parametrize("args,what", [(["--keep-quantized"], "kept-quantized"),
