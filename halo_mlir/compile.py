@@ -140,6 +140,17 @@ def _moe_flags(src: Path, target: str) -> list[str]:
                                   for line in f) else []
 
 
+# iree-compile errors with a known cause in our modules: error text -> what to do instead.
+KNOWN_FAILURES = {
+    # iree-stream-elide-timepoints: its whole-program analysis stops after 32 fixpoint
+    # iterations. A mixture-of-experts layer loop with the grouped prefill (per-expert
+    # chains of dispatches on every device) at 4 or more devices does not settle in time.
+    "failed to solve for timepoint coverage": (
+        "IREE's timepoint analysis did not converge; with a mixture-of-experts "
+        "--layer-loop module at --tp 4 or more, emit it with --moe-prefill gather"),
+}
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
@@ -164,7 +175,9 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
         proc = subprocess.run([*cmd, "-o", str(tmp)], stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
-            raise HaloError(f"iree-compile failed on {src} for {target} (see above)")
+            hint = next((f": {fix}" for text, fix in KNOWN_FAILURES.items()
+                         if text in proc.stderr), " (see above)")
+            raise HaloError(f"iree-compile failed on {src} for {target}{hint}")
         os.replace(tmp, out)
     except OSError as e:
         raise HaloError(f"{out}: cannot write ({e.strerror})") from None

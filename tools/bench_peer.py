@@ -31,6 +31,9 @@ halo-mlir executable, i.e. halo's IREE 3.13). The peer venv needs its own IREE 3
 bindings for the export: iree-turbine 3.6 calls `IntegerType.isinstance`, which the 3.13
 bindings no longer have (export dies with AttributeError).
 
+sharktank's Grok (export time and prefill logits on the same random weights) is compared
+by tools/bench_peer_grok.py, which uses the same virtualenv.
+
 This script must run in its OWN virtualenv holding torch + sharktank; it only calls
 halo-mlir as an external program and is never imported by halo_mlir. Set-up that works
 (torch first: it resolves to a local CPU wheel; other torch specs pull CUDA wheels; the

@@ -109,10 +109,8 @@ class Builder(LinalgExtOps, EntryPoints):
 
     def lookup(self, name: str):
         """The top-level op with symbol `name`, or None."""
-        for op in self.module.body.operations:
-            if "sym_name" in op.attributes and op.attributes["sym_name"].value == name:
-                return op
-        return None
+        table = ir.SymbolTable(self.module.operation)  # built in C++: no Python loop
+        return table[name] if name in table else None
 
     lookup_global = lookup
 

@@ -209,7 +209,9 @@ def _erase_uncalled(module, names: set) -> None:
         if op.name == "util.call":
             called.add(ir.FlatSymbolRefAttr(op.attributes["callee"]).value)
         return ir.WalkResult.ADVANCE
-    module.operation.walk(visit)
+    for op in module.body.operations:  # calls sit in functions: skip the globals
+        if op.operation.name == "util.func":
+            op.operation.walk(visit)
     for op in list(module.body.operations):
         if "sym_name" in op.attributes and op.attributes["sym_name"].value in names - called:
             op.operation.erase()

@@ -17,7 +17,7 @@ import dataclasses
 from typing import Callable
 
 from iree.compiler import ir
-from iree.compiler.dialects import flow, util
+from iree.compiler.dialects import flow
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, is_empty_tensor, walk_nested
@@ -81,10 +81,31 @@ class Sharder:
         # its input twice) is all-reduced once.
         self.reduced: list[dict] = [{}]
         self.shard_callee = None  # set by the pipeline (it owns function-level sharding)
+        self._promises: dict[int, ir.Attribute] = {}
+        self._load_attrs: dict[str, dict] = {}
+        self._global_text: dict[str, tuple] = {}
+        self._private = ir.StringAttr.get("private", context=b.context)
 
     # ---- helpers -------------------------------------------------------------------
     def devices(self):
         return range(self.tp)
+
+    def promise(self, i: int) -> ir.Attribute:
+        """`#hal.device.promise<@__device_i>`, parsed once per device (a TP8 module
+        places thousands of globals)."""
+        if i not in self._promises:
+            self._promises[i] = Builder.device(i)
+        return self._promises[i]
+
+    def load(self, sym: str, t: ir.Type):
+        """`util.global.load immutable @sym`; built directly (a TP8 module has thousands of
+        loads, and the generated builder rebuilds the symbol and unit attributes each
+        time: about three times slower)."""
+        attrs = self._load_attrs.get(sym)
+        if attrs is None:
+            attrs = self._load_attrs[sym] = {"global": ir.FlatSymbolRefAttr.get(sym),
+                                             "is_immutable": ir.UnitAttr.get()}
+        return ir.Operation.create("util.global.load", results=[t], attributes=attrs).result
 
     def replicated(self, values) -> SV:
         return SV(REPLICATED, list(values))
@@ -213,8 +234,10 @@ class Sharder:
         key = (name, i)
         if key in self.device_globals:
             return self.device_globals[key]
-        t = ir.TypeAttr(op_global.attributes["type"]).value
-        init = str(op_global.attributes["initial_value"])
+        if name not in self._global_text:  # read once for all devices
+            self._global_text[name] = (ir.TypeAttr(op_global.attributes["type"]).value,
+                                       str(op_global.attributes["initial_value"]))
+        t, init = self._global_text[name]
         if isinstance(sharding, Split):
             rt = ir.RankedTensorType(t)
             t = ir.RankedTensorType.get(local_shape(list(rt.shape), sharding, self.tp),
@@ -228,9 +251,10 @@ class Sharder:
             sym = f"{name}$dev{i}"
         init = init.rsplit(" : ", 1)[0] + f" : {t}"
         with ir.InsertionPoint(op_global), op_global.location:
-            g = util.global_(sym, t, sym_visibility="private",
-                             initial_value=ir.Attribute.parse(init))
-            g.attributes["stream.affinity"] = Builder.device(i)
+            ir.Operation.create("util.global", attributes={
+                "sym_name": ir.StringAttr.get(sym), "type": ir.TypeAttr.get(t),
+                "sym_visibility": self._private, "initial_value": ir.Attribute.parse(init),
+                "stream.affinity": self.promise(i)})
         self.device_globals[key] = (sym, t)
         return sym, t
 
@@ -592,7 +616,7 @@ def rule_global_load(s: Sharder, op, svs: list[SV]) -> list[SV]:
     values = []
     for i in s.devices():
         sym, t = s.device_global(g, i, sharding)
-        values.append(util.global_load(t, sym, is_immutable=True))
+        values.append(s.load(sym, t))
     return [SV(sharding, values)]
 
 

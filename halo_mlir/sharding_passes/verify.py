@@ -27,7 +27,7 @@ from halo_mlir.sharding_passes.collectives import TRANSFERS
 _PROMISE = re.compile(r"#hal\.device\.promise<@(\w+)>")
 
 
-def _device(attr) -> int | None:
+def _device_of(attr) -> int | None:
     m = _PROMISE.search(str(attr))
     return int(m.group(1).rsplit("_", 1)[1]) if m else None
 
@@ -44,8 +44,17 @@ def verify_placement(module, tp: int, allreduce: str | dict | None = None) -> di
     """Raises HaloError on the first inconsistency; returns {entry: transfer count}.
     `allreduce`: the all-reduce mode of every entry, or {entry: {mode: all-reduces}} (what
     `auto` chose, from the sharding pass's report); None skips the transfer count."""
+    # Attributes are uniqued: a TP8 module repeats 8 promises thousands of times, so each
+    # distinct one is printed and parsed once.
+    devices: dict = {}
+
+    def _device(attr) -> int | None:
+        if attr not in devices:
+            devices[attr] = _device_of(attr)
+        return devices[attr]
+
     declared = {f"__device_{i}" for i in range(tp)}
-    for name in set(_PROMISE.findall(str(module))):
+    for name in _promised_devices(module):
         if name not in declared:
             raise HaloError(f"the module promises device @{name}, but only {tp} devices "
                             f"(__device_0..{tp - 1}) are declared")
@@ -167,6 +176,38 @@ def verify_placement(module, tp: int, allreduce: str | dict | None = None) -> di
                 raise HaloError(f"{entry}: {transfers} transfers, the plan predicts {predicted}")
         counts[entry] = transfers
     return counts
+
+
+def _promised_devices(module) -> set[str]:
+    """The device names of every `#hal.device.promise` attribute in `module`, found by
+    walking the ops' attributes (and the arrays and dictionaries inside them) rather than
+    printing the module: a TP8 module of several MB prints in about as long as the rest of
+    the verification takes."""
+    with module.context:
+        promise = ir.Attribute.parse("#hal.device.promise<@__device_0>").typeid
+    containers = {ir.ArrayAttr.static_typeid: lambda a: ir.ArrayAttr(a),
+                  ir.DictAttr.static_typeid: lambda a: [n.attr for n in ir.DictAttr(a)]}
+    found: set[str] = set()
+    seen: set = set()  # attributes are uniqued: each distinct one is looked into once
+
+    def visit_attr(attr):
+        if attr in seen:
+            return
+        seen.add(attr)
+        tid = attr.typeid
+        if tid == promise:
+            found.update(_PROMISE.findall(str(attr)))
+        elif tid in containers:
+            for inner in containers[tid](attr):
+                visit_attr(inner)
+
+    def visit(op):
+        attrs = op.attributes
+        for k in range(len(attrs)):
+            visit_attr(attrs[k].attr)
+        return ir.WalkResult.ADVANCE
+    module.operation.walk(visit)
+    return found
 
 
 def _constant(v) -> int:
