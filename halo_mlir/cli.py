@@ -468,7 +468,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
     text = calibrate.read_text(calibration_text)
     tok = JsonTokenizer(tokenizer) if tokenizer else None
     with open_source(safetensors=st_path, gguf=gguf, hf_config=hf_config) as source:
-        preflight(source.cfg, output, tp, moe)
+        preflight(source.cfg, output, tp, moe, scales)
         tok = tok or source.tokenizer()
         vocab = source.cfg.vocab_size
         ids = calibrate.calibration_ids(vocab, calibration_tokens, tok, text)

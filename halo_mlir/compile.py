@@ -130,12 +130,14 @@ MOE_FLAGS = {"gfx942": ["--iree-codegen-llvmgpu-use-reduction-vector-distributio
 
 
 def _moe_flags(src: Path, target: str) -> list[str]:
-    """MOE_FLAGS[target] when `src` (text or bytecode) holds stacked expert weights."""
+    """MOE_FLAGS[target] when `src` (text or bytecode) holds stacked expert weights or a
+    kept-quantized expert kernel (`halo_*_expert_matmul_*`, which reads its rows the same way)."""
     flags = MOE_FLAGS.get(target)
     if not flags:
         return []
     with open(src, "rb") as f:
-        return list(flags) if any(b"_exps.weight" in line for line in f) else []
+        return list(flags) if any(b"_exps.weight" in line or b"_expert_matmul" in line
+                                  for line in f) else []
 
 
 # iree-compile errors with a known cause in our modules: error text -> what to do instead.

@@ -33,6 +33,11 @@ FP8_MAX = 240.0
 SCALES = ("per-tensor", "per-channel")
 ROW_SCALE_FIELD = "d_rows"
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# Mixture-of-experts stacks [experts, out, in] kept in fp8: `KEY:qs` [experts, out, in],
+# `KEY:d` f32 [experts] (per-tensor: one scale per expert) or `KEY:d_rows` f32 [experts,
+# out] (per-channel), and one input scale shared by the experts (`q_input:rscale` []). The
+# router (`ffn_gate_inp`) stays in floats.
+EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # Which tensor each linear's input is (the q/k/v projections share attn_norm's output).
 INPUT_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
             "attn_output": "attention", "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm",
@@ -69,6 +74,12 @@ def is_linear(key: str) -> bool:
     """Whether ABI key `blk.{i}.NAME.weight` is a linear that an FP8 model keeps in fp8."""
     parts = key.split(".")
     return len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEARS and parts[3] == "weight"
+
+
+def is_expert(key: str) -> bool:
+    """Whether ABI key `blk.{i}.NAME.weight` is a stack of experts an FP8 model keeps in fp8."""
+    parts = key.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in EXPERTS and parts[3] == "weight"
 
 
 def numpy_fp8():
@@ -115,6 +126,12 @@ def param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[int,
 
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for key, shape in param_shapes(cfg).items():
+        if is_expert(key):  # [E, out, in]: a scale per expert, or per expert and row
+            qs, d = weight_keys(key, scales)
+            out[qs] = (shape, FP8)
+            out[d] = ((shape[0], shape[1]) if scales == "per-channel" else (shape[0],), "f32")
+            out[input_scale_key(key.split(".")[1], key.split(".")[2])] = ((), "f32")
+            continue
         if not is_linear(key):
             out[key] = (shape, "float")
             continue

@@ -21,6 +21,10 @@ Q8_0/Q4_1, 256-element super-blocks for the K-quants), each an IRPA entry `KEY:F
   byte (g, i), bits 2t..2t+1, holds the high 2 bits of element 128g + 32t + i (t = 0..3).
   q = low | high << 4 (0..63); w = d * sc[e // 16] * (q - 32). The fields are llama.cpp's
   bytes as they are (block order ql, qh, scales, d), only split.
+
+Stacked mixture-of-experts weights `[E, N, K]` (`blk.{i}.ffn_*_exps.weight`) keep the same
+fields with the expert in front: `KEY:FIELD` [E, N, K/block, ...] (expert e at index e), read
+by the `{format}_expert_matmul` kernels and, sliced per expert, by `{format}_matmul`.
 """
 
 from __future__ import annotations

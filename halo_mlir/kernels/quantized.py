@@ -128,5 +128,49 @@ def _family(fmt: str, block: int) -> list[Kernel]:
                    _params(block), harness=rows)]
 
 
+def expert_weights(fmt_name: str, e: int, n: int, k: int, rng,
+                   kinds: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """E experts' raw blocks uint8 [e, n, k/block * block_bytes] (random_blocks) and their
+    fields [e, n, k/block, ...] (halo_mlir.quant's expert layout)."""
+    from halo_mlir.quant import FORMATS
+
+    raw = random_blocks(fmt_name, e * n, k, rng, kinds)
+    fields = FORMATS[fmt_name].split(raw, e * n, k)
+    return raw.reshape(e, n, -1), [f.reshape(e, n, *f.shape[1:]) for f in fields.values()]
+
+
+def expert_reference(fmt: str, x: np.ndarray, ids: np.ndarray,
+                     fields: list[np.ndarray]) -> np.ndarray:
+    """out[m] = x[m] @ dequant(expert ids[m])^T: the expert matmul in numpy."""
+    out = np.zeros((x.shape[0], fields[0].shape[1]), np.float32)
+    for e in np.unique(ids):
+        rows = ids == e
+        out[rows] = x[rows] @ dequantize(fmt, [f[e] for f in fields]).T
+    return out
+
+
+def _expert_kernel(fmt: str, block: int) -> Kernel:
+    """`{fmt}_expert_matmul`: each row of x through the expert its id picks, the expert's
+    blocks read inside the contraction (the MoE decode form, ops/moe.py)."""
+    params = {"e": Param(int, "experts stacked in the weight", positive, 4), **_params(block)}
+
+    def fields(v):
+        return [Arg(a.name, (v["e"], *a.shape), a.dtype) for a in _field_args(fmt, v["n"], v["k"])]
+    harness = Harness(
+        sizes={"m": (5, 64, "rows of x (token, slot) pairs")},
+        args=lambda v, z: ([Arg("x", (z["m"], v["k"]), "f32"), Arg("ids", (z["m"],), "i64"),
+                            *fields(v)], [Arg("out", (z["m"], v["n"]), "f32")]),
+        inputs=lambda v, z, rng: [rng.standard_normal((z["m"], v["k"])).astype(np.float32),
+                                  rng.integers(0, v["e"], z["m"]).astype(np.int64),
+                                  *expert_weights(fmt, v["e"], v["n"], v["k"], rng)[1]],
+        reference=lambda v, ins: [expert_reference(fmt, ins[0], ins[1], ins[2:])],
+        tolerance=lambda v: 1e-3)
+    return Kernel(f"{fmt}_expert_matmul",
+                  f"x[M,K] f32 @ {fmt.upper()} w[ids[M]][N,K]^T (E experts) -> [M,N] f32",
+                  params, harness=harness)
+
+
 KERNELS = [*_family("q8_0", 32), *_family("q4_1", 32), *_family("q4_k", 256),
-           *_family("q6_k", 256)]
+           *_family("q6_k", 256),
+           *(_expert_kernel(f, blk) for f, blk in (("q8_0", 32), ("q4_1", 32), ("q4_k", 256),
+                                                   ("q6_k", 256)))]

@@ -144,12 +144,18 @@ class _Model:
         if opts.moe_parallel == "expert":
             from halo_mlir.sharding_passes.plan import check_moe_parallel
             check_moe_parallel(cfg, opts.moe_groups, opts.moe_parallel)
+            quantized = any(key.endswith("_exps.weight") for key, _ in opts.weight_formats)
+            if quantized or opts.dtype == "fp8":
+                what = "fp8" if opts.dtype == "fp8" else "kept-quantized"
+                raise HaloError(f"--moe-parallel expert does not run {what} experts yet; use "
+                                "--moe-parallel ffn (each expert split over the devices)")
         self.attention = self.family.attention_form(opts.attention)
         self.block_weights = block_weights(cfg)
         self.formats = dict(opts.weight_formats)
         if opts.dtype == "fp8":  # every block linear: `KEY:qs`, `KEY:d` and its input scale
             self.formats.update({f"blk.{i}.{name}.weight": "fp8" for i in range(cfg.n_layers)
-                                 for name in fp8.LINEARS})
+                                 for name in (*fp8.LINEARS, *fp8.EXPERTS)
+                                 if name in self.block_weights})
         # Attention in fp8 over an fp8 cache: Q, K, V quantized with the layer's scales.
         self.kv_fp8 = opts.cache_dtype == fp8.FP8
         b.template_dir = opts.template_dir
@@ -405,6 +411,8 @@ class _Stack:
                 qs = fp8.weight_keys(key)[0]
                 d = fp8.weight_keys(layer_key, m.opts.fp8_scales)[1]
                 rows = (shape[-2],) if m.opts.fp8_scales == "per-channel" else ()
+                if name in fp8.EXPERTS:  # a scale per expert [experts] (or [experts, out])
+                    rows = (shape[-3], *rows)
                 prefix = layer_key[:-len("weight")]  # "blk.{i}.NAME."
                 values += [m.b.param(qs, shape, fp8.FP8), scalar(d, rows),
                            scalar(f"{prefix}q_input:rscale")]

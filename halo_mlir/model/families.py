@@ -80,16 +80,12 @@ class Family:
                         f"{self.attention[0]}")
 
 
-_MOE_TODO = "the experts have no such path"
 FAMILIES = {
     "llama": Family("llama", dense_ffn),
-    "mixtral": Family("mixtral", mixture_ffn, unsupported=(
-        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO))),
+    "mixtral": Family("mixtral", mixture_ffn),
     # Grok-1: Mixtral's MoE block with GELU experts and no renormalization (config fields),
     # four norms a block (params.names.POST_NORMS), soft-capped attention.
-    "grok": Family("grok", mixture_ffn, unsupported=(
-        ("dtype fp8", _MOE_TODO), ("keep-quantized", _MOE_TODO)),
-        attention=("decomposed",)),
+    "grok": Family("grok", mixture_ffn, attention=("decomposed",)),
 }
 
 

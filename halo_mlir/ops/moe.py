@@ -8,14 +8,32 @@ contraction), so no expert runs on a token that did not pick it and no gathered 
 the weights is made (`moe_ffn`, the decode form). `moe_ffn_grouped` (prefill) orders the
 (token, slot) pairs by expert and runs one matmul chain per expert over its rows, reading
 each expert's weights once.
+
+An expert stack may also be kept quantized (`--keep-quantized`): the weight is then
+`(format, fields)`, each field stacked `[E, O, I/block, ...]` (halo_mlir.quant). The decode
+form calls the `{format}_expert_matmul` kernel, which reads the picked expert's blocks
+inside its contraction and dequantizes them there; the grouped form slices each expert's
+fields and runs the dense `{format}_matmul` kernel on its rows.
+
+In an fp8 model (`--dtype fp8`) a stack is `("fp8", [qs [E, O, I] f8E4M3FNUZ, d [E] (or
+[E, O] per-channel) f32, rscale [] f32])`: a weight scale per expert (and row) and one input
+scale for every expert. The
+input is quantized once (x / rscale), the fp8 products accumulate in f32, and both scales
+are applied after the contraction (d of the token's expert), as `ops/fp8.fp8_linear` does.
 """
 
 from __future__ import annotations
 
 import math
 
+from halo_mlir import kernels
 from halo_mlir.ir_builder import Builder, Value
+from halo_mlir.ops.fp8 import quantize as fp8_quantize
 from halo_mlir.ops.linear import linear
+
+# A stacked expert weight: a float Value [E, O, I], (format, fields [E, O, I/block, ...])
+# kept quantized, or ("fp8", [qs, d, rscale]).
+Experts = "Value | tuple[str, list[Value]]"
 
 
 def _softmax(b: Builder, logits: Value) -> Value:
@@ -73,10 +91,14 @@ def route(b: Builder, x: Value, w_router: Value, *, k: int, renormalize: bool,
     return weights, experts
 
 
-def expert_linear(b: Builder, x: Value, experts: Value, w: Value, *, dtype: str) -> Value:
+def expert_linear(b: Builder, x: Value, experts: Value, w: Experts, *, dtype: str) -> Value:
     """x[N,S,K,I] (or [N,S,I], shared by the K slots), experts[N,S,K] i64, w[E,O,I] ->
     y[N,S,K,O] = x @ w[expert]^T, accumulated in f32, cast to dtype. The weight rows are
     read where the token's expert id points (a gather inside the contraction)."""
+    if isinstance(w, tuple) and w[0] == "fp8":
+        return fp8_expert_linear(b, x, experts, *w[1], dtype=dtype)
+    if isinstance(w, tuple):
+        return quantized_expert_linear(b, x, experts, *w, dtype=dtype)
     n, s, k = b.dims(experts)
     o = b.shape(w)[1]
     per_slot = len(b.shape(x)) == 4
@@ -92,6 +114,51 @@ def expert_linear(b: Builder, x: Value, experts: Value, w: Value, *, dtype: str)
 
     acc = b.generic(spec, [x, experts], [b.filled([n, s, k, o], 0.0, "f32")], body)
     return b.map("bsko->bsko", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def quantized_expert_linear(b: Builder, x: Value, experts: Value, fmt: str,
+                            fields: list[Value], *, dtype: str) -> Value:
+    """As expert_linear for a kept-quantized stack (fields [E, O, I/block, ...]): the
+    (token, slot) pairs as rows of the `{fmt}_expert_matmul` kernel, which dequantizes the
+    picked expert's blocks inside its contraction (f32), cast to dtype."""
+    n, s, k = b.dims(experts)
+    e, o = b.shape(fields[0])[:2]
+    i = b.shape(x)[-1]
+    if len(b.shape(x)) == 3:  # one x for every slot: each (token, slot) pair gets a row
+        x = b.generic("bsi->bski", [x], [b.empty([n, s, k, i], "f32")],
+                      lambda v, _: b.cast(v, "f32"))
+    else:
+        x = b.map("bski->bski", [x], "f32", lambda v: b.cast(v, "f32"))
+    rows = b.retype(b.reshape(x, [[0, 1, 2], [3]], [None, i]), [None, i])
+    ids = b.retype(b.reshape(experts, [[0, 1, 2]], [None]), [None])
+    fn = kernels.instantiate(b, f"{fmt}_expert_matmul", e=e, n=o, k=i)
+    out = b.call(fn, [rows, ids, *fields], [b.tensor_type([None, o], "f32")])[0]
+    out = b.map("po->po", [out], dtype, lambda v: b.cast(v, dtype))
+    return b.reshape(out, [[0, 1, 2], [3]], [n, s, k, o])
+
+
+def fp8_expert_linear(b: Builder, x: Value, experts: Value, qs: Value, d: Value,
+                      rscale: Value, *, dtype: str) -> Value:
+    """As expert_linear for fp8 experts: x quantized with rscale, the picked expert's fp8
+    rows read inside the contraction (fp8 x fp8 products in f32), then acc * rscale *
+    d[expert], cast to dtype."""
+    n, s, k = b.dims(experts)
+    o = b.shape(qs)[1]
+    xq = fp8_quantize(b, x, rscale)
+    spec = "bski,bsk->bsko" if len(b.shape(x)) == 4 else "bsi,bsk->bsko"
+    dims = "".join(dict.fromkeys(spec.replace(",", "").replace("->", "")))
+
+    def body(xv, e, acc):
+        row = [b.cast(e, "index"), b.linalg_index(dims.index("o")),
+               b.linalg_index(dims.index("i"))]
+        return b.addf(acc, b.mulf(b.cast(xv, "f32"), b.cast(b.extract(qs, row), "f32")))
+
+    acc = b.generic(spec, [xq, experts], [b.filled([n, s, k, o], 0.0, "f32")], body)
+
+    def scaled(a, e, r):  # d[expert] (per-tensor) or d[expert, o] (per-channel)
+        at = [b.cast(e, "index")] + ([b.linalg_index(3)] if len(b.shape(d)) == 2 else [])
+        return b.cast(b.mulf(b.mulf(a, r), b.extract(d, at)), dtype)
+    return b.map("bsko,bsk,->bsko", [acc, experts, rscale], dtype, scaled)
 
 
 def _gelu_tanh(b: Builder, x: Value) -> Value:
@@ -148,11 +215,41 @@ def _iota(b: Builder, size) -> Value:
     return b.generic("->p", [], [b.empty([size], "i64")], lambda _: b.cast(b.linalg_index(0), "i64"))
 
 
-def _rows_linear(b: Builder, x: Value, w: Value, *, dtype: str) -> Value:
-    """x[M,K], w[O,K] -> x @ w^T [M,O], accumulated in f32, cast to dtype."""
+def _rows_linear(b: Builder, x: Value, w: Experts, *, dtype: str) -> Value:
+    """x[M,K], w[O,K] (or (format, fields [O, K/block, ...])) -> x @ w^T [M,O],
+    accumulated in f32, cast to dtype; a quantized w runs the dense `{format}_matmul`."""
     m = b.dims(x)[0]
+    if isinstance(w, tuple) and w[0] == "fp8":  # fp8: the expert's qs [O, I] and d [] or [O]
+        qs, d, rscale = w[1]
+        o, i = b.shape(qs)
+        rows = b.retype(fp8_quantize(b, x, rscale), [None, i])
+        kernel = "fp8_matmul_rows" if len(b.shape(d)) == 1 else "fp8_matmul"
+        fn = kernels.instantiate(b, kernel, n=o, k=i, out_dtype=dtype)
+        return b.call(fn, [rows, qs, rscale, d], [b.tensor_type([None, o], dtype)])[0]
+    if isinstance(w, tuple):
+        fmt, fields = w
+        o, i = b.shape(fields[0])[0], b.shape(x)[1]
+        rows = b.retype(b.map("mk->mk", [x], "f32", lambda v: b.cast(v, "f32")), [None, i])
+        lanes = getattr(b, "quant_lanes", 0) if fmt in ("q8_0", "q4_1") else 0
+        fn = kernels.instantiate(b, f"{fmt}_matmul", n=o, k=i,
+                                 **({"lanes": lanes} if lanes else {}))
+        acc = b.call(fn, [rows, *fields], [b.tensor_type([None, o], "f32")])[0]
+        return b.map("mo->mo", [acc], dtype, lambda a: b.cast(a, dtype))
     acc = b.matmul_t(x, w, b.filled([m, b.shape(w)[0]], 0.0, "f32"))
     return b.map("mo->mo", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def _expert_slice(b: Builder, w: Experts, expert: Value) -> Experts:
+    """Expert `expert` of a stack: w[expert], or each quantized field's slice."""
+    if isinstance(w, tuple) and w[0] == "fp8":  # qs and d per expert; the input scale shared
+        return w[0], [b.layer_slice(w[1][0], expert), b.layer_slice(w[1][1], expert), w[1][2]]
+    if isinstance(w, tuple):
+        return w[0], [b.layer_slice(f, expert) for f in w[1]]
+    return b.layer_slice(w, expert)
+
+
+def _n_experts(w: Experts, b: Builder) -> int:
+    return b.shape(w[1][0] if isinstance(w, tuple) else w)[0]
 
 
 def group_by_expert(b: Builder, experts: Value, n_experts: int) -> tuple[Value, ...]:
@@ -198,7 +295,7 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
     The group sizes are read on the host to size the per-expert matmuls: all of them
     before the first expert runs, so the host waits once a layer (not once an expert)."""
     weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
-    n_experts, d = b.shape(w_gate)[0], b.shape(x)[2]
+    n_experts, d = _n_experts(w_gate, b), b.shape(x)[2]
     n, s, _ = b.dims(x)
     rows = b.reshape(x, [[0, 1], [2]], [None, d])
     perm, inv, counts, offsets = group_by_expert(b, experts, n_experts)
@@ -214,7 +311,7 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
     for e, (off, cnt) in enumerate(bounds):
         xe = b.slice(xs, [off, 0], [cnt, d])
         expert = b.barrier(b.index(e))  # opaque: every expert reuses the same kernels
-        wg, wu, wd = (b.layer_slice(w, expert) for w in (w_gate, w_up, w_down))
+        wg, wu, wd = (_expert_slice(b, w, expert) for w in (w_gate, w_up, w_down))
         he = b.map("mf,mf->mf", [_rows_linear(b, xe, wg, dtype=dtype),
                                  _rows_linear(b, xe, wu, dtype=dtype)], dtype,
                    lambda g, u: _silu_mul(b, g, u, dtype, act))

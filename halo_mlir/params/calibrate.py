@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from halo_mlir import fp8
+from halo_mlir.params.names import POST_NORMS
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
 
@@ -93,10 +94,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: LlamaConfig) -> 
     t, g = q.shape[0], cfg.group_size
     masked = np.triu(np.ones((t, t), dtype=bool), k=1)
     out = np.empty_like(q)
-    scale = np.float32(cfg.head_dim ** -0.5)
+    scale = np.float32(cfg.head_dim ** -0.5 if cfg.attn_scale is None else cfg.attn_scale)
     for j in range(cfg.n_kv_heads):
         qh = q[:, j * g:(j + 1) * g].transpose(1, 0, 2)  # [g, T, hd]
         scores = (qh @ k[:, j].T) * scale  # [g, T, T]
+        if cfg.attn_softcap:  # Grok-1: cap * tanh(x / cap)
+            cap = np.float32(cfg.attn_softcap)
+            scores = cap * np.tanh(scores / cap)
         scores[:, masked] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
@@ -107,6 +111,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: LlamaConfig) -> 
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (Grok-1's experts)."""
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
 def _amax(x: np.ndarray) -> float:
@@ -148,7 +161,51 @@ class _Run:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         rows = {int(i): self.source.rows("token_embd.weight", int(i), int(i) + 1)[0]
                 for i in np.unique(ids)}
-        return np.stack([rows[int(i)] for i in ids]).astype(np.float32)
+        x = np.stack([rows[int(i)] for i in ids]).astype(np.float32)
+        return x * np.float32(self.cfg.embedding_scale)
+
+    def post_norm(self, i: int, name: str, y: np.ndarray) -> np.ndarray:
+        """Grok-1's norms on the attention / FFN output before the residual add."""
+        if name not in POST_NORMS.get(self.cfg.family, ()):
+            return y
+        return rms_norm(y, self.vector(f"blk.{i}.{name}.weight"), self.cfg.rms_eps)
+
+    def moe(self, i: int, h: np.ndarray) -> np.ndarray:
+        """Router + top-k experts (ops/moe.py's math in numpy); records each expert stack's
+        scales (`KEY:d` [experts], or `KEY:d_rows` [experts, rows]) and input scales (h for gate/up; act(gate) * up over
+        every picked (token, slot) for down)."""
+        cfg, s = self.cfg, self.scales
+        w = lambda name: f"blk.{i}.{name}.weight"  # noqa: E731
+        logits = h @ self.source.rows(w("ffn_gate_inp"), 0, cfg.n_experts).T
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top = np.argsort(-p, axis=-1, kind="stable")[:, :cfg.experts_per_token]
+        gates = np.take_along_axis(p, top, -1)
+        if cfg.moe_renormalize:
+            gates = gates / gates.sum(-1, keepdims=True)
+        act = ACTIVATIONS[cfg.ffn_activation]
+        rows = self.weight_scales == "per-channel"  # amax per expert (and row)
+        amax = {name: np.zeros((cfg.n_experts, *((self.source.shape(w(name))[1],) if rows
+                                                 else ())), np.float32)
+                for name in fp8.EXPERTS}
+        out, m_amax = np.zeros_like(h), 0.0
+        for e in range(cfg.n_experts):
+            weights = {name: self.source.expert_rows(w(name), e) for name in fp8.EXPERTS}
+            for name, we in weights.items():
+                amax[name][e] = np.abs(we).max(axis=1) if rows else _amax(we)
+            tok, slot = np.nonzero(top == e)
+            if not len(tok):
+                continue
+            x = h[tok]
+            m = act(x @ weights["ffn_gate_exps"].T) * (x @ weights["ffn_up_exps"].T)
+            m_amax = max(m_amax, _amax(m))
+            np.add.at(out, tok, gates[tok, slot][:, None] * (m @ weights["ffn_down_exps"].T))
+        for name in fp8.EXPERTS:
+            s[fp8.weight_keys(w(name), self.weight_scales)[1]] = fp8.row_scales(amax[name])
+        s[fp8.input_scale_key(i, "ffn_gate_exps")] = fp8.scale_of(_amax(h))
+        s[fp8.input_scale_key(i, "ffn_up_exps")] = fp8.scale_of(_amax(h))
+        s[fp8.input_scale_key(i, "ffn_down_exps")] = fp8.scale_of(m_amax)
+        return out
 
     def layer(self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         cfg, s, t = self.cfg, self.scales, x.shape[0]
@@ -164,8 +221,10 @@ class _Run:
         s[fp8.kv_scale_key(i)] = fp8.scale_of(max(_amax(k), _amax(v)))
         a = attention(q, k, v, cfg)
         s[fp8.input_scale_key(i, "attn_output")] = fp8.scale_of(_amax(a))
-        x = x + self.linear(w("attn_output"), a)
+        x = x + self.post_norm(i, "attn_output_norm", self.linear(w("attn_output"), a))
         h = rms_norm(x, self.vector(w("ffn_norm")), cfg.rms_eps)
+        if cfg.is_moe:
+            return x + self.post_norm(i, "layer_output_norm", self.moe(i, h))
         for name in ("ffn_gate", "ffn_up"):
             s[fp8.input_scale_key(i, name)] = fp8.scale_of(_amax(h))
         m = silu(self.linear(w("ffn_gate"), h)) * self.linear(w("ffn_up"), h)

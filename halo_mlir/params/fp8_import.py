@@ -36,12 +36,15 @@ def check_quantize(quantize: str | None, keep_quantized: bool = False) -> None:
                         "blocks too: drop --keep-quantized (block weights are dequantized first)")
 
 
-def preflight(cfg, out: str | Path, tp: int = 1, moe: str = "ffn") -> None:
-    """The checks that need no weights: TP degree, output directory (run before anything
-    slow, or printed, so bad input is one line)."""
+def preflight(cfg, out: str | Path, tp: int = 1, moe: str = "ffn",
+              scales: str = "per-tensor") -> None:
+    """The checks that need no weights: TP degree, the scales' scheme for this model (experts
+    take per-tensor only), output directory (run before anything slow, or printed, so bad
+    input is one line)."""
     check_moe_parallel(cfg, tp, moe)
     if tp > 1:
         check_divisible(cfg, tp, moe)
+    fp8.param_entries(cfg, scales)
     out = Path(out)
     if not out.parent.is_dir():
         raise HaloError(f"{out}: directory {out.parent} does not exist")
@@ -58,7 +61,7 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
     cfg = source.cfg
     np_dtype = numpy_dtype(dtype)
     fp8.check_scales(scales)
-    preflight(cfg, out, tp, moe)
+    preflight(cfg, out, tp, moe, scales)
     entries = fp8.param_entries(cfg, scales)
     # The writer first: a bad --layout or output directory fails before the calibration.
     with irpa.writer(out, tp, layout, moe) as writer:
@@ -74,7 +77,10 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
             elif kind == fp8.FP8:
                 weight = key[:-len(":qs")]
                 d = found[fp8.weight_keys(weight, scales)[1]]
-                if np.ndim(d):  # per-channel: each block of rows with its rows' scales
+                if fp8.is_expert(weight):  # [E, out, in]: one expert a chunk, its own scale
+                    chunks = (fp8.quantize(source.expert_rows(weight, e), d[e])[None]
+                              for e in range(len(d)))
+                elif np.ndim(d):  # per-channel: each block of rows with its rows' scales
                     chunks = (fp8.quantize(rows, d[a:b])
                               for a, b, rows in source.row_blocks(weight))
                 else:

@@ -22,15 +22,22 @@ _CHUNK_ROWS_BYTES = 64 << 20
 _FLOAT = ("F32", "F16", "BF16", "F64")
 
 
+def _matrix(key: str, shape: tuple[int, ...]) -> bool:
+    """A matrix that may stay quantized: a linear's weight [out, in], or a stack of experts'
+    [experts, out, in]. The MoE router (`ffn_gate_inp`) is always read in floats."""
+    return len(shape) == 2 or (len(shape) == 3 and key.endswith("_exps.weight"))
+
+
 def weight_formats(g: GgufFile, cfg: LlamaConfig, keep_quantized: bool) -> dict[str, str]:
     """ABI key -> quantized format for the matrices that stay quantized: those stored in a
     format with a native kernel (Q8_0, Q4_1, Q4_K, Q6_K) whose input dimension is a whole
-    number of its blocks. Everything else is dequantized."""
+    number of its blocks, stacked experts (`ffn_*_exps`) included. Everything else, and the
+    MoE router, is dequantized."""
     if not keep_quantized:
         return {}
     return {key: BY_GGML[g.qtype(key)].name for key, shape in param_shapes(cfg).items()
-            if len(shape) == 2 and g.qtype(key) in BY_GGML
-            and shape[1] % BY_GGML[g.qtype(key)].block == 0}
+            if _matrix(key, shape) and ".ffn_gate_inp." not in key
+            and g.qtype(key) in BY_GGML and shape[-1] % BY_GGML[g.qtype(key)].block == 0}
 
 
 def dequantized_note(g: GgufFile, cfg: LlamaConfig, formats: dict[str, str]) -> str | None:
@@ -38,7 +45,8 @@ def dequantized_note(g: GgufFile, cfg: LlamaConfig, formats: dict[str, str]) -> 
     anyway (a format without a native kernel, e.g. the Q5_0/Q8_1 llama.cpp falls back to
     where a row is not a whole number of K-quant super-blocks); None when there are none."""
     left = [f"{key} ({g.qtype(key)})" for key, shape in param_shapes(cfg).items()
-            if len(shape) == 2 and key not in formats and g.qtype(key) not in _FLOAT]
+            if _matrix(key, shape) and ".ffn_gate_inp." not in key and key not in formats
+            and g.qtype(key) not in _FLOAT]
     if not left:
         return None
     shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
@@ -58,6 +66,18 @@ def _row_blocks(rows: int, cols: int, read):
     step = max(1, _CHUNK_ROWS_BYTES // (cols * 4))
     for r in range(0, rows, step):
         yield read(r, min(r + step, rows))
+
+
+def _add_expert_fields(writer, g: GgufFile, key: str, shape: tuple[int, ...]) -> None:
+    """A stacked expert weight [E, N, K] kept quantized: each field `KEY:FIELD`
+    [E, N, K/block, ...], written one expert at a time (each expert's raw blocks are read
+    once per field, so memory holds one expert)."""
+    fmt = BY_GGML[g.qtype(key)]
+    e, n, k = shape
+    for field in fmt.fields:
+        writer.add_chunks(f"{key}:{field}", (
+            fmt.split(g.read_rows(key, i * n, (i + 1) * n), n, k)[field][None]
+            for i in range(e)))
 
 
 def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -100,7 +120,9 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                 rows = shape[0] if len(shape) > 1 else 1
                 permute = heads.get(key.split(".")[-2]) if key.startswith("blk.") else None
                 fmt = formats.get(key)
-                if fmt is not None:
+                if fmt is not None and len(shape) == 3:  # experts: one at a time, per field
+                    _add_expert_fields(writer, g, key, shape)
+                elif fmt is not None:
                     raw = g.read_rows(key, 0, rows)
                     raw = _unpermute(raw, permute) if permute else raw
                     for field, array in BY_GGML[g.qtype(key)].split(raw, *shape).items():

@@ -16,7 +16,7 @@ import numpy as np
 
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError
-from halo_mlir.params.names import hf_name, param_shapes
+from halo_mlir.params.names import hf_sources, param_shapes
 
 # Row blocks hold at most this many bytes once converted to f32.
 BLOCK_BYTES = 64 << 20
@@ -47,6 +47,10 @@ class RowsSource:
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             yield start, stop, self.rows(key, start, stop)
+
+    def expert_rows(self, key: str, e: int) -> np.ndarray:
+        """Expert `e` of a stacked expert parameter [E, rows, cols]: f32 [rows, cols]."""
+        raise NotImplementedError
 
     def tokenizer(self):
         """The model's own tokenizer, or None (with `tokenizer_note` saying why)."""
@@ -81,8 +85,12 @@ class SafetensorsSource(RowsSource):
             raise
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        name = hf_name(key)
+        name = hf_sources(key, self.cfg)[0]
         return self._file_of(name).rows(name, start, stop).astype(np.float32)
+
+    def expert_rows(self, key: str, e: int) -> np.ndarray:
+        name = hf_sources(key, self.cfg)[e]
+        return self._file_of(name).rows(name, 0, self.shape(key)[1]).astype(np.float32)
 
     def _tokenizer_path(self) -> Path | None:
         near = [self.path if self.path.is_dir() else self.path.parent]
@@ -122,7 +130,9 @@ class GgufSource(RowsSource):
         except BaseException:
             self.g.close()
             raise
-        self._heads = {"attn_q": self.cfg.n_heads, "attn_k": self.cfg.n_kv_heads}
+        # llama.cpp permutes a llama GGUF's Q/K rows; a grok GGUF keeps them as published
+        self._heads = {} if self.cfg.family == "grok" else {
+            "attn_q": self.cfg.n_heads, "attn_k": self.cfg.n_kv_heads}
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
         from halo_mlir.params.gguf_import import _unpermute
@@ -138,6 +148,10 @@ class GgufSource(RowsSource):
         first, last = start // head_rows * head_rows, -(-stop // head_rows) * head_rows
         rows = _unpermute(self.g.rows_f32(key, first, last), (last - first) // head_rows)
         return rows[start - first:stop - first]
+
+    def expert_rows(self, key: str, e: int) -> np.ndarray:
+        n = self.shape(key)[1]
+        return self.g.rows_f32(key, e * n, (e + 1) * n)
 
     def tokenizer(self):
         from halo_mlir.tokenizer import GgufTokenizer

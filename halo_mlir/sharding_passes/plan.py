@@ -147,17 +147,18 @@ def check_divisible(cfg: LlamaConfig, tp: int, moe: str = "ffn") -> None:
 
 def check_quantized_split(formats: dict[str, str], shapes: dict[str, tuple[int, ...]],
                           tp: int) -> None:
-    """Kept-quantized weights (`KEY:FIELD` [N, K/block, ...]) split like their matrices:
-    output rows anywhere, input columns only at block boundaries. One error naming the first
-    weight whose column split would cut a block."""
+    """Kept-quantized weights (`KEY:FIELD` [N, K/block, ...], or [E, N, K/block, ...] for
+    stacked experts) split like their matrices: output rows anywhere, input columns only at
+    block boundaries. One error naming the first weight whose column split would cut a
+    block."""
     from halo_mlir.quant import quant_format
 
     for key, fmt_name in formats.items():
         fmt, shape = quant_format(fmt_name), shapes[key]
         s = weight_sharding(key, shape, tp)
-        blocks = shape[1] // fmt.block
-        if tp > 1 and isinstance(s, Split) and s.dim == 1 and blocks % tp:
+        blocks = shape[-1] // fmt.block
+        if tp > 1 and isinstance(s, Split) and s.dim == len(shape) - 1 and blocks % tp:
             raise HaloError(f"--tp {tp} would cut the {fmt.ggml} blocks of {key}: its "
-                            f"{shape[1]} input columns are {blocks} block(s) of {fmt.block}, "
+                            f"{shape[-1]} input columns are {blocks} block(s) of {fmt.block}, "
                             f"which do not split {tp} ways; use a --tp that divides {blocks}, "
                             "or drop --keep-quantized (dequantized weights split anywhere)")

@@ -181,6 +181,39 @@ def test_quantized_matmul_vectorizes_on_gfx942(fmt):
     assert fma >= 16 and ops["v_pk_mul_f32"] >= 4, ops
 
 
+@pytest.mark.parametrize("fmt", list(SCALE_FIELDS))
+def test_expert_matmul_compiles_for_gfx942(fmt):
+    """The kept-quantized MoE decode kernel (`{fmt}_expert_matmul`: each row reads the
+    blocks of the expert its id picks, inside the contraction) at Mixtral-like shapes (8
+    experts, 4096 x 4096, 5 rows) compiles for gfx942 with the flag `compile` adds for MoE
+    modules (the reduction VectorDistribute pipeline fails on it, as on the float gather
+    form), and its arithmetic is vector code: x read with a 128-bit load, f32 FMAs and
+    packed f32 multiplies. The quants are gathered: a data-dependent index (the expert id)
+    makes IREE read them one byte a load (at least 16 8-bit loads), which this pins so a
+    change in either direction shows (docs/quantized.md)."""
+    from collections import Counter
+
+    import tempfile
+    from pathlib import Path
+
+    from halo_mlir.isa import kernels, widths
+    from halo_mlir.kernels.workbench import compile_report, instance
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = compile_report(instance(f"{fmt}_expert_matmul", {"e": 8, "n": 4096, "k": 4096}),
+                           "gfx942", dump=Path(tmp))
+        (name, asm), = kernels(tmp).items()
+    loads = widths(asm)
+    ops = Counter(re.findall(r"^\s*(v_\w+)", asm, re.M))
+    fma = ops["v_fmac_f32_e32"] + ops["v_pk_fma_f32"]
+    print(f"{fmt}_expert_matmul: {name}: pipeline {r.pipelines}, loads {loads}, "
+          f"fmac {fma}, v_pk_mul_f32 {ops['v_pk_mul_f32']}")
+    assert r.pipelines == ["TileAndFuse"], r.pipelines
+    assert loads.get("b128", 0) >= 1, loads
+    assert loads.get("b8", 0) >= 16, loads
+    assert fma >= 8 and ops["v_pk_mul_f32"] >= 8, ops
+
+
 def test_k_quant_model_compiles_for_gfx942(tmp_path):
     """A whole program with Q4_K, Q6_K, Q8_0 and Q4_1 weights kept quantized (f16
     activations, hidden 512 = 2 super-blocks a row, bs 4) compiles for gfx942, and each
@@ -210,3 +243,32 @@ def test_k_quant_model_compiles_for_gfx942(tmp_path):
             packed = Counter(re.findall(r"^\s*(v_pk_mul_f32)", asm[n], re.M))["v_pk_mul_f32"]
             assert w.get("b128", 0) + w.get("b64", 0) >= 1 and narrow(w) <= 8, (n, w)
             assert packed >= 2, (n, packed)
+
+
+def test_fp8_experts_compile_for_gfx942(tmp_path):
+    """A Grok-shaped model with fp8 experts (tests/moeq_gguf.py: 4 experts, hidden 256,
+    expert ffn 512; --dtype fp8, f16 activations, an fp8 cache, bs 4) compiles for gfx942.
+    The dense fp8 linears (attention) use the fp8 MFMA; the experts do not: the grouped
+    prefill's per-expert fp8 matmuls have a dynamic row count (the tokens that picked the
+    expert) with no divisibility to promise, and the decode form gathers the picked experts'
+    fp8 rows one byte a load (docs/moe.md)."""
+    import moeq_gguf as mq
+
+    from halo_mlir.isa import kernels, widths
+
+    path, mlir, vmfb, dump = (tmp_path / n for n in ("m.gguf", "m.mlir", "m.vmfb", "dump"))
+    mq.write(path, mq.MIXED)
+    halo("emit", "--gguf", path, "--dtype", "fp8", "--bs-prefill", 4, "--bs-decode", 4,
+         "-o", mlir)
+    proc = halo("compile", mlir, "--target", "gfx942", "-o", vmfb,
+                f"--flag=--iree-hal-dump-executable-files-to={dump}")
+    assert "--iree-codegen-llvmgpu-use-reduction-vector-distribution=false" in proc.stderr
+    found = kernels(dump)
+    fp8_mfma = {n: a.count("v_mfma_f32_16x16x32_fp8_fp8") for n, a in found.items()}
+    experts = {n: c for n, c in fp8_mfma.items() if "f8E4M3FNUZ" in n and "512" in n}
+    print(f"fp8 MFMA per dispatch: {fp8_mfma}")
+    print({n: widths(found[n]) for n in experts})
+    assert any(c for n, c in fp8_mfma.items() if n.startswith("prefill") and n not in experts)
+    assert experts and not any(experts.values()), experts
+    decode = [n for n in experts if n.startswith("decode")]
+    assert len(decode) == 3 and all(widths(found[n]).get("b8", 0) >= 16 for n in decode)

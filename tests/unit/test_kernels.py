@@ -133,6 +133,8 @@ CHECKS = [
     ("q8_0_matmul", {}), ("q4_1_matmul", {}), ("q8_0_rows", {}), ("q4_1_rows", {}),
     ("q4_k_matmul", {}), ("q4_k_matmul", {"n": 40, "k": 256}), ("q4_k_rows", {}),
     ("q6_k_matmul", {}), ("q6_k_matmul", {"n": 40, "k": 256}), ("q6_k_rows", {}),
+    ("q8_0_expert_matmul", {}), ("q4_1_expert_matmul", {}), ("q4_k_expert_matmul", {}),
+    ("q6_k_expert_matmul", {"e": 3, "n": 40, "k": 256}),
 ]
 
 
