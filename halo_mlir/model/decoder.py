@@ -149,6 +149,7 @@ class _Model:
         b.quant_lanes = opts.quant_lanes
         b.quant_prefill_dequant = opts.quant_prefill_dequant
         b.quant_blocks = opts.quant_blocks
+        b.layer_loop = opts.layer_loop
         if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
             for name in self.block_weights:
                 found = {self.formats.get(f"blk.{i}.{name}.weight") for i in range(cfg.n_layers)}

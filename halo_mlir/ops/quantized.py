@@ -38,11 +38,19 @@ def _dequantized_matmul(b: Builder, rows: Value, fmt: str, fields: list[Value], 
     tiles as a matmul (at M = 32 rows many times faster than the dequantize-in-matmul
     reduction). The fields pass an optimization barrier so IREE does not hoist the
     dequantization of the constant weight into the program's initializer (which would keep
-    an f32 copy of every weight)."""
-    fields = [b.barrier(f) for f in fields]
+    an f32 copy of every weight); in a layer loop a block's weight is a slice of a stacked
+    weight at the loop index, no constant, and takes no barrier (one in the loop body fails
+    IREE's stream scheduling: "failed to solve for timepoint coverage")."""
+    loop_body = getattr(b, "layer_loop", False)
+    fields = [f if loop_body and _is_argument(f) else b.barrier(f) for f in fields]
     fn = kernels.instantiate(b, f"{fmt}_dequant", n=n, k=k)
     w = b.call(fn, fields, [b.tensor_type([n, k], "f32")])[0]
     return b.matmul_t(rows, w, b.filled([b.dims(rows)[0], n], 0.0, "f32"))
+
+
+def _is_argument(v: Value) -> bool:
+    """`v` is a block argument (a decoder block's weight; in a layer loop, a slice)."""
+    return getattr(v.owner, "operation", None) is None
 
 
 def quantized_embedding(b: Builder, fmt: str, fields: list[Value], tokens: Value, vocab: int,

@@ -260,11 +260,13 @@ def test_generate_build_picks_the_cpu_quantized_kernels_on_cpu(tmp_path, monkeyp
         assert "_lanes16" not in text
 
 
-def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layer_loop", [False, True])
+def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch, layer_loop):
     """The CPU program's prefill dequantizes a kept-quantized weight in a dispatch of its own
     at every call, then runs a plain matmul; IREE does not hoist the dequantization into the
     initializer (which would keep an f32 copy of every weight), and the optimization barrier
-    that prevents it adds no host wait (read from the program compiled to the stream level)."""
+    that prevents it adds no host wait (read from the program compiled to the stream level).
+    With --layer-loop the blocks' weights are slices at the loop index (no barrier there)."""
     import re
 
     import halo_mlir.compile
@@ -279,7 +281,8 @@ def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch):
                         lambda src, out, **kw: (tmp_path / "m.mlir").write_text(
                             Path(src).read_text()))
     with GgufFile(tmp_path / "m.gguf") as g:
-        build_from_gguf(g, dtype="f32", keep_quantized=True, device="cpu", echo=lambda m: None)
+        build_from_gguf(g, dtype="f32", keep_quantized=True, device="cpu", echo=lambda m: None,
+                        layer_loop=layer_loop)
     subprocess.run([iree_compile_binary(), *target_flags("cpu"), "--compile-to=stream",
                     str(tmp_path / "m.mlir"), "-o", str(tmp_path / "m.stream.mlir")], check=True)
     text = (tmp_path / "m.stream.mlir").read_text()
@@ -295,3 +298,4 @@ def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch):
     assert any(k.startswith("elementwise_broadcast_192x2x16_f16xf16xi8xf32") for k in kernels)
     assert any(k.startswith("matmul_Dx64x64_f32") for k in kernels), kernels
     assert "stream.timepoint.await" not in prefill
+    assert ("scf.for" in prefill or "cf.cond_br" in prefill) == layer_loop
