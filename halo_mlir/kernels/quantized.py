@@ -8,8 +8,8 @@ import numpy as np
 from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive, positive_multiple_of
 
 
-LANES = (0, 16)
-BLOCKS_FORMATS = ("q8_0", "q4_1", "q4_k")  # those with a `{fmt}_matmul_blocks` kernel  # the matmul forms of Q8_0 / Q4_1 (docs/cpu-quantized.md)
+LANES = (0, 16)  # the matmul forms of Q8_0 / Q4_1 (docs/cpu-quantized.md)
+BLOCKS_FORMATS = ("q8_0", "q4_1", "q4_k")  # those with a `{fmt}_matmul_blocks` kernel
 
 
 def _lanes(v: int) -> str | None:
