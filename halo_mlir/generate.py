@@ -365,7 +365,9 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop, fp8_scales=fp8_scales,
-                       quant_lanes=16 if target.startswith("cpu") else 0)
+                       quant_lanes=16 if target.startswith("cpu") else 0,
+                       quant_prefill_dequant=target.startswith("cpu"),
+                       quant_blocks=target.startswith("cpu"))
     opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
     with module.context:

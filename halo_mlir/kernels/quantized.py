@@ -9,6 +9,7 @@ from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive, positive_mu
 
 
 LANES = (0, 16)  # the matmul forms of Q8_0 / Q4_1 (docs/cpu-quantized.md)
+BLOCKS_FORMATS = ("q8_0", "q4_1", "q4_k")  # those with a `{fmt}_matmul_blocks` kernel
 
 
 def _lanes(v: int) -> str | None:
@@ -120,10 +121,23 @@ def _family(fmt: str, block: int) -> list[Kernel]:
                                   *_quantized_weight(fmt, v["n"], v["k"], rng, True)],
         reference=lambda v, ins: [dequantize(fmt, ins[1:])[ins[0]]],
         tolerance=lambda v: 0.0)
+    dequant = Harness(
+        sizes={},
+        args=lambda v, z: (_field_args(fmt, v["n"], v["k"]), [Arg("out", (v["n"], v["k"]), "f32")]),
+        inputs=lambda v, z, rng: _quantized_weight(fmt, v["n"], v["k"], rng, True),
+        reference=lambda v, ins: [dequantize(fmt, ins)],
+        tolerance=lambda v: 0.0)
     upper = fmt.upper()
-    return [Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32",
+    return [Kernel(f"{fmt}_dequant", f"{upper} w[N,K], dequantized -> [N,K] f32 (the CPU "
+                   "prefill's weight, multiplied by a plain matmul)", _params(block),
+                   harness=dequant),
+            Kernel(f"{fmt}_matmul", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32",
                    _params(block, matmul=True),
                    harness=matmul),
+            *([Kernel(f"{fmt}_matmul_blocks", f"x[M,K] f32 @ {upper} w[N,K]^T -> [M,N] f32, the "
+                      "block loop unrolled into one elementwise op over 16/32 lanes (the CPU "
+                      "decode form)", _params(block), harness=matmul)]
+              if fmt in BLOCKS_FORMATS else []),
             Kernel(f"{fmt}_rows", f"rows ids[T] of {upper} w[N,K], dequantized -> [T,K] f32",
                    _params(block), harness=rows)]
 

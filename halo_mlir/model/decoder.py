@@ -73,6 +73,14 @@ class EmitOptions:
     # Q8_0 / Q4_1 matmuls: 0 one in-order reduction (GPUs), 16 the lane-sum form that IREE's
     # CPU codegen vectorizes (docs/cpu-quantized.md); `generate` picks 16 on cpu.
     quant_lanes: int = 0
+    # Kept-quantized matmuls with more than one row per sequence (the prefill): False the
+    # dequantize-in-matmul kernel (GPUs); True the weight dequantized to f32 in a dispatch of
+    # its own, then a plain matmul (docs/cpu-quantized.md); `generate` picks True on cpu.
+    quant_prefill_dequant: bool = False
+    # Q8_0 / Q4_1 / Q4_K matmuls with one row per sequence (the decode): False the kernels
+    # above; True `{fmt}_matmul_blocks`, the block loop unrolled into one elementwise op that
+    # IREE's CPU codegen vectorizes over 16/32 lanes; `generate` picks True on cpu.
+    quant_blocks: bool = False
 
     @property
     def activation_dtype(self) -> str:
@@ -160,6 +168,9 @@ class _Model:
         self.kv_fp8 = opts.cache_dtype == fp8.FP8
         b.template_dir = opts.template_dir
         b.quant_lanes = opts.quant_lanes
+        b.quant_prefill_dequant = opts.quant_prefill_dequant
+        b.quant_blocks = opts.quant_blocks
+        b.layer_loop = opts.layer_loop
         if opts.layer_loop:  # one loop body: every layer's weight of a kind in one format
             for name in self.block_weights:
                 found = {self.formats.get(f"blk.{i}.{name}.weight") for i in range(cfg.n_layers)}

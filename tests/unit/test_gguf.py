@@ -1,6 +1,7 @@
 """GGUF import on small files written here: Q/K un-permutation, quantized fields, bad input."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -233,11 +234,12 @@ def test_keep_quantized_tp_split_that_cuts_a_block(tmp_path):
     assert "4 all-reduces" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("device,lanes", [("cpu", True), ("hip", False)])
-def test_generate_build_picks_the_lane_sum_matmuls_on_cpu(tmp_path, monkeypatch, device, lanes):
-    """`generate`'s build emits the Q8_0 / Q4_1 matmuls in their lane-sum form for the CPU
-    (docs/cpu-quantized.md) and in the one-reduction form for GPUs; K-quant kernels have
-    one form."""
+@pytest.mark.parametrize("device,cpu", [("cpu", True), ("hip", False)])
+def test_generate_build_picks_the_cpu_quantized_kernels_on_cpu(tmp_path, monkeypatch, device,
+                                                               cpu):
+    """`generate`'s build emits, for the CPU (docs/cpu-quantized.md), the decode's Q8_0 /
+    Q4_1 matmuls as `{fmt}_matmul_blocks` and the prefill's as `{fmt}_dequant` + a plain
+    matmul, and for GPUs the one-reduction `{fmt}_matmul` in both."""
     import halo_mlir.compile
     from halo_mlir.generate import build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
@@ -251,6 +253,49 @@ def test_generate_build_picks_the_lane_sum_matmuls_on_cpu(tmp_path, monkeypatch,
     with GgufFile(tmp_path / "m.gguf") as g:
         build_from_gguf(g, dtype="f32", keep_quantized=True, device=device, echo=lambda m: None)
     text, = compiled
-    for kernel in ("q4_1_matmul_n96_k64", "q8_0_matmul_n64_k64"):
-        assert (f"util.func private @halo_{kernel}_lanes16(" in text) == lanes, kernel
-        assert (f"util.func private @halo_{kernel}(" in text) != lanes, kernel
+    for fmt, shape in (("q4_1", "n96_k64"), ("q8_0", "n64_k64")):
+        assert (f"util.func private @halo_{fmt}_matmul_blocks_{shape}(" in text) == cpu, fmt
+        assert (f"util.func private @halo_{fmt}_dequant_{shape}(" in text) == cpu, fmt
+        assert (f"util.func private @halo_{fmt}_matmul_{shape}(" in text) != cpu, fmt
+        assert "_lanes16" not in text
+
+
+@pytest.mark.parametrize("layer_loop", [False, True])
+def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch, layer_loop):
+    """The CPU program's prefill dequantizes a kept-quantized weight in a dispatch of its own
+    at every call, then runs a plain matmul; IREE does not hoist the dequantization into the
+    initializer (which would keep an f32 copy of every weight), and the optimization barrier
+    that prevents it adds no host wait (read from the program compiled to the stream level).
+    With --layer-loop the blocks' weights are slices at the loop index (no barrier there)."""
+    import re
+
+    import halo_mlir.compile
+    from halo_mlir.compile import iree_compile_binary, target_flags
+    from halo_mlir.generate import build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+
+    write_gguf(tmp_path / "m.gguf", qtypes={"blk.0.ffn_up.weight": "Q4_1",
+                                            "blk.0.attn_q.weight": "Q8_0"})
+    monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+                        lambda src, out, **kw: (tmp_path / "m.mlir").write_text(
+                            Path(src).read_text()))
+    with GgufFile(tmp_path / "m.gguf") as g:
+        build_from_gguf(g, dtype="f32", keep_quantized=True, device="cpu", echo=lambda m: None,
+                        layer_loop=layer_loop)
+    subprocess.run([iree_compile_binary(), *target_flags("cpu"), "--compile-to=stream",
+                    str(tmp_path / "m.mlir"), "-o", str(tmp_path / "m.stream.mlir")], check=True)
+    text = (tmp_path / "m.stream.mlir").read_text()
+    init = text[text.index("util.initializer"):]
+    init = init[:init.index("\n  }\n")]
+    assert "stream.cmd.parameter.load" in init and "dispatch" not in init
+    start = text.index("util.func public @prefill_bs1$async")
+    prefill = text[start:text.index("util.func public", start + 1)]
+    kernels = re.findall(r"stream\.cmd\.dispatch @\S+::@\S+?_dispatch_\d+_(\w+)", prefill)
+    # the two dequantizations (Q8_0 attn_q [128, 64]: [128, 2, 32] as 128x32 of i8 blocks;
+    # Q4_1 ffn_up [96, 64]: 192 = 96 x 2 blocks x 2 nibbles x 16) and the plain matmuls
+    assert any(k.startswith("elementwise_128x32_f16xi8xf32") for k in kernels), kernels
+    assert any(k.startswith("elementwise_broadcast_192x2x16_f16xf16xi8xf32") for k in kernels)
+    assert any(k.startswith("matmul_Dx64x64_f32") for k in kernels), kernels
+    assert "stream.timepoint.await" not in prefill
+    assert ("scf.for" in prefill or "cf.cond_br" in prefill) == layer_loop

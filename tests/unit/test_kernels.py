@@ -48,21 +48,55 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k, **extr
     return np.asarray(ctx.modules.module.main(first, *fields.values()).to_host())
 
 
-@pytest.mark.parametrize("fmt,lanes", [("q8_0", 0), ("q8_0", 16), ("q4_1", 0), ("q4_1", 16),
-                                       ("q4_k", 0), ("q6_k", 0)])
-def test_quantized_matmul_matches_numpy(tmp_path, fmt, lanes):
+@pytest.mark.parametrize("fmt,form", [("q8_0", 0), ("q8_0", 16), ("q8_0", "blocks"),
+                                      ("q4_1", 0), ("q4_1", 16), ("q4_1", "blocks"),
+                                      ("q4_k", 0), ("q4_k", "blocks"), ("q6_k", 0)])
+@pytest.mark.parametrize("m", [M, 1])
+def test_quantized_matmul_matches_numpy(tmp_path, fmt, form, m):
     """Against gguf's dequantization + a float64 matmul, within f32 accumulation: the
-    error bound is relative to |x| @ |w|^T (the K-quant blocks span f16's whole range)."""
+    error bound is relative to |x| @ |w|^T (the K-quant blocks span f16's whole range).
+    form: `lanes` of `{fmt}_matmul` (0, 16) or the CPU decode kernel `{fmt}_matmul_blocks`;
+    m = 1 is the decode's shape (a static unit row count after inlining)."""
     rng = np.random.default_rng(0)
     w, fields = quantized(fmt, rng)
-    x = rng.standard_normal((M, K[fmt])).astype(np.float32)
-    got = run_kernel(tmp_path, f"{fmt}_matmul", fields, x, ([None, K[fmt]], "f32"), [None, N],
-                     K[fmt], **({"lanes": lanes} if lanes else {}))
+    x = rng.standard_normal((m, K[fmt])).astype(np.float32)
+    kernel = f"{fmt}_matmul_blocks" if form == "blocks" else f"{fmt}_matmul"
+    got = run_kernel(tmp_path, kernel, fields, x, ([None, K[fmt]], "f32"), [None, N],
+                     K[fmt], **({"lanes": form} if form in (16,) else {}))
     want = x.astype(np.float64) @ w.T.astype(np.float64)
     scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
     worst = float((np.abs(got - want) / np.maximum(scale, 1e-30)).max())
-    print(f"{fmt}_matmul lanes={lanes}: max |error| / (|x| @ |w|^T) = {worst:.3g}")
-    assert np.isfinite(got).all() and worst < 1e-5
+    print(f"{kernel} form={form} m={m}: max |error| / (|x| @ |w|^T) = {worst:.3g}")
+    assert got.shape == (m, N) and np.isfinite(got).all() and worst < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q6_k"])
+def test_quantized_dequant_matches_gguf(tmp_path, fmt):
+    """`{fmt}_dequant` (the CPU prefill's weight) equals gguf's own dequantization bit for
+    bit, on blocks of every kind (for the K-quants: the largest and smallest d, all scales
+    63, all zero)."""
+    import iree.runtime as rt
+
+    from halo_mlir import kernels
+    from halo_mlir.compile import compile_file
+    from halo_mlir.ir_builder import Builder
+
+    w, fields = quantized(fmt, np.random.default_rng(2))
+    b = Builder()
+    with b.context, b.at("test"):
+        module = b.new_module()
+        types = [b.tensor_type(a.shape, {np.float16: "f16", np.int8: "i8"}[a.dtype.type])
+                 for a in fields.values()]
+        symbol = kernels.instantiate(b, f"{fmt}_dequant", n=N, k=K[fmt])
+        b.define("main", types, lambda *args: b.call(
+            symbol, list(args), [b.tensor_type([N, K[fmt]], "f32")])[0])
+        (tmp_path / "k.mlir").write_text(str(module))
+    compile_file(tmp_path / "k.mlir", tmp_path / "k.vmfb", target="cpu", echo=lambda m: None)
+    config = rt.Config("local-task")
+    ctx = rt.SystemContext(config=config)
+    ctx.add_vm_module(rt.VmModule.mmap(config.vm_instance, str(tmp_path / "k.vmfb")))
+    got = np.asarray(ctx.modules.module.main(*fields.values()).to_host())
+    np.testing.assert_array_equal(got, w.astype(np.float32))
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q6_k"])
@@ -135,6 +169,10 @@ CHECKS = [
     ("q6_k_matmul", {}), ("q6_k_matmul", {"n": 40, "k": 256}), ("q6_k_rows", {}),
     ("q8_0_expert_matmul", {}), ("q4_1_expert_matmul", {}), ("q4_k_expert_matmul", {}),
     ("q6_k_expert_matmul", {"e": 3, "n": 40, "k": 256}),
+    ("q8_0_matmul_blocks", {}), ("q4_1_matmul_blocks", {}), ("q4_k_matmul_blocks", {}),
+    ("q4_k_matmul_blocks", {"n": 40, "k": 256}),
+    ("q8_0_dequant", {}), ("q4_1_dequant", {}), ("q4_k_dequant", {}), ("q6_k_dequant", {}),
+    ("q6_k_dequant", {"n": 40, "k": 256}),
 ]
 
 
