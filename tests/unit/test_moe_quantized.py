@@ -157,7 +157,7 @@ def test_one_line_errors(mixed, tmp_path):
     assert not out.exists()
 
 
-def test_mixtral_fp8_import_and_emit(tmp_path, monkeypatch):
+def test_mixtral_fp8_import_and_emit(tmp_path):
     """import-params --quantize fp8 of a Mixtral safetensors checkpoint: each expert stack
     is `KEY:qs` f8E4M3FNUZ [experts, out, in], expert e quantized with its own scale
     `KEY:d`[e] = amax(expert e) / 240 (checked against the HF per-expert tensors with
@@ -168,8 +168,7 @@ def test_mixtral_fp8_import_and_emit(tmp_path, monkeypatch):
     import test_moe
 
     # expert ffn 32: the fp8 matmul of the grouped prefill takes whole 32-column blocks
-    monkeypatch.setattr(test_moe, "TINY", {**test_moe.TINY, "intermediate_size": 32})
-    tensors = test_moe._tiny_checkpoint(tmp_path)
+    tensors = test_moe._tiny_checkpoint(tmp_path, hf={**test_moe.TINY, "intermediate_size": 32})
     out = tmp_path / "f8.irpa"
     halo("import-params", "--safetensors", tmp_path, "--quantize", "fp8", "-o", out)
     raw = entries(out)
