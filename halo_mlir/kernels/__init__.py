@@ -3,7 +3,7 @@ instantiation per specialisation per module.
 
 A kernel is a `templates/NAME.mlir.j2` file defining `util.func private @{{name}}`, plus a
 `Kernel` entry saying what its parameters are and which values are legal. The entries live
-next to their numpy references (`quantized.py`, `attention.py`, `fp8.py`), which the
+next to their numpy references (`quantized.py`, `attention.py`, `fp8.py`, `moe.py`), which the
 workbench (`halo-mlir kernel check`) and the tests share.
 """
 
@@ -208,10 +208,10 @@ def softmax_scale(values: dict) -> dict:
     return {"scale": repr(float(np.float32(1.0 / math.sqrt(values["head_dim"]))))}
 
 
-from halo_mlir.kernels import attention, fp8, quantized  # noqa: E402  (they use the above)
+from halo_mlir.kernels import attention, fp8, moe, quantized  # noqa: E402  (they use the above)
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in [*quantized.KERNELS, *attention.KERNELS,
-                                                  *fp8.KERNELS]}
+                                                  *fp8.KERNELS, *moe.KERNELS]}
 
 
 def kernel(name: str) -> Kernel:

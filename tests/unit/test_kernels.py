@@ -173,6 +173,10 @@ CHECKS = [
     ("q4_k_matmul_blocks", {"n": 40, "k": 256}),
     ("q8_0_dequant", {}), ("q4_1_dequant", {}), ("q4_k_dequant", {}), ("q6_k_dequant", {}),
     ("q6_k_dequant", {"n": 40, "k": 256}),
+    ("moe_topk", {}), ("moe_topk", {"e": 4, "k": 3, "renormalize": 0}),
+    ("moe_group", {}), ("moe_group", {"e": 3}),
+    ("expert_matmul", {}), ("expert_matmul", {"dtype": "f32", "slots": 2}),
+    ("expert_matmul", {"dtype": "bf16", "e": 8, "slots": 3}),
 ]
 
 
