@@ -47,34 +47,21 @@ def _softmax(b: Builder, logits: Value) -> Value:
     return b.map("bse,bs->bse", [ex, total], "f32", b.divf)
 
 
-def top_k(b: Builder, probs: Value, k: int) -> tuple[Value, Value]:
+def top_k(b: Builder, probs: Value, k: int, *, renormalize: bool = False
+          ) -> tuple[Value, Value]:
     """probs[N,S,E] f32 -> (the k largest [N,S,K] f32, their experts [N,S,K] i64), largest
     first; of equal values the lower expert comes first (torch.topk orders exact ties its
-    own way; real router probabilities do not tie).
-
-    An expert's slot is its rank: how many experts beat it (a larger value, or an equal one
-    with a lower index). Order-free, so it does not depend on how the reduction is tiled."""
+    own way; real router probabilities do not tie); with `renormalize` the k weights are
+    divided by their sum. The `moe_topk` kernel: an expert's slot is its rank (how many
+    experts beat it), an order-free count, so it does not depend on how the reduction is
+    tiled."""
     n, s, e = b.dims(probs)
-
-    def beats(other, mine, count):  # `other` is expert f, `mine` expert e
-        f, e_ = b.linalg_index(2), b.linalg_index(3)
-        tie = b.andi(b.cmpf("oeq", other, mine), b.cmpi("ult", f, e_))
-        win = b.ori(b.cmpf("ogt", other, mine), tie)
-        return b.addi(count, b.select(win, b.scalar(1, "i64"), b.scalar(0, "i64")))
-
-    # rank[n,s,e] = sum over f of beats(f, e): dims (b, s, f, e), f reduced.
-    rank = b.generic("bsf,bse->bse", [probs, probs], [b.filled([n, s, e], 0, "i64")], beats)
-
-    def pick(r, p, val, idx):  # slot j's value and expert: the expert whose rank is j
-        here = b.cmpi("eq", r, b.cast(b.linalg_index(3), "i64"))
-        expert = b.cast(b.linalg_index(2), "i64")
-        return b.select(here, p, val), b.select(here, expert, idx)
-
-    # dims (b, s, e, j), e reduced; the two outputs share the map "bsj".
-    vals, idx = b.generic("bse,bse,bsj->bsj", [rank, probs],
-                          [b.filled([n, s, k], 0.0, "f32"), b.filled([n, s, k], 0, "i64")],
-                          pick)
-    return vals, idx
+    rows = b.retype(b.reshape(probs, [[0, 1], [2]], [None, e]), [None, e])
+    fn = kernels.instantiate(b, "moe_topk", e=e, k=k, renormalize=int(renormalize))
+    vals, idx = b.call(fn, [rows], [b.tensor_type([None, k], "f32"),
+                                    b.tensor_type([None, k], "i64")])
+    return (b.reshape(vals, [[0, 1], [2]], [n, s, k]),
+            b.reshape(idx, [[0, 1], [2]], [n, s, k]))
 
 
 def route(b: Builder, x: Value, w_router: Value, *, k: int, renormalize: bool,
@@ -83,12 +70,7 @@ def route(b: Builder, x: Value, w_router: Value, *, k: int, renormalize: bool,
     router logits (computed in dtype, as the reference does) in f32, top k, and with
     `renormalize` the k weights divided by their sum (Mixtral; Grok-1 keeps them)."""
     probs = _softmax(b, linear(b, x, w_router, dtype=dtype))
-    weights, experts = top_k(b, probs, k)
-    if renormalize:
-        n, s, _ = b.dims(weights)
-        total = b.generic("bsj->bs", [weights], [b.filled([n, s], 0.0, "f32")], b.addf)
-        weights = b.map("bsj,bs->bsj", [weights, total], "f32", b.divf)
-    return weights, experts
+    return top_k(b, probs, k, renormalize=renormalize)
 
 
 def expert_linear(b: Builder, x: Value, experts: Value, w: Experts, *, dtype: str) -> Value:
@@ -99,6 +81,27 @@ def expert_linear(b: Builder, x: Value, experts: Value, w: Experts, *, dtype: st
         return fp8_expert_linear(b, x, experts, *w[1], dtype=dtype)
     if isinstance(w, tuple):
         return quantized_expert_linear(b, x, experts, *w, dtype=dtype)
+    n, s, k = b.dims(experts)
+    e, o, i = b.shape(w)
+    if str(b.element_type(w)) != dtype or str(b.element_type(x)) != dtype:
+        return _inline_expert_linear(b, x, experts, w, dtype=dtype)
+    fn = kernels.instantiate(b, "expert_matmul", e=e, n=o, k=i, dtype=dtype,
+                             **({} if len(b.shape(x)) == 4 else {"slots": k}))
+    if len(b.shape(x)) == 4:  # a row per (token, slot) pair
+        rows = b.retype(b.reshape(x, [[0, 1, 2], [3]], [None, i]), [None, i])
+        ids = b.retype(b.reshape(experts, [[0, 1, 2]], [None]), [None])
+        out = b.call(fn, [rows, ids, w], [b.tensor_type([None, o], dtype)])[0]
+        return b.reshape(out, [[0, 1, 2], [3]], [n, s, k, o])
+    rows = b.retype(b.reshape(x, [[0, 1], [2]], [None, i]), [None, i])  # shared by the slots
+    ids = b.retype(b.reshape(experts, [[0, 1], [2]], [None, k]), [None, k])
+    out = b.call(fn, [rows, ids, w], [b.tensor_type([None, k, o], dtype)])[0]
+    return b.reshape(out, [[0, 1], [2], [3]], [n, s, k, o])
+
+
+def _inline_expert_linear(b: Builder, x: Value, experts: Value, w: Value, *,
+                          dtype: str) -> Value:
+    """expert_linear's contraction written inline, for a weight or input whose element type
+    is not dtype (the kernel takes x, w and its result in one type)."""
     n, s, k = b.dims(experts)
     o = b.shape(w)[1]
     per_slot = len(b.shape(x)) == 4
@@ -210,11 +213,6 @@ def moe_ffn(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
 
 
 # ---- prefill: tokens grouped by expert -------------------------------------------------
-def _iota(b: Builder, size) -> Value:
-    """[0, 1, ..., size-1] as i64 [size]."""
-    return b.generic("->p", [], [b.empty([size], "i64")], lambda _: b.cast(b.linalg_index(0), "i64"))
-
-
 def _rows_linear(b: Builder, x: Value, w: Experts, *, dtype: str) -> Value:
     """x[M,K], w[O,K] (or (format, fields [O, K/block, ...])) -> x @ w^T [M,O],
     accumulated in f32, cast to dtype; a quantized w runs the dense `{format}_matmul`."""
@@ -257,33 +255,12 @@ def group_by_expert(b: Builder, experts: Value, n_experts: int) -> tuple[Value, 
     (token, slot) pairs (pair p = token * K + slot), ordered by expert and, within an
     expert, by pair: expert e's pairs are perm[offsets[e] : offsets[e] + counts[e]], and
     pair p sits at inv[p] (a counting sort: inv[p] = offsets[expert] + the pairs before p
-    with the same expert; O(P^2) integer compares, small beside the experts' matmuls)."""
-    flat = b.reshape(experts, [[0, 1, 2]], [None])
-    pairs = b.dims(flat)[0]
-    zero, one = b.scalar(0, "i64"), b.scalar(1, "i64")
-
-    def count(e, acc):  # dims (p, e)
-        mine = b.cmpi("eq", e, b.cast(b.linalg_index(1), "i64"))
-        return b.addi(acc, b.select(mine, one, zero))
-
-    counts = b.generic("p->e", [flat], [b.filled([n_experts], 0, "i64")], count)
-
-    def before(c, acc):  # dims (f, e): the counts of the experts below e
-        return b.addi(acc, b.select(b.cmpi("ult", b.linalg_index(0), b.linalg_index(1)), c, zero))
-
-    offsets = b.generic("f->e", [counts], [b.filled([n_experts], 0, "i64")], before)
-
-    def rank(other, mine, acc):  # dims (q, p): pairs q < p with p's expert
-        same = b.andi(b.cmpi("eq", other, mine), b.cmpi("ult", b.linalg_index(0),
-                                                         b.linalg_index(1)))
-        return b.addi(acc, b.select(same, one, zero))
-
-    ranks = b.generic("q,p->p", [flat, flat], [b.filled([pairs], 0, "i64")], rank)
-    inv = b.map("p,p->p", [flat, ranks], "i64", lambda e, r: b.addi(
-        r, b.extract(offsets, [b.cast(e, "index")])))
-    perm = b.scatter(_iota(b, pairs), b.reshape(inv, [[0, 1]], [pairs, 1]),
-                     b.filled([pairs], 0, "i64"), [0])
-    return perm, inv, counts, offsets
+    with the same expert; O(P^2) integer compares, small beside the experts' matmuls): the
+    `moe_group` kernel."""
+    flat = b.retype(b.reshape(experts, [[0, 1, 2]], [None]), [None])
+    fn = kernels.instantiate(b, "moe_group", e=n_experts)
+    return tuple(b.call(fn, [flat], [b.tensor_type([None], "i64")] * 2 +
+                        [b.tensor_type([n_experts], "i64")] * 2))
 
 
 def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
