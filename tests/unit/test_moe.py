@@ -419,3 +419,38 @@ def test_import_reads_transformers_fused_experts(tmp_path):
     gate_up = state["model.layers.1.mlp.experts.gate_up_proj"].numpy()
     np.testing.assert_array_equal(
         written["fused"]["blk.1.ffn_up_exps.weight"].reshape(3, 24, 32), gate_up[:, 24:])
+
+
+def test_moe_block_calls_the_routing_grouping_and_expert_kernels(tmp_path):
+    """The router's top-k, the grouped prefill's counting sort and the float decode
+    contraction are the moe_topk / moe_group / expert_matmul kernels; at --tp 2 the expert
+    kernel's callee takes each device's half of the experts' rows (gate/up) and columns
+    (down), and the routing kernels take replicated inputs."""
+    out = tmp_path / "tp2.mlir"
+    halo("emit", "--model", "mixtral-8x7b", "--layers", "1", "--bs-prefill", "4", "--tp", "2",
+         "-o", out)
+    funcs = [line for line in out.read_text().splitlines()
+             if line.lstrip().startswith("util.func private @halo_")]
+    by = {name: [f for f in funcs if f"@halo_{name}_" in f]
+          for name in ("moe_topk", "moe_group", "expert_matmul")}
+    assert [len(v) for v in by.values()] == [1, 1, 2], funcs
+    assert "(%arg0: tensor<?x8xf32>, %arg1: tensor<?x8xf32>)" in by["moe_topk"][0]
+    assert "-> (tensor<?xi64>, tensor<?xi64>, tensor<?xi64>, tensor<?xi64>, tensor<8xi64>" \
+        in by["moe_group"][0]
+    gate_up, down = sorted(by["expert_matmul"], key=lambda f: "slots" not in f)
+    assert "_slots2.tp2" in gate_up and gate_up.count("tensor<8x7168x4096xf16>") == 2
+    assert "-> (tensor<?x2x7168xf16>, tensor<?x2x7168xf16>)" in gate_up
+    assert down.count("tensor<8x4096x7168xf16>") == 2
+    assert "-> (tensor<?x4096xf16>, tensor<?x4096xf16>)" in down
+
+
+def test_topk_reference_breaks_ties_to_the_lower_expert():
+    import numpy as np
+
+    from halo_mlir.kernels.moe import topk_reference
+
+    p = np.array([[0.25, 0.5, 0.25, 0.5]], np.float32)
+    w, ids = topk_reference({"k": 3, "renormalize": 0}, [p])
+    assert ids.tolist() == [[1, 3, 0]] and w.tolist() == [[0.5, 0.5, 0.25]]
+    w, _ = topk_reference({"k": 2, "renormalize": 1}, [p])
+    assert w.tolist() == [[0.5, 0.5]]
