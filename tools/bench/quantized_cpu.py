@@ -86,6 +86,43 @@ def halo_worker(args) -> None:
         gen.close()
 
 
+def check(args) -> None:
+    """Native (unrolled and --layer-loop) against dequantized, f32, on one GGUF: prefill
+    logits over the prompt and greedy decode logits; prints one markdown row a form."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.tokenizer import GgufTokenizer
+
+    def run(keep_quantized, layer_loop):
+        with GgufFile(args.gguf) as g:
+            ids = GgufTokenizer(g).encode(args.prompt)
+            files = build_from_gguf(g, dtype="f32", keep_quantized=keep_quantized, device="cpu",
+                                    layer_loop=layer_loop,
+                                    echo=lambda m: print(m, file=sys.stderr))
+        gen = Generator(files, pages=8)
+        try:
+            prefill = gen.prefill_logits(ids, gen.pages.alloc(1))
+            logits: list = []
+            tokens = list(gen.generate(ids, args.tokens, record=logits))
+        finally:
+            gen.close()
+        return prefill, tokens, np.stack(logits)
+
+    ref = run(False, False)
+    scale = float(max(np.abs(ref[0]).max(), np.abs(ref[2]).max()))
+    print(f"{Path(args.gguf).name}: dequantized f32 greedy {ref[1]} (logits up to {scale:.3g})")
+    print("| form | greedy tokens vs dequantized | max \\|logit diff\\| prefill | decode |")
+    print("|---|---|---|---|")
+    for name, loop in (("--keep-quantized", False), ("--keep-quantized --layer-loop", True)):
+        got = run(True, loop)
+        same = "equal" if got[1] == ref[1] else f"differ: {got[1]}"
+        print(f"| {name} | {len(ref[1])} {same} | {np.abs(got[0] - ref[0]).max():.3g} | "
+              f"{np.abs(got[2] - ref[2]).max():.3g} |", flush=True)
+
+
 def write_8b(args) -> None:
     """A Llama 3 8B-shaped GGUF: header and tensor table only, the data a sparse hole."""
     import gguf
@@ -308,6 +345,10 @@ def main() -> None:
     w.add_argument("--files-json", required=True)
     w.add_argument("--tokens", type=int, default=32)
     w.add_argument("--prompt", default=PROMPT)
+    c = sub.add_parser("check", help="(halo venv) native vs dequantized logits on one GGUF")
+    c.add_argument("--gguf", required=True)
+    c.add_argument("--tokens", type=int, default=32)
+    c.add_argument("--prompt", default=PROMPT)
     e = sub.add_parser("write-8b", help="(internal) the sparse 8B-shaped Q4_K GGUF")
     e.add_argument("--out", required=True)
     p.add_argument("--halo-python", default=str(REPO / ".venv" / "bin" / "python"))
@@ -325,6 +366,8 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "halo-worker":
         return halo_worker(args)
+    if args.cmd == "check":
+        return check(args)
     if args.cmd == "write-8b":
         return write_8b(args)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
