@@ -350,13 +350,16 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
     sharded = "" if tp == 1 else f":tp{tp}"
     cfg = g.config()
-    if tp > 1:
-        from halo_mlir.sharding_passes.plan import check_divisible
+    if tp > 1:  # before anything is written
+        from halo_mlir.params.names import param_shapes
+        from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
 
         if dtype == "fp8":
             raise HaloError("generate --tp takes float or --keep-quantized weights, not "
                             "--dtype fp8; drop --tp")
         check_divisible(cfg, tp)
+        check_quantized_split(weight_formats(g, cfg, keep_quantized, layer_loop=layer_loop),
+                              param_shapes(cfg), tp)
     params_key = hashlib.sha256(
         f"{digest}:{dtype}{scheme}:{keep_quantized}:{layout}{sharded}:{__version__}".encode())
     params = cache_dir() / "params" / f"{params_key.hexdigest()[:24]}.irpa"

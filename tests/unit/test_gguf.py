@@ -1,6 +1,8 @@
 """GGUF import on small files written here: Q/K un-permutation, quantized fields, bad input."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +277,35 @@ def test_layer_loop_dequantizes_the_kinds_that_mix_formats(tmp_path):
     proc = halo("emit", "--gguf", path, "--keep-quantized", "--dtype", "f32", "-o", "-")
     assert "--layer-loop" not in proc.stderr  # unrolled: each layer keeps its format
     assert '"model"::"blk.0.ffn_down.weight:ql"> : tensor<256x2x2x64xi8>' in proc.stdout
+
+
+def test_generate_tp_errors(tmp_path):
+    """generate --tp: a degree that does not divide the model, a split that would cut a
+    Q4_K block, --tp with --vmfb: one line each, nothing imported or compiled."""
+    import kquant_gguf as kq
+
+    cache = tmp_path / "cache"
+    write_gguf(tmp_path / "m.gguf", tokenizer=False)
+    kq.write(tmp_path / "k.gguf", kq.Q4_K)
+    (tmp_path / "config.json").write_text("{}")
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"hi": 0, "?": 1}, unk_token="?")).save(str(tmp_path / "t.json"))
+    env = {"HALO_CACHE_DIR": str(cache)}
+    for args, needles in (
+            (["--gguf", tmp_path / "m.gguf", "--tokenizer", tmp_path / "t.json", "--tp", 3],
+             ["--tp 3 does not divide the kv heads (2)"]),
+            (["--gguf", tmp_path / "k.gguf", "--tokenizer", tmp_path / "t.json",
+              "--keep-quantized", "--tp", 2],
+             ["--tp 2 would cut the Q4_K blocks of blk.0.attn_output.weight"]),
+            (["--vmfb", tmp_path / "m.vmfb", "--params", tmp_path / "m.irpa", "--config",
+              tmp_path / "config.json", "--tokenizer", tmp_path / "t.json", "--tp", 2],
+             ["--tp applies to --gguf", "drop --tp"])):
+        proc = subprocess.run([sys.executable, "-m", "halo_mlir", "generate", "--raw", "--prompt",
+                               "hi", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **env})
+        assert_one_line_error(proc, *needles)
+    assert not cache.exists() or not any(cache.rglob("*.irpa"))
 
 
 @pytest.mark.parametrize("device,lanes", [("cpu", True), ("hip", False)])
