@@ -271,16 +271,23 @@ def bench_decode(args, files, env) -> list[str]:
              f"{args.tokens} greedy tokens, CPU ({os.cpu_count()} cores, llama.cpp threads "
              f"{args.threads}); medians of {args.rounds} rounds, each round every form in turn; "
              f"load average at the end {load_line()} (1/5/15 min).", "",
-             "| engine | file | weights as run | first token (s) | decode tokens/s | greedy ids |",
-             "|---|---|---|---|---|---|"]
+             "| engine | file | weights as run | first token (s) | decode tokens/s | "
+             "greedy ids vs halo-mlir f32 (Q4_1 file) | vs llama.cpp on the same file |",
+             "|---|---|---|---|---|---|---|"]
+
+    def same(a, b):
+        at = first_divergence(a, b)
+        return f"all {len(a)} equal" if at is None else f"equal up to token {at}"
+
     ref = runs[("halo", "f32")][0]["ids"]
     for (engine, k), (first, tps) in med.items():
         which = HALO_FORMS[k][0] if engine == "halo" else k
-        at = first_divergence(runs[(engine, k)][0]["ids"], ref)
-        same = "= f32's" if at is None else f"first differs from f32's at token {at}"
+        ids_ = runs[(engine, k)][0]["ids"]
+        peer = "-" if engine == "llama" else same(ids_, runs[("llama", which)][0]["ids"])
         name = "halo-mlir" if engine == "halo" else f"llama.cpp {llama_cpp.__version__}"
         form = k if engine == "halo" else "as stored"
-        lines.append(f"| {name} | {which} | {form} | {first:.3f} | {tps:.1f} | {same} |")
+        lines.append(f"| {name} | {which} | {form} | {first:.3f} | {tps:.1f} | "
+                     f"{same(ids_, ref)} | {peer} |")
     return lines
 
 
