@@ -42,14 +42,20 @@ def emit_to_file(cfg: LlamaConfig, opts: EmitOptions, path: str | Path, *,
                  locations: bool = True, tp: int = 1, allreduce: str = "auto",
                  allreduce_dtype: str = "activation"):
     """Emit (sharded over `tp` devices when tp > 1) and write; returns (bytes, report).
-    `allreduce`, `allreduce_dtype`: see `sharding_passes.collectives` (MODES, PAYLOADS)."""
+    `allreduce`, `allreduce_dtype`: see `sharding_passes.collectives` (MODES, PAYLOADS).
+    `opts.moe_parallel="expert"`: expert parallelism (whole experts per device, one group
+    of experts per device)."""
+    from halo_mlir.sharding_passes.plan import check_divisible
+
+    check_divisible(cfg, tp, opts.moe_parallel)
+    if opts.moe_parallel == "expert":
+        import dataclasses
+        opts = dataclasses.replace(opts, moe_groups=tp)
     module = emit_module(cfg, opts)
     report = None
     if tp > 1:
         from halo_mlir.sharding_passes.pipeline import shard_module
-        from halo_mlir.sharding_passes.plan import check_divisible
 
-        check_divisible(cfg, tp)
         report = shard_module(module, tp, allreduce=allreduce, allreduce_dtype=allreduce_dtype)
     with module.context:
         return write_module(module, path, locations=locations), report

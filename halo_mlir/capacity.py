@@ -135,27 +135,44 @@ def param_count(cfg: LlamaConfig) -> int:
     return sum(t.numel for t in weight_inventory(cfg))
 
 
-def shard_numel(t: Tensor, tp: int) -> int:
-    """Elements of `t` on one device: split tensors hold 1/tp, replicated ones all of it."""
-    return t.numel // tp if isinstance(weight_sharding(t.key, t.shape, tp), Split) else t.numel
+def shard_numel(t: Tensor, tp: int, moe: str = "ffn") -> int:
+    """Elements of `t` on one device: split tensors hold 1/tp, replicated ones all of it
+    (`moe`: how the experts split, plan.MOE_PARALLEL: 1/tp of every expert's rows, or
+    E/tp whole experts; the same count either way)."""
+    split = weight_sharding(t.key, t.shape, tp, moe=moe)
+    return t.numel // tp if isinstance(split, Split) else t.numel
+
+
+def experts_read(cfg: LlamaConfig, tp: int, tokens: int, moe: str = "ffn") -> float:
+    """Experts' worth of weights one device reads for a call of `tokens` tokens. `ffn`:
+    the share of every expert's rows it holds, of the experts the tokens pick
+    (expert_fraction * E / tp); `expert`: each of its E/tp whole experts once (the emitted
+    form runs every local expert over the call's tokens, weight 0 where a token did not
+    pick it, so unpicked local experts are read too)."""
+    if not cfg.is_moe:
+        return 0.0
+    if moe == "expert":
+        return cfg.n_experts / tp
+    return expert_fraction(cfg, tokens) * cfg.n_experts / tp
 
 
 def _weight_dtype(t: Tensor, spec: DtypeSpec) -> str:
     return spec.matmul_weight if t.kind in ("matmul", "expert") else spec.other_weight
 
 
-def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16") -> int:
+def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16", moe: str = "ffn") -> int:
     """Bytes of parameters one device holds under the TP plan."""
     spec = _dtype_spec(dtype)
-    return sum(shard_numel(t, tp) * ELEM_BYTES[_weight_dtype(t, spec)]
+    return sum(shard_numel(t, tp, moe) * ELEM_BYTES[_weight_dtype(t, spec)]
                for t in weight_inventory(cfg))
 
 
-def _weights_by_kind(cfg: LlamaConfig, tp: int, spec: DtypeSpec) -> dict[str, tuple[int, int]]:
+def _weights_by_kind(cfg: LlamaConfig, tp: int, spec: DtypeSpec,
+                     moe: str = "ffn") -> dict[str, tuple[int, int]]:
     """kind -> (elements, bytes) on one device."""
     out: dict[str, tuple[int, int]] = {}
     for t in weight_inventory(cfg):
-        n = shard_numel(t, tp)
+        n = shard_numel(t, tp, moe)
         e, b = out.get(t.kind, (0, 0))
         out[t.kind] = (e + n, b + n * ELEM_BYTES[_weight_dtype(t, spec)])
     return out
@@ -189,7 +206,7 @@ ATTENTION = ("paged", "fused", "decomposed")  # paged: the fused op over gathere
 
 
 def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q_len: int,
-                     kv_len: int, attention: str = "fused") -> dict[str, int]:
+                     kv_len: int, attention: str = "fused", moe: str = "ffn") -> dict[str, int]:
     """Live buffers (bytes, one device) of one call: `batch` rows of `q_len` new tokens
     attending to `kv_len` positions. T = batch * q_len tokens.
 
@@ -201,7 +218,9 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
     - scores: fused attention (iree_linalg_ext.attention) keeps only its [batch, q_len,
       kv_len] mask (i1, stored as 1 byte); decomposed attention holds f32 scores and
       probabilities [batch, heads/tp, q_len, kv_len] for one block;
-    - ffn: gate and up (silu(gate)*up is fused into their consumer), 2 * T * ffn/tp;
+    - ffn: gate and up (silu(gate)*up is fused into their consumer), 2 * T * ffn/tp; a
+      mixture of experts: of each token's k experts, or with `moe` `expert` of each of the
+      device's E/tp whole experts (2 * T * E/tp * ffn);
     - logits: T * vocab; the vocab-split logits are gathered on device 0, so that device
       holds all of them.
     All in the activation dtype except the mask and decomposed scores. Matmul accumulators
@@ -219,7 +238,8 @@ def activation_terms(cfg: LlamaConfig, *, tp: int, act_bytes: int, batch: int, q
         "kv_gathered": 2 * batch * kvh * kv_len * d * a,
         "attn_out": t * heads * d * a,
         "scores": scores,
-        "ffn": 2 * t * max(cfg.experts_per_token, 1) * (cfg.ffn_dim // tp) * a,
+        "ffn": (2 * t * (cfg.n_experts // tp) * cfg.ffn_dim * a if moe == "expert" else
+                2 * t * max(cfg.experts_per_token, 1) * (cfg.ffn_dim // tp) * a),
         "logits": t * cfg.vocab_size * a,
     }
 
@@ -316,13 +336,15 @@ def allreduce_records(size: int, tp: int, act: str, algorithm: str, gpu: GpuSpec
 
 def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, batch: int,
                  q_len: int, pairs: int, kv_read: int, algorithm: str = "auto",
-                 stride: int = 32):
+                 stride: int = 32, moe: str = "ffn"):
     """(dispatches, copies, dependent steps) of one call on device 0, built from the config
     as the emitter builds the program (what `halo-mlir cost` counts in the compiled one):
 
     a layer is 2 norms, 7 matmuls, RoPE of Q, the cache write (decode: the row's current
     page read and merged with the new K/V, then scattered back; prefill: K and V scattered),
-    attention; an fp8 model quantizes the inputs of its 4 linear groups; at TP > 1 each of
+    attention; a mixture of experts runs its experts' gate, up and down (`moe` `ffn`: the
+    rows of each token's k experts; `expert`: every local expert over every token, as
+    batched matmuls); an fp8 model quantizes the inputs of its 4 linear groups; at TP > 1 each of
     the layer's two all-reduces ends in a sum of the partials (fused with the residual add,
     not with the matmul). Per call: the embedding lookup, RoPE's cos/sin tables, the
     attention mask (decode: also every layer's gather rows), final norm and lm_head.
@@ -376,8 +398,14 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, ba
                            dtype=spec.activation))
     k = cfg.experts_per_token
     for t_ in (x for x in weight_inventory(cfg.with_layers(1)) if x.kind == "expert"):
+        n = shard_numel(t_, tp, moe)
+        if moe == "expert":  # E/tp whole experts [E/tp, rows, cols], each over all t tokens
+            local, rows, cols = cfg.n_experts // tp, t_.shape[1], t_.shape[2]
+            layer.append(D(t_.key.split(".", 2)[-1], bytes_read=n * wb + t * local * cols * a,
+                           bytes_written=t * local * rows * a, flops=2 * t * n,
+                           dtype=spec.matmul_weight))
+            continue
         # each token's k experts: the rows of the experts the call picks (expert_fraction)
-        n = shard_numel(t_, tp)
         per_expert = n // cfg.n_experts
         rows = t_.shape[1] // (tp if t_.key.endswith(("gate_exps.weight", "up_exps.weight"))
                                else 1)
@@ -413,20 +441,21 @@ def call_records(cfg: LlamaConfig, tp: int, spec: DtypeSpec, gpu: GpuSpec, *, ba
 
 
 def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
-              algorithm) -> Roofline:
+              algorithm, moe="ffn") -> Roofline:
     """Matmul weights run at the `--dtype` peak; lm_head and attention at the activation
     dtype's peak (fp8 models keep lm_head in f16). The token embedding is a lookup."""
-    kinds = _weights_by_kind(cfg, tp, spec)
-    # a token runs k of a layer's E experts
+    kinds = _weights_by_kind(cfg, tp, spec, moe)
+    # a token runs k of a layer's E experts (expert parallelism: every local expert runs)
+    share = 1.0 if moe == "expert" else cfg.experts_per_token / max(cfg.n_experts, 1)
     matmul = 2 * tokens * kinds["matmul"][0] + int(
-        2 * tokens * kinds.get("expert", (0, 0))[0] * cfg.experts_per_token / max(cfg.n_experts, 1))
+        2 * tokens * kinds.get("expert", (0, 0))[0] * share)
     other = 2 * tokens * kinds.get("head", (0, 0))[0] + attention_flops(cfg, tp, pairs)
     if cfg.tie_embeddings:  # the embedding is also the lm_head (replicated)
         other += 2 * tokens * kinds["embed"][0]
     compute_s = (matmul / gpu.peak_flops[spec.matmul_weight]
                  + other / gpu.peak_flops[spec.activation])
     ds, cs, steps = call_records(cfg, tp, spec, gpu, batch=tokens // q_len, q_len=q_len,
-                                 pairs=pairs, kv_read=kv_read, algorithm=algorithm)
+                                 pairs=pairs, kv_read=kv_read, algorithm=algorithm, moe=moe)
     est = cost_model.estimate(ds, cs, gpu, dependent_steps=steps)
     return Roofline(tokens=tokens, bytes_read=bytes_read, flops=matmul + other,
                     memory_s=bytes_read / gpu.hbm_bytes_per_s, compute_s=compute_s,
@@ -434,36 +463,38 @@ def _roofline(cfg, tp, spec, gpu, *, tokens, q_len, pairs, bytes_read, kv_read,
                     dependent_steps=steps)
 
 
-def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec, tokens: int) -> int:
+def _weights_read(cfg: LlamaConfig, tp: int, spec: DtypeSpec, tokens: int,
+                  moe: str = "ffn") -> int:
     """Weight bytes a forward pass of `tokens` tokens streams from HBM: all but the token
     embedding, which is only looked up (unless tied, when it is also the lm_head), and of
-    the experts the share the tokens pick (expert_fraction)."""
-    kinds = _weights_by_kind(cfg, tp, spec)
+    the experts what `experts_read` says."""
+    kinds = _weights_by_kind(cfg, tp, spec, moe)
     skip = 0 if cfg.tie_embeddings else kinds["embed"][1]
     experts = kinds.get("expert", (0, 0))[1]
+    held = cfg.n_experts / tp if cfg.is_moe else 1.0
     return (sum(b for _, b in kinds.values()) - skip - experts
-            + int(experts * expert_fraction(cfg, tokens)))
+            + int(experts * experts_read(cfg, tp, tokens, moe) / held))
 
 
 def roofline_decode(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                    algorithm="auto") -> Roofline:
+                    algorithm="auto", moe="ffn") -> Roofline:
     """One decode step: `batch` tokens, each at position seq_len-1 attending to seq_len keys.
     Reads the weights once and every sequence's KV (seq_len tokens)."""
     kv = batch * seq_len * kv_token_bytes
     return _roofline(cfg, tp, spec, gpu, tokens=batch, q_len=1, pairs=batch * seq_len,
-                     bytes_read=_weights_read(cfg, tp, spec, batch) + kv, kv_read=kv,
-                     algorithm=algorithm)
+                     bytes_read=_weights_read(cfg, tp, spec, batch, moe) + kv, kv_read=kv,
+                     algorithm=algorithm, moe=moe)
 
 
 def roofline_prefill(cfg, tp, spec, gpu, *, batch, seq_len, kv_token_bytes,
-                     algorithm="auto") -> Roofline:
+                     algorithm="auto", moe="ffn") -> Roofline:
     """One prefill of `batch` rows of `seq_len` tokens with causal attention
     (seq_len*(seq_len+1)/2 pairs a row). Reads the weights, writes the KV."""
     kv = batch * seq_len * kv_token_bytes
     return _roofline(cfg, tp, spec, gpu, tokens=batch * seq_len, q_len=seq_len,
                      pairs=batch * seq_len * (seq_len + 1) // 2,
-                     bytes_read=_weights_read(cfg, tp, spec, batch * seq_len) + kv, kv_read=0,
-                     algorithm=algorithm)
+                     bytes_read=_weights_read(cfg, tp, spec, batch * seq_len, moe) + kv,
+                     kv_read=0, algorithm=algorithm, moe=moe)
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,6 +528,7 @@ class Plan:
     workspace_bytes: int
     decode: Roofline
     prefill: Roofline
+    moe_parallel: str = "ffn"      # how --tp splits the experts (plan.MOE_PARALLEL)
 
     @property
     def kv_bytes(self) -> int:
@@ -547,6 +579,20 @@ class Plan:
     def decode_tokens_per_s(self) -> float:
         return self.batch / self.decode.seconds
 
+    @property
+    def experts(self) -> dict | None:
+        """A mixture of experts: experts held per device (whole ones under expert
+        parallelism, else every expert's 1/tp) and experts' worth of weights a decode step
+        reads per device."""
+        if not self.cfg.is_moe:
+            return None
+        e = self.cfg.n_experts
+        return {"moe_parallel": self.moe_parallel, "experts": e,
+                "whole_experts_held": e // self.tp if self.moe_parallel == "expert" else 0,
+                "expert_share_held": 1.0 if self.moe_parallel == "expert" else 1 / self.tp,
+                "decode_experts_read": experts_read(self.cfg, self.tp, self.batch,
+                                                    self.moe_parallel)}
+
     def to_json(self) -> dict:
         """Plain-JSON summary for `--json` (bytes, seconds, FLOPs)."""
         def roof(r: Roofline) -> dict:
@@ -559,6 +605,7 @@ class Plan:
             "block_seq_stride": self.block_seq_stride,
             "attention": self.attention, "allreduce": self.allreduce,
             "params": self.params,
+            **({"experts": self.experts} if self.experts else {}),
             "per_device": {
                 "weight_bytes": self.weight_bytes,
                 "kv_pages": self.kv_pages, "page_bytes": self.page_bytes,
@@ -592,12 +639,13 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
          max_seq_len: int | None = None, batch: int = 1, gpu: str = "mi300x",
          block_seq_stride: int = 32, workspace_fraction: float = 0.05,
          prefill_len: int | None = None, prefill_batch: int | None = None,
-         attention: str = "fused", allreduce: str = "auto") -> Plan:
+         attention: str = "fused", allreduce: str = "auto", moe_parallel: str = "ffn") -> Plan:
     """Plan `batch` sequences of up to `max_seq_len` tokens (default: the model's) on `tp`
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
-    of the stride as docs/ABI.md requires)."""
+    of the stride as docs/ABI.md requires). `moe_parallel`: how --tp splits a mixture of
+    experts (plan.MOE_PARALLEL)."""
     spec, dev = _dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:
@@ -609,7 +657,7 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     prefill_batch = prefill_batch or batch
     _check_knobs(tp, batch, max_seq_len, prefill_len, prefill_batch, block_seq_stride,
                  workspace_fraction)
-    check_divisible(cfg, tp)
+    check_divisible(cfg, tp, moe_parallel)
 
     act = ELEM_BYTES[spec.activation]
     page_bytes = page_elems(cfg, tp, block_seq_stride) * ELEM_BYTES[kv_dtype]
@@ -617,9 +665,10 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
     padded = -(-prefill_len // block_seq_stride) * block_seq_stride
     phases = {
         "prefill": activation_terms(cfg, tp=tp, act_bytes=act, batch=prefill_batch,
-                                    q_len=padded, kv_len=padded, attention=attention),
+                                    q_len=padded, kv_len=padded, attention=attention,
+                                    moe=moe_parallel),
         "decode": activation_terms(cfg, tp=tp, act_bytes=act, batch=batch, q_len=1,
-                                   kv_len=max_seq_len, attention=attention),
+                                   kv_len=max_seq_len, attention=attention, moe=moe_parallel),
     }
     phase = max(phases, key=lambda p: sum(phases[p].values()))
     return Plan(
@@ -628,15 +677,16 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
         prefill_batch=prefill_batch, block_seq_stride=block_seq_stride, attention=attention,
         allreduce=allreduce,
         workspace_fraction=workspace_fraction, params=param_count(cfg),
-        weight_bytes=weight_bytes(cfg, tp, dtype), page_bytes=page_bytes,
+        weight_bytes=weight_bytes(cfg, tp, dtype, moe_parallel), page_bytes=page_bytes,
         kv_pages=pages_for(batch, max_seq_len, block_seq_stride),
         activation_terms=phases[phase], activation_phase=phase,
         workspace_bytes=int(workspace_fraction * dev.memory_bytes),
         decode=roofline_decode(cfg, tp, spec, dev, batch=batch, seq_len=max_seq_len,
-                               kv_token_bytes=token_kv, algorithm=allreduce),
+                               kv_token_bytes=token_kv, algorithm=allreduce, moe=moe_parallel),
         prefill=roofline_prefill(cfg, tp, spec, dev, batch=prefill_batch,
                                  seq_len=prefill_len, kv_token_bytes=token_kv,
-                                 algorithm=allreduce),
+                                 algorithm=allreduce, moe=moe_parallel),
+        moe_parallel=moe_parallel,
     )
 
 
@@ -644,7 +694,8 @@ def _replan(p: Plan, **changes) -> Plan:
     knobs = dict(tp=p.tp, dtype=p.dtype, kv_dtype=None, max_seq_len=p.max_seq_len,
                  batch=p.batch, gpu=p.gpu.name, block_seq_stride=p.block_seq_stride,
                  workspace_fraction=p.workspace_fraction, prefill_len=p.prefill_len,
-                 prefill_batch=p.prefill_batch, attention=p.attention, allreduce=p.allreduce)
+                 prefill_batch=p.prefill_batch, attention=p.attention, allreduce=p.allreduce,
+                 moe_parallel=p.moe_parallel)
     if p.kv_dtype != DTYPES[p.dtype].kv_default:  # keep an explicit --kv-dtype
         knobs["kv_dtype"] = p.kv_dtype
     knobs.update(changes)
@@ -654,7 +705,9 @@ def _replan(p: Plan, **changes) -> Plan:
 def _suggestion(p: Plan) -> str:
     """The cheapest change that makes `p` fit: a larger --tp, then fp8, then both."""
     larger = [t for t in range(p.tp + 1, p.cfg.n_kv_heads + 1) if p.cfg.n_kv_heads % t == 0
-              and not any(s % t for s in (p.cfg.n_heads, p.cfg.ffn_dim, p.cfg.hidden_size))]
+              and not any(s % t for s in (p.cfg.n_heads, p.cfg.hidden_size,
+                                          p.cfg.n_experts if p.moe_parallel == "expert"
+                                          else p.cfg.ffn_dim))]
     tries = [dict(tp=t) for t in larger]
     if p.dtype != "fp8":
         tries += [dict(dtype="fp8")] + [dict(tp=t, dtype="fp8") for t in larger]
@@ -705,6 +758,16 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
+def _experts_row(p: Plan) -> str:
+    x, e = p.experts, p.cfg.n_experts
+    read = f"a decode step reads {x['decode_experts_read']:.2f} experts' worth"
+    if p.moe_parallel == "expert":
+        return (f"--moe-parallel expert: {x['whole_experts_held']} of {e} whole experts per "
+                f"device; {read} (every local expert, picked or not)")
+    return (f"--moe-parallel ffn: 1/{p.tp} of each of the {e} experts per device; {read} "
+            f"(the picked experts' rows, expected at batch {p.batch})")
+
+
 def format_table(p: Plan) -> str:
     """A two-column text table of `p` (per device)."""
     d, f = p.decode, p.prefill
@@ -717,6 +780,7 @@ def format_table(p: Plan) -> str:
         ("request", f"batch {p.batch} x {p.max_seq_len:,} tokens, prefill {p.prefill_batch} x "
                     f"{p.prefill_len:,}, stride {p.block_seq_stride}"),
         ("weights", _gb(p.weight_bytes)),
+        *([("experts", _experts_row(p))] if p.experts else []),
         ("KV cache", f"{_gb(p.kv_bytes)} ({p.kv_pages:,} pages x {p.page_bytes:,} B)"),
         ("activations", f"{_gb(p.activation_bytes)} (peak: {p.activation_phase})"),
         ("workspace", f"{_gb(p.workspace_bytes)} ({p.workspace_fraction:.0%} of capacity)"),

@@ -44,6 +44,16 @@ def _tp(ctx, param, value: int | None) -> int | None:
     return value
 
 
+def _moe_parallel_option(help: str):
+    return click.option("--moe-parallel", default="ffn", show_default=True,
+                        type=click.Choice(["ffn", "expert"]), help=help)
+
+
+_MOE_PARALLEL_HELP = ("Mixture-of-experts models with --tp: ffn splits every expert's ffn "
+                      "rows over the devices; expert puts whole experts on each device "
+                      "(experts/N each; the experts must divide by --tp).")
+
+
 def _tp_option(help: str, default: int | None = 1):
     return click.option("--tp", default=default, show_default=default is not None, type=int,
                         callback=_tp, help=help)
@@ -213,6 +223,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
               help="The decoder stack as one scf.for over stacked weights: IR and compile "
                    "time flat in depth (import the parameters with --layout stacked).")
 @_tp_option("Tensor-parallel degree: run the sharding pass over N devices.")
+@_moe_parallel_option(_MOE_PARALLEL_HELP)
 @_allreduce_options
 @click.option("--device-block-count", default=256, show_default=True, type=int,
               help="KV pages per device, written to config.json.")
@@ -224,7 +235,7 @@ def _in_layers(key: str, n_layers: int) -> bool:
 @_reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales, attention,
-         template_dir, moe_prefill, layer_loop, tp, allreduce, allreduce_dtype,
+         template_dir, moe_prefill, layer_loop, tp, moe_parallel, allreduce, allreduce_dtype,
          device_block_count, locations, output,
          output_config):
     """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
@@ -242,7 +253,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype, fp8_scales=fp8_scales,
-                       moe_prefill=moe_prefill)
+                       moe_prefill=moe_prefill, moe_parallel=moe_parallel)
     opts, chosen = resolve(cfg, opts)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
@@ -353,6 +364,10 @@ def _print_report(report, cfg=None, opts=None) -> None:
                      f"in all, busiest device receives {report.busiest[entry] / scale / 1e3:.1f}"
                      f" KB (bandwidth bound 2(N-1)/N per all-reduce: {bound / 1e3:.1f} KB)")
         click.echo(line, err=True)
+    if cfg is not None and opts is not None and opts.moe_parallel == "expert":
+        click.echo(f"experts: {cfg.n_experts // tp} of {cfg.n_experts} whole per device "
+                   "(--moe-parallel expert); their partial sums meet in each block's "
+                   "second all-reduce", err=True)
 
 
 @main.command("import-params", short_help="Weights (safetensors/GGUF) -> IRPA.")
@@ -367,6 +382,7 @@ def _print_report(report, cfg=None, opts=None) -> None:
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: keep Q8_0/Q4_1/Q4_K/Q6_K matrices in their block format.")
 @_tp_option("Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
+@_moe_parallel_option(_MOE_PARALLEL_HELP + " Emit with the same --moe-parallel.")
 @click.option("--layout", default="per-layer", show_default=True,
               type=click.Choice(["per-layer", "stacked"]),
               help="stacked: one entry per weight kind, blk.NAME.stacked [layers, ...], for "
@@ -386,7 +402,8 @@ def _print_report(report, cfg=None, opts=None) -> None:
                    "the checkpoint or config.json; none: pseudo-random ids).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="NAME.irpa")
 @_reports_errors
-def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, quantize,
+def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_parallel, layout,
+                  quantize,
                   fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
     """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
     from halo_mlir.progress import Progress
@@ -413,7 +430,8 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
     start = time.perf_counter()
     if quantize is not None:
         n = _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                        calibration_tokens, tokenizer, output, fp8_scales or "per-tensor")
+                        calibration_tokens, tokenizer, output, fp8_scales or "per-tensor",
+                        moe_parallel)
     else:
         progress = Progress("importing")
         try:
@@ -421,7 +439,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
                 from halo_mlir.params.gguf_import import import_gguf
 
                 n = import_gguf(gguf, output, dtype=dtype, keep_quantized=keep_quantized,
-                                progress=progress, tp=tp, layout=layout,
+                                progress=progress, tp=tp, layout=layout, moe=moe_parallel,
                                 note=lambda m: click.echo(m, err=True))
             else:
                 from halo_mlir import config
@@ -431,7 +449,8 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
                 cfg_path = Path(hf_config) if hf_config else \
                     (src if src.is_dir() else src.parent) / "config.json"
                 n = import_safetensors(src, config.from_hf_config(cfg_path), output,
-                                       dtype=dtype, progress=progress, tp=tp, layout=layout)
+                                       dtype=dtype, progress=progress, tp=tp, layout=layout,
+                                       moe=moe_parallel)
         finally:
             progress.close()
     from halo_mlir.params.irpa import rank_paths
@@ -442,7 +461,8 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, layout, q
 
 
 def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
-                calibration_tokens, tokenizer, output, scales="per-tensor") -> int:
+                calibration_tokens, tokenizer, output, scales="per-tensor",
+                moe="ffn") -> int:
     """import-params --quantize fp8: calibration tokens, then calibrate + write."""
     from halo_mlir.params import calibrate
     from halo_mlir.params.fp8_import import import_fp8, preflight
@@ -453,7 +473,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
     text = calibrate.read_text(calibration_text)
     tok = JsonTokenizer(tokenizer) if tokenizer else None
     with open_source(safetensors=st_path, gguf=gguf, hf_config=hf_config) as source:
-        preflight(source.cfg, output, tp)
+        preflight(source.cfg, output, tp, moe)
         tok = tok or source.tokenizer()
         vocab = source.cfg.vocab_size
         ids = calibrate.calibration_ids(vocab, calibration_tokens, tok, text)
@@ -467,7 +487,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
         progress, calibrating = Progress("importing"), Progress("calibrating")
         try:
             return import_fp8(source, output, ids, dtype=dtype, tp=tp, layout=layout,
-                              scales=scales, progress=progress, calibration_progress=calibrating)
+                              scales=scales, moe=moe, progress=progress, calibration_progress=calibrating)
         finally:
             calibrating.close()
             progress.close()
@@ -478,6 +498,7 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
                                 "grok-1 (or pass --hf-config).")
 @click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
 @_tp_option("Tensor-parallel devices the weights and KV cache are split over.")
+@_moe_parallel_option(_MOE_PARALLEL_HELP)
 @click.option("--dtype", default="f16", show_default=True,
               type=click.Choice(["f16", "bf16", "f32", "fp8"]),
               help="Weight dtype (fp8: linear weights in 1 byte, the rest f16).")
@@ -487,12 +508,14 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--require-fit", is_flag=True, help="Exit 1 with the shortfall when it does not fit.")
 @_reports_errors
-def plan_cmd(model, hf_config, tp, dtype, max_seq_len, batch, gpu, as_json, require_fit):
+def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu, as_json,
+             require_fit):
     """Per-device memory and a roofline latency estimate, before compiling anything."""
     from halo_mlir import capacity
 
     cfg, _ = _load_config(model, hf_config, None, None, sources=("--model", "--hf-config"))
-    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu)
+    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu,
+                      moe_parallel=moe_parallel)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
     if require_fit:
         capacity.require_fit(p)

@@ -251,7 +251,7 @@ class _Shapes:
         from iree.compiler import ir
 
         s = self(v)
-        return None if s is None else math.prod(s) * _elem_bytes(
+        return None if s is None or None in s else math.prod(s) * _elem_bytes(
             ir.RankedTensorType(v.type).element_type)
 
 
@@ -304,7 +304,7 @@ def _contraction_flops(op, shapes: _Shapes) -> tuple[int, str] | None:
         if s is None:
             continue
         for j, d in enumerate(_affine_results(m)[1]):
-            if d is not None and j < len(s):
+            if d is not None and j < len(s) and s[j] is not None:
                 sizes[d] = s[j]
     if len(sizes) < n_dims or not ins:
         return None
@@ -371,18 +371,36 @@ def _nested(op):
                 yield from _nested(o.operation)
 
 
+def _iterations(op, shapes) -> list | None:
+    """The loop sizes of a linalg op (every dim of its indexing maps), when known."""
+    if "indexing_maps" not in op.attributes or "operandSegmentSizes" not in op.attributes:
+        return None
+    maps = [str(m) for m in op.attributes["indexing_maps"]]
+    ins, outs = _segments(op)[0], _segments(op)[-1]
+    sizes = {}
+    for m, val in zip(maps, ins + outs):
+        s = shapes(val)
+        for j, d in enumerate(_affine_results(m)[1]):
+            if s is not None and d is not None and j < len(s) and s[j] is not None:
+                sizes[d] = s[j]
+    return list(sizes.values()) if len(sizes) == _affine_results(maps[0])[0] else None
+
+
 def _read_bytes(v, users, shapes) -> int | None:
     """Bytes a kernel reads of loaded tensor `v`: gathered rows when v only feeds gathers
     (as their source), one element per iteration when only `tensor.extract`s in a body read
-    it (an embedding lookup), nothing when it is only a scatter's destination, else all."""
+    it (an embedding lookup; a mixture of experts' decode contraction reading each token's
+    expert rows, per (token, slot) with no reuse between them), nothing when it is only a
+    scatter's destination, else all."""
     from iree.compiler import ir
 
     uses = users.get(v, [])
     full = shapes.bytes(v)
     if uses and all(op.name == "tensor.extract" and not isinstance(i, int) for op, i in uses):
         per = _elem_bytes(ir.RankedTensorType(v.type).element_type)
-        outs = [shapes(top.results[0]) if top.results else None for _, top in uses]
-        if all(o is not None for o in outs):
+        outs = [_iterations(top, shapes) or (shapes(top.results[0]) if top.results else None)
+                for _, top in uses]
+        if all(o is not None and None not in o for o in outs):
             n = sum(math.prod(o) * per for o in outs)
             return min(n, full) if full is not None else n
     if uses and all(op.name == "iree_linalg_ext.gather" and i == 0 for op, i in uses):

@@ -113,6 +113,14 @@ class Program:
             return (f"the module reads per-layer parameters ({key}) but the files hold the "
                     "stacked layout; emit with --layer-loop, or import with --layout per-layer")
         keys = [k for k, _ in self.index.items()]
+        for have, want, mode in ((".expert_shard.", ".shard.", "expert"),
+                                 (".shard.", ".expert_shard.", "ffn")):
+            if want in key and key.replace(want, have) in keys:
+                other = "ffn" if mode == "expert" else "expert"
+                return (f"the files hold --moe-parallel {mode} shards "
+                        f"({key.replace(want, have)}) but the module was emitted with "
+                        f"--moe-parallel {other} (it reads {key}): emit with --moe-parallel "
+                        f"{mode}, or import with --moe-parallel {other}")
         fp8_files = any(k.endswith(":qs") for k in keys)
         scheme = _fp8_scales_mismatch(key, keys)
         if scheme:

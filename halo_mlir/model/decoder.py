@@ -27,6 +27,7 @@ from halo_mlir.ops.rope import inv_freq, rope, rope_table
 from halo_mlir.model.families import family
 from halo_mlir.params.names import block_shapes, block_weights, stacked_key
 from halo_mlir.quant import quant_format
+from halo_mlir.sharding_passes.plan import MOE_PARALLEL  # how --tp splits experts
 
 # fp8: linear weights and activations in f8E4M3FNUZ (halo_mlir.fp8), the rest in f16.
 DTYPES = ("f16", "bf16", "f32", "fp8")
@@ -61,6 +62,11 @@ class EmitOptions:
     fp8_activations: str = "f16"
     # Mixture-of-experts families only: the prefill's expert form (MOE_PREFILL_FORMS).
     moe_prefill: str = "grouped"
+    # Mixture-of-experts families only: `ffn` (each expert's ffn rows split over the devices
+    # by --tp) or `expert` (expert parallelism: whole experts per device, the experts run in
+    # `moe_groups` groups, one per device; `api.emit_to_file` sets it to tp).
+    moe_parallel: str = "ffn"
+    moe_groups: int = 1
     # An fp8 model's weight scales (fp8.SCALES): per-tensor `KEY:d` [] or per-channel
     # `KEY:d_rows` [out], as the parameters were imported (`import-params --fp8-scales`).
     fp8_scales: str = "per-tensor"
@@ -110,6 +116,12 @@ class EmitOptions:
         if self.moe_prefill not in MOE_PREFILL_FORMS:
             raise HaloError(f"unknown --moe-prefill {self.moe_prefill!r}: choose one of "
                             f"{', '.join(MOE_PREFILL_FORMS)}")
+        if self.moe_parallel not in MOE_PARALLEL:
+            raise HaloError(f"unknown --moe-parallel {self.moe_parallel!r}: choose one of "
+                            f"{', '.join(MOE_PARALLEL)}")
+        if self.moe_groups < 1 or (self.moe_groups > 1 and self.moe_parallel != "expert"):
+            raise HaloError(f"moe_groups {self.moe_groups}: groups of experts are for "
+                            "--moe-parallel expert (one per device)")
         if self.block_seq_stride <= 0:
             raise HaloError(f"--block-seq-stride must be positive, got {self.block_seq_stride}")
         for bs in (*self.bs_prefill, *self.bs_decode):
@@ -129,6 +141,9 @@ class _Model:
         self.b, self.cfg, self.opts, self.dt = b, cfg, opts, opts.activation_dtype
         self.family = family(cfg.family)
         self.family.check(opts)
+        if opts.moe_parallel == "expert":
+            from halo_mlir.sharding_passes.plan import check_moe_parallel
+            check_moe_parallel(cfg, opts.moe_groups, opts.moe_parallel)
         self.attention = self.family.attention_form(opts.attention)
         self.block_weights = block_weights(cfg)
         self.formats = dict(opts.weight_formats)
@@ -528,6 +543,27 @@ def emit_module(cfg: LlamaConfig, opts: EmitOptions = EmitOptions(), *, context=
             m.prefill(bs)
         for bs in sorted(set(opts.bs_decode)):
             m.decode(bs)
+        if opts.moe_parallel == "expert" and opts.moe_groups > 1:
+            _split_experts(module, opts.moe_groups)
         if not module.operation.verify():
             raise HaloError("internal error: the emitted module does not verify")
     return module
+
+
+def _split_experts(module, groups: int) -> None:
+    """Expert parallelism: the stacked experts' globals carry their split (`halo.split`
+    along the expert dim, which the sharding pass's plan then keeps), so the module says
+    itself how it shards (`opt --shard tp=N` too)."""
+    from iree.compiler import ir
+
+    from halo_mlir.sharding_passes.pipeline import _param_key
+    from halo_mlir.sharding_passes.plan import EXPERT_STYLES, shard_key, weight_sharding
+    from halo_mlir.sharding_passes.shard import split_attr
+
+    for op in module.body.operations:
+        key = _param_key(op) if op.operation.name == "util.global" else None
+        if key and any(name in key for name in EXPERT_STYLES):
+            s = weight_sharding(key, None, groups, moe="expert")
+            op.attributes["halo.split"] = ir.DenseI64ArrayAttr.get(split_attr(s))
+            op.attributes["halo.shard_name"] = ir.StringAttr.get(
+                shard_key(key, 0, "expert").rsplit(".", 2)[1])

@@ -17,7 +17,7 @@ from typing import Callable
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ops.ffn import silu_mul
-from halo_mlir.ops.moe import moe_ffn, moe_ffn_grouped
+from halo_mlir.ops.moe import moe_ffn, moe_ffn_expert_groups, moe_ffn_grouped
 
 
 def dense_ffn(m, i, x, weights, linear):
@@ -31,9 +31,15 @@ def dense_ffn(m, i, x, weights, linear):
 def mixture_ffn(m, i, x, weights, linear):
     """Router + top-k SwiGLU experts (ops/moe.py). Decode (a few tokens) reads each token's
     experts' weight rows; prefill (a dynamic number of tokens) groups the tokens by expert
-    unless `--moe-prefill gather`."""
+    unless `--moe-prefill gather`. Expert parallelism (`--moe-parallel expert`) runs the
+    experts in one group per device instead, prefill and decode alike."""
     cfg = m.cfg
     prefill = m.b.shape(x)[1] is None
+    if m.opts.moe_parallel == "expert":
+        return moe_ffn_expert_groups(
+            m.b, x, weights["ffn_gate_inp"], weights["ffn_gate_exps"], weights["ffn_up_exps"],
+            weights["ffn_down_exps"], k=cfg.experts_per_token, renormalize=cfg.moe_renormalize,
+            dtype=m.dt, groups=m.opts.moe_groups, act=cfg.ffn_activation)
     run = moe_ffn_grouped if prefill and m.opts.moe_prefill == "grouped" else moe_ffn
     return run(m.b, x, weights["ffn_gate_inp"], weights["ffn_gate_exps"],
                    weights["ffn_up_exps"], weights["ffn_down_exps"],

@@ -224,3 +224,58 @@ def moe_ffn_grouped(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: 
                     lambda wt, q, a: b.addf(a, b.mulf(b.cast(b.extract(
                         ys, [b.cast(q, "index"), b.linalg_index(3)]), "f32"), wt)))
     return b.map("bsd->bsd", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+# ---- expert parallelism: whole experts per device --------------------------------------
+def slot_weights(b: Builder, weights: Value, experts: Value, groups: int, local: int) -> Value:
+    """weights[N,S,K] f32, experts[N,S,K] i64 -> r[N,S,G,L] f32: the router weight token
+    (n, s) gave expert g*L + l (0 where it did not pick it)."""
+    n, s, _ = b.dims(weights)
+
+    def body(wt, e, acc):  # dims (b, s, k, g, l), k reduced
+        mine = b.addi(b.muli(b.cast(b.linalg_index(3), "i64"), b.scalar(local, "i64")),
+                      b.cast(b.linalg_index(4), "i64"))
+        return b.addf(acc, b.select(b.cmpi("eq", e, mine), wt, b.scalar(0.0, "f32")))
+
+    return b.generic("bsk,bsk->bsgl", [weights, experts],
+                     [b.filled([n, s, groups, local], 0.0, "f32")], body)
+
+
+def group_linear(b: Builder, x: Value, w: Value, *, dtype: str) -> Value:
+    """x[N,S,I] (shared by every expert) or [N,S,G,L,I], w[G,L,O,I] -> [N,S,G,L,O]: each
+    expert's x @ w^T, accumulated in f32, cast to dtype (a batched matmul over the experts:
+    every expert's weights read once, whatever the number of tokens)."""
+    g, l, o, _ = b.shape(w)
+    n, s = b.dims(x)[:2]
+    spec = "bsi,gloi->bsglo" if len(b.shape(x)) == 3 else "bsgli,gloi->bsglo"
+    acc = b.generic(spec, [x, w], [b.filled([n, s, g, l, o], 0.0, "f32")],
+                    lambda xv, wv, a: b.addf(a, b.mulf(b.cast(xv, "f32"), b.cast(wv, "f32"))))
+    return b.map("bsglo->bsglo", [acc], dtype, lambda a: b.cast(a, dtype))
+
+
+def moe_ffn_expert_groups(b: Builder, x: Value, w_router: Value, w_gate: Value, w_up: Value,
+                          w_down: Value, *, k: int, renormalize: bool, dtype: str,
+                          groups: int, act: str = "silu") -> Value:
+    """As `moe_ffn`, with the E experts in `groups` groups of L = E/groups (expert
+    parallelism: the sharding pass puts group g on device g, the stacked weights split along
+    the expert dim). Every expert runs over every token, weighted by the router weight the
+    token gave it (0 where it did not pick it): each expert's weights are read once, no
+    expert's weights are read outside its group, and the weighted sum over the experts
+    (g, l) leaves each device a partial sum that the block's all-reduce completes.
+    FLOPs: T * E * 3 * 2 * D * F in all (E/k times the picked experts' work), E/groups
+    experts' worth per device."""
+    weights, experts = route(b, x, w_router, k=k, renormalize=renormalize, dtype=dtype)
+    n_experts = b.shape(w_gate)[0]
+    local = n_experts // groups
+    # [E, O, I] -> [G, L, O, I]: the group is the dim that the pass splits over devices.
+    wg, wu, wd = (b.reshape(w, [[0, 1], [2], [3]], [groups, local, *b.shape(w)[1:]])
+                  for w in (w_gate, w_up, w_down))
+    r = slot_weights(b, weights, experts, groups, local)
+    h = b.map("bsglf,bsglf->bsglf", [group_linear(b, x, wg, dtype=dtype),
+                                      group_linear(b, x, wu, dtype=dtype)], dtype,
+              lambda g, u: _silu_mul(b, g, u, dtype, act))
+    y = group_linear(b, h, wd, dtype=dtype)  # [N,S,G,L,D]
+    n, s, _, _, d = b.dims(y)
+    acc = b.generic("bsgld,bsgl->bsd", [y, r], [b.filled([n, s, d], 0.0, "f32")],
+                    lambda v, wt, a: b.addf(a, b.mulf(b.cast(v, "f32"), wt)))
+    return b.map("bsd->bsd", [acc], dtype, lambda a: b.cast(a, dtype))

@@ -21,7 +21,7 @@ from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
 from halo_mlir.params.calibrate import calibrate
 from halo_mlir.params.safetensors_import import numpy_dtype
-from halo_mlir.sharding_passes.plan import check_divisible
+from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel
 
 QUANTIZE = ("fp8",)
 
@@ -36,18 +36,19 @@ def check_quantize(quantize: str | None, keep_quantized: bool = False) -> None:
                         "blocks too: drop --keep-quantized (block weights are dequantized first)")
 
 
-def preflight(cfg, out: str | Path, tp: int = 1) -> None:
+def preflight(cfg, out: str | Path, tp: int = 1, moe: str = "ffn") -> None:
     """The checks that need no weights: TP degree, output directory (run before anything
     slow, or printed, so bad input is one line)."""
+    check_moe_parallel(cfg, tp, moe)
     if tp > 1:
-        check_divisible(cfg, tp)
+        check_divisible(cfg, tp, moe)
     out = Path(out)
     if not out.parent.is_dir():
         raise HaloError(f"{out}: directory {out.parent} does not exist")
 
 
 def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", tp: int = 1,
-               layout: str = "per-layer", scales: str = "per-tensor",
+               layout: str = "per-layer", scales: str = "per-tensor", moe: str = "ffn",
                progress: Callable[[int, int, str], None] = lambda *_: None,
                calibration_progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
     """Calibrate on token `ids`, then write every entry of `fp8.param_entries(source.cfg)`
@@ -57,10 +58,10 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
     cfg = source.cfg
     np_dtype = numpy_dtype(dtype)
     fp8.check_scales(scales)
-    preflight(cfg, out, tp)
+    preflight(cfg, out, tp, moe)
     entries = fp8.param_entries(cfg, scales)
     # The writer first: a bad --layout or output directory fails before the calibration.
-    with irpa.writer(out, tp, layout) as writer:
+    with irpa.writer(out, tp, layout, moe) as writer:
         found = calibrate(source, ids, calibration_progress, scales)
         missing = [k for k, (_, kind) in entries.items() if kind == "f32" and k not in found]
         if missing:

@@ -14,7 +14,7 @@ from halo_mlir.params import irpa
 from halo_mlir.params.names import param_shapes
 from halo_mlir.params.safetensors_import import numpy_dtype
 from halo_mlir.quant import BY_GGML
-from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
+from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel, check_quantized_split
 
 _CHUNK_ROWS_BYTES = 64 << 20
 
@@ -120,15 +120,16 @@ def check_tensors(g: GgufFile, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized: bool = False,
                 progress: Callable[[int, int, str], None] = lambda *_: None,
-                tp: int = 1, layout: str = "per-layer",
+                tp: int = 1, layout: str = "per-layer", moe: str = "ffn",
                 note: Callable[[str], None] = lambda _: None) -> int:
     """Write every parameter of the GGUF model to `out`. Returns the bytes written;
     `note` gets the lines of dequantized_note and layer_loop_note, if any."""
     np_dtype = numpy_dtype(dtype)
     with GgufFile(path) as g:
         cfg = g.config()
+        check_moe_parallel(cfg, tp, moe)
         if tp > 1:
-            check_divisible(cfg, tp)
+            check_divisible(cfg, tp, moe)
         shapes = check_tensors(g, cfg)
         formats = weight_formats(g, cfg, keep_quantized, layer_loop=layout == "stacked")
         check_quantized_split(formats, shapes, tp)
@@ -143,7 +144,7 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                          layout == "stacked" and layer_loop_note(g, cfg, dtype)):
                 if line:
                     note(line)
-        with irpa.writer(out, tp, layout) as writer:
+        with irpa.writer(out, tp, layout, moe) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)
                 rows = shape[0] if len(shape) > 1 else 1

@@ -7,6 +7,8 @@ place, so a failed import leaves no partial `.irpa` behind.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import tempfile
 from pathlib import Path
@@ -126,10 +128,13 @@ class ShardedIrpaWriter:
     replicated one is stored once, in rank 0. A tensor is held whole while it is split, so
     memory is bounded by the largest tensor."""
 
-    def __init__(self, path: str | Path, tp: int, sharding_of):
+    def __init__(self, path: str | Path, tp: int, sharding_of, shard_key=None):
+        from halo_mlir.sharding_passes.plan import shard_key as plain
+
         self.paths = rank_paths(path, tp)
         self.tp = tp
         self.sharding_of = sharding_of  # key -> Split or Replicated (plan.weight_sharding)
+        self.shard_key = shard_key or plain  # (key, rank) -> its piece's key (plan.shard_key)
         self.writers = [IrpaWriter(p) for p in self.paths]
         self.nbytes = 0
 
@@ -149,7 +154,7 @@ class ShardedIrpaWriter:
             raise HaloError(f"{key}: dim {s.dim} ({array.shape[s.dim]}) does not split "
                             f"{self.tp} ways; pick a TP degree that divides it")
         for i, piece in enumerate(np.split(array, self.tp, axis=s.dim)):
-            self.writers[i].add(f"{key}.shard.{i}", piece)
+            self.writers[i].add(self.shard_key(key, i), piece)
             self.nbytes += piece.nbytes
 
     def append(self, key: str, chunks: Iterable[np.ndarray], *, split_as: str) -> None:
@@ -164,7 +169,7 @@ class ShardedIrpaWriter:
             self.nbytes += array.nbytes
             return
         for i, piece in enumerate(np.split(array, self.tp, axis=s.dim)):
-            self.writers[i].append(f"{key}.shard.{i}", [piece])
+            self.writers[i].append(self.shard_key(key, i), [piece])
             self.nbytes += piece.nbytes
 
     def commit(self) -> None:
@@ -233,9 +238,10 @@ class StackedLayout:
             self.close()
 
 
-def writer(path: str | Path, tp: int = 1, layout: str = "per-layer"):
-    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan; with layout
-    `stacked`, block weights go into stacked entries."""
+def writer(path: str | Path, tp: int = 1, layout: str = "per-layer", moe: str = "ffn"):
+    """An IrpaWriter for tp 1, else a ShardedIrpaWriter following the TP plan (`moe`: how
+    the experts split, plan.MOE_PARALLEL); with layout `stacked`, block weights go into
+    stacked entries."""
     from halo_mlir.params.names import LAYOUTS
 
     if layout not in LAYOUTS:
@@ -243,7 +249,8 @@ def writer(path: str | Path, tp: int = 1, layout: str = "per-layer"):
     if tp == 1:
         w = IrpaWriter(path)
     else:
-        from halo_mlir.sharding_passes.plan import weight_sharding
+        from halo_mlir.sharding_passes.plan import shard_key, weight_sharding
 
-        w = ShardedIrpaWriter(path, tp, weight_sharding)
+        w = ShardedIrpaWriter(path, tp, functools.partial(weight_sharding, moe=moe),
+                              functools.partial(shard_key, moe=moe))
     return StackedLayout(w) if layout == "stacked" else w

@@ -14,7 +14,7 @@ from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
 from halo_mlir.params.names import hf_sources, param_shapes
 from halo_mlir.params.safetensors_file import SafetensorsFile
-from halo_mlir.sharding_passes.plan import check_divisible
+from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel
 
 NUMPY_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 _CHUNK_BYTES = 64 << 20
@@ -89,17 +89,18 @@ def open_checkpoint(path: str | Path, cfg: LlamaConfig,
 
 def import_safetensors(path: str | Path, cfg: LlamaConfig, out: str | Path, *, dtype: str,
                        progress: Callable[[int, int, str], None] = lambda *_: None,
-                       tp: int = 1, layout: str = "per-layer") -> int:
+                       tp: int = 1, layout: str = "per-layer", moe: str = "ffn") -> int:
     """Write every parameter of `cfg` from the checkpoint at `path` into `out`, converted
     to `dtype`, in row blocks: memory stays bounded whatever the checkpoint's size.
-    Returns the bytes written."""
+    Returns the bytes written. `moe`: how --tp splits the experts (plan.MOE_PARALLEL)."""
     np_dtype = numpy_dtype(dtype)
+    check_moe_parallel(cfg, tp, moe)
     if tp > 1:
-        check_divisible(cfg, tp)
+        check_divisible(cfg, tp, moe)
     shapes = param_shapes(cfg)
     with contextlib.ExitStack() as stack:
         file_of = open_checkpoint(path, cfg, stack)
-        writer = stack.enter_context(irpa.writer(out, tp, layout))
+        writer = stack.enter_context(irpa.writer(out, tp, layout, moe))
         for n, key in enumerate(shapes):
             progress(n, len(shapes), key)
             names = hf_sources(key, cfg)

@@ -61,12 +61,18 @@ WEIGHT_STYLES = {
     "ffn_down_exps.weight": Split(2),
     "output.weight": Split(0),
 }
+# How a mixture-of-experts model's experts split under --tp (`--moe-parallel`): `ffn` (the
+# default) as WEIGHT_STYLES above; `expert` keeps whole experts on each device, the stacked
+# experts split along the expert dim (E/N experts per device).
+MOE_PARALLEL = ("ffn", "expert")
+EXPERT_STYLES = {name: Split(0) for name in
+                 ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")}
 _BLOCK = re.compile(r"^blk\.\d+\.(.+)$")
 _STACKED = re.compile(r"^blk\.(.+)\.stacked$")  # [layers, ...]: split one dim further in
 
 
-def weight_sharding(key: str, shape=None, tp: int | None = None):
-    """How `key` splits. lm_head (`output.weight`) stays replicated when tp does not divide
+def weight_sharding(key: str, shape=None, tp: int | None = None, moe: str = "ffn"):
+    """How `key` splits (`moe`: a MOE_PARALLEL mode, for the experts). lm_head (`output.weight`) stays replicated when tp does not divide
     the vocabulary (every device then computes all logits). A field `KEY:FIELD` of a
     quantized weight splits like KEY, except scalars (per-tensor scales: `[]`, or `[layers]`
     when stacked), which are replicated, and fields without KEY's split dim: per-row scales
@@ -75,14 +81,15 @@ def weight_sharding(key: str, shape=None, tp: int | None = None):
     key, sep, _ = key.partition(":")
     if sep and shape is not None and len(shape) <= (1 if _STACKED.match(key) else 0):
         return REPLICATED
+    styles = {**WEIGHT_STYLES, **EXPERT_STYLES} if moe == "expert" else WEIGHT_STYLES
     m = _STACKED.match(key)
     if m:
-        s = WEIGHT_STYLES.get(m.group(1), REPLICATED)
+        s = styles.get(m.group(1), REPLICATED)
         s = Split(s.dim + 1) if isinstance(s, Split) else s
         return REPLICATED if sep and shape is not None and isinstance(s, Split) and \
             s.dim >= len(shape) else s
     m = _BLOCK.match(key)
-    s = WEIGHT_STYLES.get(m.group(1) if m else key, REPLICATED)
+    s = styles.get(m.group(1) if m else key, REPLICATED)
     if key == "output.weight" and shape is not None and tp and shape[0] % tp:
         return REPLICATED
     if sep and shape is not None and isinstance(s, Split) and s.dim >= len(shape):
@@ -90,17 +97,48 @@ def weight_sharding(key: str, shape=None, tp: int | None = None):
     return s
 
 
+def shard_key(key: str, i: int, moe: str = "ffn") -> str:
+    """Rank i's piece of the split weight `key`: `KEY.shard.i`; under expert parallelism
+    the experts' pieces (rank i's whole experts) are `KEY.expert_shard.i`. The two modes'
+    expert pieces have the same byte size ([E/N, F, D] and [E, F/N, D]) and IREE loads a
+    parameter of the right size whatever it holds, so the names differ: files of one mode
+    given to the other's module are a missing parameter (runtime.Program names the fix)."""
+    base = key.partition(":")[0]
+    m = _STACKED.match(base) or _BLOCK.match(base)
+    expert = moe == "expert" and m is not None and m.group(1) in EXPERT_STYLES
+    return f"{key}.{'expert_shard' if expert else 'shard'}.{i}"
+
+
 def cache_sharding(cfg: LlamaConfig, stride: int) -> Split:
     """The flat cache argument [pages, page_elems] splits by kv head inside each page."""
     return Split(1, (cfg.n_layers, 2, cfg.n_kv_heads, stride, cfg.head_dim), 2)
 
 
-def check_divisible(cfg: LlamaConfig, tp: int) -> None:
+def check_moe_parallel(cfg: LlamaConfig, tp: int, moe: str) -> None:
+    """`--moe-parallel`: a known mode; `expert` only for a mixture-of-experts model whose
+    experts divide by tp (whole experts per device)."""
+    if moe not in MOE_PARALLEL:
+        raise HaloError(f"unknown --moe-parallel {moe!r}: choose one of {', '.join(MOE_PARALLEL)}")
+    if moe != "expert":
+        return
+    if not cfg.is_moe:
+        raise HaloError(f"--moe-parallel expert applies to mixture-of-experts models; "
+                        f"{cfg.name} is dense ({cfg.family} family): drop --moe-parallel")
+    if cfg.n_experts % tp:
+        fits = [d for d in range(1, cfg.n_experts + 1) if cfg.n_experts % d == 0]
+        raise HaloError(f"--tp {tp} does not divide the {cfg.n_experts} experts of {cfg.name} "
+                        f"(--moe-parallel expert holds whole experts per device); use --tp "
+                        f"among {fits}, or --moe-parallel ffn")
+
+
+def check_divisible(cfg: LlamaConfig, tp: int, moe: str = "ffn") -> None:
     """Every split dimension must divide by tp: one clear error naming the first that doesn't."""
     if tp < 1:
         raise HaloError(f"--tp must be at least 1, got {tp}")
+    check_moe_parallel(cfg, tp, moe)
     for what, size in (("kv heads", cfg.n_kv_heads), ("attention heads", cfg.n_heads),
-                       ("ffn dim", cfg.ffn_dim), ("hidden size", cfg.hidden_size)):
+                       *((("ffn dim", cfg.ffn_dim),) if moe == "ffn" else ()),
+                       ("hidden size", cfg.hidden_size)):
         if size % tp:
             divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
             raise HaloError(f"--tp {tp} does not divide the {what} ({size}) of {cfg.name}; "

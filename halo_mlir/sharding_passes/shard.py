@@ -206,8 +206,9 @@ class Sharder:
 
     # ---- globals -------------------------------------------------------------------
     def device_global(self, op_global, i: int, sharding) -> tuple[str, ir.Type]:
-        """Device i's copy of a parameter global: `KEY.shard.i` for splits, the same key
-        for replicated ones, with `stream.affinity` on device i."""
+        """Device i's copy of a parameter global: `KEY.shard.i` for splits (or the name its
+        `halo.shard_name` gives: `expert_shard` for expert parallelism's experts), the same
+        key for replicated ones, with `stream.affinity` on device i."""
         name = op_global.attributes["sym_name"].value
         key = (name, i)
         if key in self.device_globals:
@@ -219,7 +220,9 @@ class Sharder:
             t = ir.RankedTensorType.get(local_shape(list(rt.shape), sharding, self.tp),
                                         rt.element_type)
             param = init.split('::"')[1].split('"')[0]
-            init = init.replace(f'::"{param}"', f'::"{param}.shard.{i}"')
+            piece = op_global.attributes["halo.shard_name"].value \
+                if "halo.shard_name" in op_global.attributes else "shard"
+            init = init.replace(f'::"{param}"', f'::"{param}.{piece}.{i}"')
             sym = f"{name}.shard.{i}"
         else:
             sym = f"{name}$dev{i}"

@@ -195,17 +195,19 @@ def test_reference_exercises_cap_and_routing(model):
     assert capped.std() > 0.3  # logits of a useful size
 
 
-def _build(d, prefill: str, tp: int = 1, loop: bool = False):
+def _build(d, prefill: str, tp: int = 1, loop: bool = False, moe: str = "ffn"):
     """Import (once per tp and layout), emit and compile; returns (vmfb, parameter files).
-    `loop`: parameters imported `--layout stacked`, the stack emitted as one loop."""
-    tag = f"tp{tp}" + ("_loop" if loop else "")
+    `loop`: parameters imported `--layout stacked`, the stack emitted as one loop; `moe`:
+    --moe-parallel."""
+    tag = f"tp{tp}" + ("_loop" if loop else "") + ("_ep" if moe == "expert" else "")
+    modes = ["--moe-parallel", moe] if moe != "ffn" else []
     gguf_path, irpa = d / "grok-tiny.gguf", d / f"w_{tag}.irpa"
     mlir, vmfb = d / f"m_{prefill}_{tag}.mlir", d / f"m_{prefill}_{tag}.vmfb"
     if not irpa.exists() and not (d / f"w_{tag}.rank0.irpa").exists():
-        halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "--tp", tp,
+        halo("import-params", "--gguf", gguf_path, "--dtype", "f32", "--tp", tp, *modes,
              *(["--layout", "stacked"] if loop else []), "-o", irpa)
     halo("emit", "--gguf", gguf_path, "--dtype", "f32", "--moe-prefill", prefill, "--tp", tp,
-         *(["--layer-loop"] if loop else []),
+         *(["--layer-loop"] if loop else []), *modes,
          "--bs-prefill", 2, "--bs-decode", 2, "--block-seq-stride", STRIDE, "-o", mlir)
     halo("compile", mlir, "--target", "cpu", "--tp", tp, "-o", vmfb)
     return vmfb, [d / f"w_{tag}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
@@ -269,3 +271,16 @@ def test_gfx942_compiles_one_layer(tmp_path):
     proc = halo("compile", mlir, "--target", "gfx942", "-o", vmfb)
     assert "--iree-codegen-llvmgpu-use-reduction-vector-distribution=false" in proc.stderr
     assert vmfb.stat().st_size > 100_000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="one more compile; Mixtral's TP2 test runs the mode "
+                                     "by default (HALO_FULL=1)")
+def test_tp2_expert_parallel_matches_reference(model):
+    """--tp 2 --moe-parallel expert: half of the experts whole on each device (GELU
+    experts, no renormalization, the post-MoE norm reading the all-reduced partial sums)."""
+    d, w = model
+    worst = _worst_error(w, *_build(d, "grouped", tp=2, moe="expert"), tp=2)
+    print(f"grok f32 TP2 --moe-parallel expert: max |logit error| = {worst[0]:.3g} "
+          f"({worst[1]})")
+    assert worst[0] <= min(1e-3, GELU_BOUND), worst

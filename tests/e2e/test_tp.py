@@ -22,21 +22,24 @@ TP_BOUND = 2e-5
 
 
 def build(d, tp: int, layer_loop: bool = False, *, dtype: str = "f32", allreduce=None,
-          allreduce_dtype=None):
+          allreduce_dtype=None, moe_parallel=None):
     """Import, emit and compile for `tp` devices; `layer_loop`: the stack as a loop over
-    stacked parameters; `allreduce`, `allreduce_dtype`: the emit options (default: emit's)."""
+    stacked parameters; `allreduce`, `allreduce_dtype`, `moe_parallel`: the emit options
+    (default: emit's; `moe_parallel` also splits the rank files)."""
     tag = "".join(f"_{x}" for x in (allreduce, allreduce_dtype) if x)
     suffix = f"tp{tp}" + ("_loop" if layer_loop else "") + ("" if dtype == "f32" else f"_{dtype}")
+    moe = ["--moe-parallel", moe_parallel] if moe_parallel else []
+    suffix += f"_{moe_parallel}" if moe_parallel else ""
     irpa = d / f"w_{suffix}.irpa"
     layout = ["--layout", "stacked"] if layer_loop else []
     if not irpa.exists() and not (d / f"w_{suffix}.rank0.irpa").exists():
         halo("import-params", "--safetensors", d, "--dtype", dtype, "--tp", tp, *layout,
-             "-o", irpa)
+             *moe, "-o", irpa)
     options = [*(["--allreduce", allreduce] if allreduce else []),
                *(["--allreduce-dtype", allreduce_dtype] if allreduce_dtype else [])]
     mlir, vmfb = d / f"m_{suffix}{tag}.mlir", d / f"m_{suffix}{tag}.vmfb"
     halo("emit", "--hf-config", d / "config.json", "--dtype", dtype, "--tp", tp,
-         *(["--layer-loop"] if layer_loop else []), *options,
+         *(["--layer-loop"] if layer_loop else []), *options, *moe,
          "--bs-prefill", 2, "--bs-decode", 2, "--block-seq-stride", STRIDE, "-o", mlir)
     halo("compile", mlir, "--tp", tp, "-o", vmfb)
     params = [d / f"w_{suffix}.rank{i}.irpa" for i in range(tp)] if tp > 1 else [irpa]
