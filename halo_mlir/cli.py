@@ -121,10 +121,11 @@ def main():
 
 def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
                  layers: int | None, keep_quantized: bool = False, tp: int = 1,
-                 sources=None):
+                 sources=None, layer_loop: bool = False, dtype: str = "f16"):
     """(config, weight formats) from exactly one of a preset, an HF config, a GGUF file;
     kept-quantized weights checked to split `tp` ways at block boundaries. `sources`: the
-    flags the command has (default all three), named in the errors."""
+    flags the command has (default all three), named in the errors. `layer_loop`: a kind
+    whose layers mix formats is dequantized (to `dtype`; gguf_import.layer_loop_note)."""
     from halo_mlir import config
 
     sources = sources or ("--model", "--hf-config", "--gguf")
@@ -142,19 +143,22 @@ def _load_config(model: str | None, hf_config: str | None, gguf: str | None,
     formats = {}
     if gguf:
         from halo_mlir.params.gguf_file import GgufFile
-        from halo_mlir.params.gguf_import import dequantized_note, weight_formats
+        from halo_mlir.params.gguf_import import (dequantized_note, layer_loop_note,
+                                                  weight_formats)
 
         with GgufFile(gguf) as g:
             cfg = g.config()
-            formats = weight_formats(g, cfg, keep_quantized)
+            formats = weight_formats(g, cfg, keep_quantized, layer_loop=layer_loop)
             if tp > 1:
                 from halo_mlir.params.names import param_shapes
                 from halo_mlir.sharding_passes.plan import check_quantized_split
 
                 check_quantized_split(formats, param_shapes(cfg), tp)
-            note = dequantized_note(g, cfg, formats) if keep_quantized else None
-            if note:
-                click.echo(note, err=True)
+            notes = (dequantized_note(g, cfg),
+                     layer_loop and layer_loop_note(g, cfg, dtype)) if keep_quantized else ()
+            for note in notes:
+                if note:
+                    click.echo(note, err=True)
     elif hf_config:
         cfg = config.from_hf_config(hf_config)
     else:
@@ -242,7 +246,8 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
     from halo_mlir.io_utils import atomic_write
 
     start = time.perf_counter()
-    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized, tp)
+    cfg, formats = _load_config(model, hf_config, gguf, layers, keep_quantized, tp,
+                                layer_loop=layer_loop, dtype=dtype)
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
                        block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
@@ -626,13 +631,16 @@ def _model_options(fn):
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
         click.option("--layer-loop", is_flag=True,
                      help="With --gguf: build the program with the decoder stack as a loop."),
+        click.option("--tp", default=1, show_default=True, type=int, callback=_tp,
+                     help="With --gguf: shard the program over N local devices of --device "
+                          "(a --vmfb module's device count comes from its --config)."),
     ]):
         fn = decorator(fn)
     return fn
 
 
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
-                pages, layer_loop, fp8_scales="per-tensor"):
+                pages, layer_loop, fp8_scales="per-tensor", tp=1):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
     from halo_mlir.fp8 import check_scales
     from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf
@@ -652,6 +660,9 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         except (OSError, json.JSONDecodeError) as e:
             raise HaloError(f"{config_path}: cannot read the model config ({e})") from None
         files = ModelFiles(Path(vmfb), [Path(p) for p in params], config)
+        if tp != 1:
+            raise HaloError("--tp applies to --gguf (a --vmfb module runs on the devices its "
+                            "--config names); drop --tp")
     else:
         gguf = gguf or _default_gguf()
         if gguf is None:
@@ -675,7 +686,7 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         if not vmfb:
             files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
                                     keep_quantized=keep_quantized, device=device,
-                                    layer_loop=layer_loop, fp8_scales=fp8_scales,
+                                    layer_loop=layer_loop, fp8_scales=fp8_scales, tp=tp,
                                     echo=lambda m: click.echo(m, err=True))
     finally:
         if g:

@@ -327,9 +327,10 @@ def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo,
 
 def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                     layer_loop: bool = False, echo=print,
-                    fp8_scales: str = "per-tensor") -> ModelFiles:
+                    fp8_scales: str = "per-tensor", tp: int = 1) -> ModelFiles:
     """Import, emit and compile (bs 1) what `Generator` needs from the open GgufFile `g`;
-    reuse cached results. `fp8_scales`: the weight scales of a `dtype` fp8 model."""
+    reuse cached results. `fp8_scales`: the weight scales of a `dtype` fp8 model; `tp`:
+    shard over that many devices (one parameter file a rank)."""
     from iree.compiler import version as iree_version
 
     from halo_mlir import __version__
@@ -338,7 +339,8 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     from halo_mlir.model.attention_form import resolve
     from halo_mlir.model.llama import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
-    from halo_mlir.params.gguf_import import import_gguf, weight_formats
+    from halo_mlir.params.gguf_import import import_gguf, layer_loop_note, weight_formats
+    from halo_mlir.params.irpa import rank_paths
     from halo_mlir.progress import Progress
 
     target, _ = DEVICES[device]
@@ -347,10 +349,23 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     digest = file_digest(gguf)
     layout = "stacked" if layer_loop else "per-layer"
     scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
+    sharded = "" if tp == 1 else f":tp{tp}"
+    cfg = g.config()
+    if tp > 1:  # before anything is written
+        from halo_mlir.params.names import param_shapes
+        from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
+
+        if dtype == "fp8":
+            raise HaloError("generate --tp takes float or --keep-quantized weights, not "
+                            "--dtype fp8; drop --tp")
+        check_divisible(cfg, tp)
+        check_quantized_split(weight_formats(g, cfg, keep_quantized, layer_loop=layer_loop),
+                              param_shapes(cfg), tp)
     params_key = hashlib.sha256(
-        f"{digest}:{dtype}{scheme}:{keep_quantized}:{layout}:{__version__}".encode())
+        f"{digest}:{dtype}{scheme}:{keep_quantized}:{layout}{sharded}:{__version__}".encode())
     params = cache_dir() / "params" / f"{params_key.hexdigest()[:24]}.irpa"
-    if not params.exists():
+    files = [Path(p) for p in rank_paths(params, tp)] if tp > 1 else [params]
+    if not all(p.exists() for p in files):
         params.parent.mkdir(parents=True, exist_ok=True)
         echo(f"importing {gguf.name} -> {params}")
         progress = Progress("importing")
@@ -359,10 +374,13 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                 _import_gguf_fp8(gguf, params, layout, progress, echo, fp8_scales)
             else:
                 import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
-                            progress=progress, layout=layout, note=echo)
+                            progress=progress, layout=layout, note=echo, tp=tp)
         finally:
             progress.close()
-    formats = tuple(sorted(weight_formats(g, cfg, keep_quantized).items()))
+    elif keep_quantized and layer_loop and layer_loop_note(g, cfg, dtype):
+        echo(layer_loop_note(g, cfg, dtype))  # said at import too
+    formats = tuple(sorted(weight_formats(g, cfg, keep_quantized,
+                                          layer_loop=layer_loop).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop, fp8_scales=fp8_scales,
                        quant_lanes=16 if target.startswith("cpu") else 0,
@@ -370,9 +388,14 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                        quant_blocks=target.startswith("cpu"))
     opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
+    if tp > 1:
+        from halo_mlir.sharding_passes.pipeline import shard_module
+
+        shard_module(module, tp)
     with module.context:
         text = module_text(module, locations=False)
-    vmfb_key = hashlib.sha256(f"{text}:{target}:{iree_version.VERSION}".encode()).hexdigest()
+    vmfb_key = hashlib.sha256(
+        f"{text}:{target}{sharded}:{iree_version.VERSION}".encode()).hexdigest()
     out = cache_dir() / "modules" / vmfb_key[:24]
     vmfb = out / "model.vmfb"
     if not vmfb.exists():
@@ -380,5 +403,5 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         with module.context:
             write_module(module, out / "model.mlir", locations=True)
         echo(chosen)
-        compile_file(out / "model.mlir", vmfb, target=target, echo=echo)
-    return ModelFiles(vmfb, [params], service_config(cfg, opts))
+        compile_file(out / "model.mlir", vmfb, target=target, echo=echo, tp=tp)
+    return ModelFiles(vmfb, files, service_config(cfg, opts, tp=tp))

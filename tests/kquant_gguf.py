@@ -100,3 +100,18 @@ def tp_mix(name: str) -> str:
     if name.startswith("blk.1."):
         return "Q4_1" if "attn" in name else "Q8_0"
     return q4_k_m(name)
+
+
+def q4_k_m_layers(name: str) -> str:
+    """llama.cpp's Q4_K_M as it varies by layer (its `use_more_bits` layers get Q6_K): with
+    FFN 512 (2 super-blocks) ffn_down is a K-quant, Q6_K in layer 0 and Q4_K in layer 1;
+    attn_v Q4_K in layer 0 and Q6_K in layer 1; attn_q Q8_0 in layer 0 and Q5_0 (no native
+    kernel) in layer 1; the other matrices Q4_K in every layer, the output Q6_K."""
+    layer0 = name.startswith("blk.0.")
+    if "ffn_down" in name:
+        return "Q6_K" if layer0 else "Q4_K"
+    if "attn_v" in name:
+        return "Q4_K" if layer0 else "Q6_K"
+    if "attn_q" in name:
+        return "Q8_0" if layer0 else "Q5_0"
+    return "Q6_K" if name == "output.weight" else "Q4_K"

@@ -177,8 +177,9 @@ class _Model:
                 if len(found) > 1:
                     shown = ", ".join(sorted(str(f or cfg.name and "float") for f in found))
                     raise HaloError(f"--layer-loop needs every layer's {name} weight in one "
-                                    f"format, found {shown}; import dequantized (no "
-                                    "--keep-quantized) or emit without --layer-loop")
+                                    f"format, found {shown}; take the formats from "
+                                    "gguf_import.weight_formats(..., layer_loop=True) (it "
+                                    "dequantizes such a kind) or emit without --layer-loop")
 
     def w(self, key: str, shape: Sequence[int]) -> Value:
         return self.b.param(key, shape, self.dt)

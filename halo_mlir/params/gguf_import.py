@@ -28,22 +28,69 @@ def _matrix(key: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and key.endswith("_exps.weight"))
 
 
-def weight_formats(g: GgufFile, cfg: LlamaConfig, keep_quantized: bool) -> dict[str, str]:
+def weight_formats(g: GgufFile, cfg: LlamaConfig, keep_quantized: bool, *,
+                   layer_loop: bool = False) -> dict[str, str]:
     """ABI key -> quantized format for the matrices that stay quantized: those stored in a
     format with a native kernel (Q8_0, Q4_1, Q4_K, Q6_K) whose input dimension is a whole
     number of its blocks, stacked experts (`ffn_*_exps`) included. Everything else, and the
-    MoE router, is dequantized."""
+    MoE router, is dequantized. `layer_loop` (a stacked layout, one loop body for every
+    layer): a block weight kind whose layers are not all in one format (llama.cpp's Q4_K_M:
+    some layers' attn_v / ffn_down in Q6_K, the others in Q4_K) is dequantized in every layer
+    (see mixed_kinds)."""
     if not keep_quantized:
         return {}
-    return {key: BY_GGML[g.qtype(key)].name for key, shape in param_shapes(cfg).items()
-            if _matrix(key, shape) and ".ffn_gate_inp." not in key
-            and g.qtype(key) in BY_GGML and shape[-1] % BY_GGML[g.qtype(key)].block == 0}
+    formats = {key: BY_GGML[g.qtype(key)].name for key, shape in param_shapes(cfg).items()
+               if _matrix(key, shape) and ".ffn_gate_inp." not in key
+               and g.qtype(key) in BY_GGML and shape[-1] % BY_GGML[g.qtype(key)].block == 0}
+    if layer_loop:
+        mixed = mixed_kinds(g, cfg, formats)
+        formats = {k: f for k, f in formats.items() if _kind(k) not in mixed}
+    return formats
 
 
-def dequantized_note(g: GgufFile, cfg: LlamaConfig, formats: dict[str, str]) -> str | None:
+def _kind(key: str) -> str | None:
+    """`blk.3.ffn_down.weight` -> `ffn_down.weight`; None for a key outside the blocks."""
+    return key.split(".", 2)[2] if key.startswith("blk.") else None
+
+
+def mixed_kinds(g: GgufFile, cfg: LlamaConfig,
+                formats: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Block weight kinds whose layers do not all run in one form, from the per-layer
+    `formats` (weight_formats without layer_loop): {kind: {form: layers}}, a form being a
+    native format (`Q4_K`) or a dequantized one (`Q5_0 dequantized`)."""
+    forms: dict[str, dict[str, int]] = {}
+    for key, shape in param_shapes(cfg).items():
+        kind = _kind(key)
+        if kind is None or len(shape) != 2:
+            continue
+        form = formats[key].upper() if key in formats else (
+            f"{g.qtype(key)} dequantized" if g.qtype(key) not in _FLOAT else g.qtype(key))
+        counts = forms.setdefault(kind, {})
+        counts[form] = counts.get(form, 0) + 1
+    return {kind: counts for kind, counts in forms.items() if len(counts) > 1
+            and any(not form.endswith("dequantized") and form not in _FLOAT for form in counts)}
+
+
+def layer_loop_note(g: GgufFile, cfg: LlamaConfig, dtype: str) -> str | None:
+    """With --keep-quantized --layer-loop: one line naming the block weight kinds that are
+    dequantized (to `dtype`) because their layers are in different formats; None if none."""
+    mixed = mixed_kinds(g, cfg, weight_formats(g, cfg, True))
+    if not mixed:
+        return None
+    shown = "; ".join(f"{kind} ({', '.join(f'{form} in {n}' for form, n in counts.items())})"
+                      for kind, counts in mixed.items())
+    return (f"note: --layer-loop: {len(mixed)} weight kind(s) mix formats across layers and "
+            f"are dequantized to {dtype} in every layer: {shown} (one loop body runs one "
+            "format a kind; without --layer-loop each layer keeps its own format)")
+
+
+def dequantized_note(g: GgufFile, cfg: LlamaConfig) -> str | None:
     """With --keep-quantized: one line naming the quantized matrices that are dequantized
     anyway (a format without a native kernel, e.g. the Q5_0/Q8_1 llama.cpp falls back to
-    where a row is not a whole number of K-quant super-blocks); None when there are none."""
+    where a row is not a whole number of K-quant super-blocks); None when there are none.
+    (Kinds dequantized only because --layer-loop needs one format a kind are named by
+    layer_loop_note.)"""
+    formats = weight_formats(g, cfg, True)
     left = [f"{key} ({g.qtype(key)})" for key, shape in param_shapes(cfg).items()
             if _matrix(key, shape) and ".ffn_gate_inp." not in key and key not in formats
             and g.qtype(key) not in _FLOAT]
@@ -96,7 +143,7 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                 tp: int = 1, layout: str = "per-layer", moe: str = "ffn",
                 note: Callable[[str], None] = lambda _: None) -> int:
     """Write every parameter of the GGUF model to `out`. Returns the bytes written;
-    `note` gets the line of dequantized_note, if any."""
+    `note` gets the lines of dequantized_note and layer_loop_note, if any."""
     np_dtype = numpy_dtype(dtype)
     with GgufFile(path) as g:
         cfg = g.config()
@@ -104,7 +151,7 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         if tp > 1:
             check_divisible(cfg, tp, moe)
         shapes = check_tensors(g, cfg)
-        formats = weight_formats(g, cfg, keep_quantized)
+        formats = weight_formats(g, cfg, keep_quantized, layer_loop=layout == "stacked")
         check_quantized_split(formats, shapes, tp)
         # llama.cpp permutes a llama GGUF's Q/K rows for its RoPE; a grok GGUF keeps them
         # as published (NEOX-style rotation: the halves rotate together, as halo_mlir does).
@@ -112,8 +159,11 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
         for key in shapes:  # fail on an undecodable format before writing anything
             if key not in formats:
                 g.rows_f32(key, 0, 1)
-        if keep_quantized and dequantized_note(g, cfg, formats):
-            note(dequantized_note(g, cfg, formats))
+        if keep_quantized:
+            for line in (dequantized_note(g, cfg),
+                         layout == "stacked" and layer_loop_note(g, cfg, dtype)):
+                if line:
+                    note(line)
         with irpa.writer(out, tp, layout, moe) as writer:
             for n, (key, shape) in enumerate(shapes.items()):
                 progress(n, len(shapes), key)

@@ -16,7 +16,7 @@ PROMPT = [int(t) for t in np.random.default_rng(5).integers(0, kq.CFG["vocab"], 
 NEW_TOKENS = 6
 
 
-def run(path, keep_quantized: bool, layer_loop: bool = False):
+def run(path, keep_quantized: bool, layer_loop: bool = False, prompt=PROMPT):
     """(prefill logits [len(PROMPT), vocab], greedy tokens, their logits) of the model."""
     from halo_mlir.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
@@ -27,9 +27,9 @@ def run(path, keep_quantized: bool, layer_loop: bool = False):
                                 layer_loop=layer_loop, echo=notes.append)
     gen = Generator(files, pages=8)
     try:
-        prefill = gen.prefill_logits(PROMPT, gen.pages.alloc(2))
+        prefill = gen.prefill_logits(prompt, gen.pages.alloc(2))
         logits: list = []
-        tokens = list(gen.generate(PROMPT, NEW_TOKENS, record=logits))
+        tokens = list(gen.generate(prompt, NEW_TOKENS, record=logits))
     finally:
         gen.close()
     return prefill, tokens, np.stack(logits), notes
@@ -65,6 +65,30 @@ def test_k_quants_native_equal_dequantized(tmp_path, monkeypatch, mix, layer_loo
     assert tokens == ref_tokens
     assert err_prefill <= 1e-4 * max(scale, 1.0) and err_decode <= 1e-4 * max(scale, 1.0)
     assert scale > 0.1  # the logits are not degenerate
+
+
+def test_mixed_formats_under_layer_loop_equal_unrolled(tmp_path, monkeypatch):
+    """llama.cpp's Q4_K_M by layer (tests/kquant_gguf.q4_k_m_layers: ffn_down Q6_K / Q4_K,
+    attn_v Q4_K / Q6_K, attn_q Q8_0 / Q5_0 in layers 0 / 1): --layer-loop dequantizes the
+    kinds that mix formats (a note names them) and keeps the others native; its prefill and
+    greedy decode logits equal the unrolled form's (every layer in its own format) within
+    f32 rounding, and the same greedy tokens."""
+    monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    kq.write(path, kq.q4_k_m_layers, ffn=512)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, kq.CFG["vocab"], 37)]
+    ref_prefill, ref_tokens, ref_logits, _ = run(path, True, False, prompt)
+    prefill, tokens, logits, notes = run(path, True, True, prompt)
+    assert any("note: --layer-loop: 3 weight kind(s) mix formats" in n and "ffn_down.weight "
+               "(Q6_K in 1, Q4_K in 1)" in n for n in notes), notes
+    scale = float(np.abs(ref_prefill).max())
+    err_prefill = float(np.abs(prefill - ref_prefill).max())
+    err_decode = float(np.abs(logits - ref_logits).max())
+    print(f"q4_k_m by layer, --layer-loop vs unrolled: logits up to {scale:.3g}; max "
+          f"|difference| prefill {err_prefill:.3g}, decode {err_decode:.3g}; greedy {tokens}")
+    assert tokens == ref_tokens and len(set(tokens)) > 1
+    assert err_prefill <= 1e-4 * max(scale, 1.0) and err_decode <= 1e-4 * max(scale, 1.0)
+    assert scale > 0.1
 
 
 @pytest.mark.slow

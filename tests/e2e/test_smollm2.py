@@ -213,3 +213,38 @@ def test_tensor_parallel_over_three_devices(tmp_path, ours):
     err = float(np.abs(np.stack(got_logits) - np.stack(want_logits)).max())
     print(f"SmolLM2 TP3 vs TP1: 12 greedy tokens equal, max |logit diff| {err:.3g}")
     assert err < 1e-4
+
+
+def test_q4_1_native_over_three_devices_generates_tp1_tokens(ours):
+    """`generate --gguf SmolLM2 --keep-quantized --tp 3`: the Q4_1 / Q8_0 block fields split
+    over 3 local CPU devices (576 columns = 18 blocks, 6 a device; 1536 = 48, 16 a device)
+    give TP1's greedy tokens (the CLI's text), and in-process the same ids with logits within
+    1e-4 of TP1's."""
+    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.params.gguf_file import GgufFile
+
+    g = gguf_path()
+    tp1, tok = ours(True)
+    try:
+        ids = tok.encode(PROMPTS[0])
+        want_logits: list = []
+        want = list(tp1.generate(ids, 8, record=want_logits))
+    finally:
+        tp1.close()
+    proc = halo("generate", "--gguf", g, "--keep-quantized", "--tp", 3, "--raw",
+                "--prompt", PROMPTS[0], "--max-tokens", 8)  # builds into the shared cache
+    assert proc.stdout.strip() == (PROMPTS[0] + tok.decode(want)).strip(), proc.stdout
+    with GgufFile(g) as f:  # the CLI's program and rank files, from the cache
+        files = build_from_gguf(f, dtype="f32", keep_quantized=True, device="cpu", tp=3,
+                                echo=lambda m: None)
+    assert len(files.params) == 3 and "rank2" in files.params[2].name
+    tp3 = Generator(files, pages=16)
+    try:
+        got_logits: list = []
+        got = list(tp3.generate(ids, 8, record=got_logits))
+    finally:
+        tp3.close()
+    assert got == want and len(set(got)) > 2
+    err = float(np.abs(np.stack(got_logits) - np.stack(want_logits)).max())
+    print(f"SmolLM2 Q4_1-native TP3 vs TP1: 8 greedy tokens equal, max |logit diff| {err:.3g}")
+    assert err < 1e-4

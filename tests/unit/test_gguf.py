@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,79 @@ def test_keep_quantized_tp_split_that_cuts_a_block(tmp_path):
     proc = halo("emit", "--gguf", path, "--keep-quantized", "--tp", 2, "--bs-prefill", 1,
                 "--bs-decode", 1, "-o", tmp_path / "m.mlir")
     assert "4 all-reduces" in proc.stdout + proc.stderr
+
+
+def test_layer_loop_dequantizes_the_kinds_that_mix_formats(tmp_path):
+    """llama.cpp's Q4_K_M gives a weight kind different formats in different layers; one
+    loop body takes one format a kind, so under --layer-loop / --layout stacked exactly the
+    kinds that mix formats (attn_v, ffn_down: Q4_K and Q6_K; attn_q: Q8_0 and a dequantized
+    Q5_0) are dequantized in every layer, with one note; the uniform kinds stay native, and
+    the stacked float entry is gguf's dequantization of each layer."""
+    import kquant_gguf as kq
+
+    from halo_mlir.params.gguf_file import GgufFile
+    from halo_mlir.params.gguf_import import weight_formats
+
+    path, out = tmp_path / "m.gguf", tmp_path / "m.irpa"
+    types = kq.write(path, kq.q4_k_m_layers, ffn=512)
+    with GgufFile(path) as g:
+        per_layer = weight_formats(g, g.config(), True)
+        looped = weight_formats(g, g.config(), True, layer_loop=True)
+    assert per_layer["blk.0.ffn_down.weight"] == "q6_k" and per_layer["blk.1.ffn_down.weight"] == "q4_k"
+    mixed = {"attn_q", "attn_v", "ffn_down"}
+    assert set(per_layer) - set(looped) == {f"blk.{i}.{k}.weight" for i in (0, 1) for k in mixed
+                                            if types[f"blk.{i}.{k}.weight"] != "Q5_0"}
+    assert {k: f for k, f in per_layer.items() if k.split(".")[-2] not in mixed} == looped
+    note = ("note: --layer-loop: 3 weight kind(s) mix formats across layers and are "
+            "dequantized to f32 in every layer: attn_q.weight (Q8_0 in 1, Q5_0 dequantized in 1); "
+            "attn_v.weight (Q4_K in 1, Q6_K in 1); ffn_down.weight (Q6_K in 1, Q4_K in 1)")
+    proc = halo("import-params", "--gguf", path, "--keep-quantized", "--dtype", "f32",
+                "--layout", "stacked", "-o", out)
+    assert note in proc.stderr, proc.stderr
+    got, ref = entries(out), kq.dequantized(path)
+    v = np.frombuffer(got["blk.attn_v.weight.stacked"].file_view, np.float32).reshape(2, 128, 256)
+    for i in (0, 1):  # attn_v rows are not permuted: gguf's dequantization as it is
+        np.testing.assert_array_equal(v[i], ref[f"blk.{i}.attn_v.weight"])
+    assert "blk.attn_k.weight.stacked:qs" in got and "blk.attn_k.weight.stacked" not in got
+    assert not any(k.startswith(("blk.ffn_down.weight.stacked:", "blk.attn_v.weight.stacked:"))
+                   for k in got)
+    proc = halo("emit", "--gguf", path, "--keep-quantized", "--dtype", "f32", "--layer-loop",
+                "-o", "-")
+    assert note in proc.stderr and "blk.1.attn_q.weight (Q5_0)" in proc.stderr, proc.stderr
+    assert '"model"::"blk.ffn_down.weight.stacked"> : tensor<2x256x512xf32>' in proc.stdout
+    assert '"model"::"blk.attn_k.weight.stacked:qs"> : tensor<2x128x1x4x32xi8>' in proc.stdout
+    proc = halo("emit", "--gguf", path, "--keep-quantized", "--dtype", "f32", "-o", "-")
+    assert "--layer-loop" not in proc.stderr  # unrolled: each layer keeps its format
+    assert '"model"::"blk.0.ffn_down.weight:ql"> : tensor<256x2x2x64xi8>' in proc.stdout
+
+
+def test_generate_tp_errors(tmp_path):
+    """generate --tp: a degree that does not divide the model, a split that would cut a
+    Q4_K block, --tp with --vmfb: one line each, nothing imported or compiled."""
+    import kquant_gguf as kq
+
+    cache = tmp_path / "cache"
+    write_gguf(tmp_path / "m.gguf", tokenizer=False)
+    kq.write(tmp_path / "k.gguf", kq.Q4_K)
+    (tmp_path / "config.json").write_text("{}")
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"hi": 0, "?": 1}, unk_token="?")).save(str(tmp_path / "t.json"))
+    env = {"HALO_CACHE_DIR": str(cache)}
+    for args, needles in (
+            (["--gguf", tmp_path / "m.gguf", "--tokenizer", tmp_path / "t.json", "--tp", 3],
+             ["--tp 3 does not divide the kv heads (2)"]),
+            (["--gguf", tmp_path / "k.gguf", "--tokenizer", tmp_path / "t.json",
+              "--keep-quantized", "--tp", 2],
+             ["--tp 2 would cut the Q4_K blocks of blk.0.attn_output.weight"]),
+            (["--vmfb", tmp_path / "m.vmfb", "--params", tmp_path / "m.irpa", "--config",
+              tmp_path / "config.json", "--tokenizer", tmp_path / "t.json", "--tp", 2],
+             ["--tp applies to --gguf", "drop --tp"])):
+        proc = subprocess.run([sys.executable, "-m", "halo_mlir", "generate", "--raw", "--prompt",
+                               "hi", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **env})
+        assert_one_line_error(proc, *needles)
+    assert not cache.exists() or not any(cache.rglob("*.irpa"))
 
 
 @pytest.mark.parametrize("device,cpu", [("cpu", True), ("hip", False)])
