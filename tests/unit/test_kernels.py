@@ -207,6 +207,10 @@ def test_constraint_and_template_errors(tmp_path):
         render(KERNELS["paged_decode_attention"], {"head_dim": 20})
     with pytest.raises(HaloError, match="dtype=f8 is not one of f16, bf16, f32"):
         render(KERNELS["paged_prefill_attention"], {"dtype": "f8"})
+    with pytest.raises(HaloError, match="moe_topk: k=9 is above e=8"):
+        render(KERNELS["moe_topk"], {"k": 9})
+    with pytest.raises(HaloError, match="renormalize=2 must be 0 or 1"):
+        render(KERNELS["moe_topk"], {"renormalize": 2})
     with pytest.raises(HaloError, match="unknown size 'q'"):
         instance("fp8_matmul", {}, {"q": 3})
     # An author's broken copy: the template line (jinja) or the rendered line (MLIR) is named.
