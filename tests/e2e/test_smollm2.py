@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import halo, smollm2_gguf
+from conftest import FULL, halo, smollm2_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Water boils at a temperature of"]
@@ -183,16 +183,24 @@ def test_generate_from_compiled_files(tmp_path, ours):
     assert proc.stdout.startswith("The capital of France is Paris"), proc.stdout
 
 
+def test_tp2_does_not_divide_the_kv_heads(tmp_path):
+    proc = halo("emit", "--gguf", gguf_path(), "--tp", 2, "-o", tmp_path / "x.mlir", check=False)
+    assert proc.returncode == 1 and "--tp 2 does not divide the kv heads (3)" in proc.stderr
+    assert not (tmp_path / "x.mlir").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="a second SmolLM2 TP3 compile: HALO_FULL=1 (the "
+                    "Q4_1-native TP3 test below runs SmolLM2 over 3 devices by default)")
 def test_tensor_parallel_over_three_devices(tmp_path, ours):
     """SmolLM2 (9 heads, 3 kv heads) sharded over 3 local devices generates the same greedy
-    tokens as TP1 with logits within 1e-4; 2 devices do not divide its kv heads."""
+    tokens as TP1 with logits within 1e-4 (dequantized f32 weights, the separate
+    import / emit / compile commands)."""
     import json
 
     from halo_mlir.generate import Generator, ModelFiles
 
     g = gguf_path()
-    proc = halo("emit", "--gguf", g, "--tp", 2, "-o", tmp_path / "x.mlir", check=False)
-    assert proc.returncode == 1 and "--tp 2 does not divide the kv heads (3)" in proc.stderr
     halo("import-params", "--gguf", g, "--dtype", "f32", "--tp", 3, "-o", tmp_path / "s.irpa")
     halo("emit", "--gguf", g, "--dtype", "f32", "--tp", 3, "--bs-prefill", 1, "--bs-decode", 1,
          "-o", tmp_path / "s.mlir", "--output-config", tmp_path / "config.json")
