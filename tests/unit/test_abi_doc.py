@@ -575,27 +575,18 @@ def test_export_shortfin_config_moe(tmp_path, monkeypatch, source):
     """export-shortfin of a mixture-of-experts model (from --hf-config with --params, and
     from a llama.cpp Mixtral GGUF) writes the config.json this doc specifies (compiled by a
     stand-in, as above)."""
-    from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models
 
     import halo_mlir.compile
     import halo_mlir.export
     from halo_mlir.export import export_shortfin
-    from halo_mlir.params.names import hf_sources, param_shapes
     from moe_gguf import byte_level_bpe, write_mixtral_gguf
+    from test_moe import _tiny_checkpoint
 
     d = tmp_path / "ckpt"
     d.mkdir()
     cfg = cfg_of(SMALL_MOE)
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for key, shape in param_shapes(cfg).items():
-        names = hf_sources(key, cfg)
-        for name in names:
-            tensors[name] = rng.standard_normal(shape[1:] if len(names) > 1 else shape
-                                                ).astype(np.float32)
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(SMALL_MOE))
+    tensors = _tiny_checkpoint(d, hf=SMALL_MOE)
     monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
     monkeypatch.setattr(halo_mlir.compile, "compile_file",
                         lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))

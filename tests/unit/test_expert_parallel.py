@@ -14,7 +14,7 @@ import pytest
 
 from conftest import halo
 from test_cli_errors import assert_one_line_error
-from test_moe import TINY
+from test_moe import TINY, _tiny_checkpoint
 
 from halo_mlir.capacity import plan
 from halo_mlir.config import preset
@@ -52,23 +52,8 @@ def test_ffn_mode_is_the_default(tmp_path):
 
 
 def _checkpoint(d, experts=4):
-    from safetensors.numpy import save_file
-
-    from halo_mlir.config import from_hf_dict
-    from halo_mlir.params.names import hf_sources, param_shapes
-
-    config = {**TINY, "num_local_experts": experts}
-    cfg = from_hf_dict(config)
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for key, shape in param_shapes(cfg).items():
-        names = hf_sources(key, cfg)
-        for name in names:
-            tensors[name] = rng.standard_normal(shape[1:] if len(names) > 1 else shape
-                                                ).astype(np.float32)
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(config))
-    return tensors
+    """test_moe's random Mixtral checkpoint with `experts` experts."""
+    return _tiny_checkpoint(d, hf={**TINY, "num_local_experts": experts})
 
 
 @pytest.mark.parametrize("layout", ["per-layer", "stacked"])
