@@ -385,7 +385,9 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                        layer_loop=layer_loop, fp8_scales=fp8_scales,
                        quant_lanes=16 if target.startswith("cpu") else 0,
                        quant_prefill_dequant=target.startswith("cpu"),
-                       quant_blocks=target.startswith("cpu"))
+                       # the blocks kernel slices its input by block, which the
+                       # sharding pass cannot split: over devices the lane-sum form
+                       quant_blocks=target.startswith("cpu") and tp == 1)
     opts, chosen = resolve(cfg, opts, target=target)
     module = emit_module(cfg, opts)
     if tp > 1:
