@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -23,7 +19,7 @@ from conftest import FULL, halo_in, shortfin_python
 from hf_reference import MIXTRAL_AWKWARD, make_mixtral
 from moe_gguf import byte_level_bpe, write_mixtral_gguf
 from test_moe_generate import EOS, _reference_greedy
-from test_shortfin import LAUNCHER, free_port, post
+from test_shortfin import free_port, post, serve
 
 PROMPTS = ["In the beginning", "A model of", "The quick brown fox"]
 NEW_TOKENS = 8
@@ -75,33 +71,10 @@ def test_shortfin_serves_greedy_tokens(tmp_path, make):
     args = shlex.split(proc.stdout.strip().splitlines()[-1])
     port = free_port()
     args[args.index("--port") + 1] = str(port)
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([python, str(LAUNCHER), *args[3:]], stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"shortfin exited ({server.returncode}):\n"
-                            f"{(tmp_path / 'server.log').read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.time() > deadline:
-                    pytest.fail("shortfin did not come up within 180 s")
-                time.sleep(1)
+    with serve(python, args[3:], port, tmp_path / "server.log"):
         params = {"max_completion_tokens": NEW_TOKENS}
         for p, w in zip(PROMPTS, want):
             assert post(port, {"text": p, "sampling_params": params,
                                "return_input_ids": True}) == [w], p
         got = post(port, {"text": PROMPTS, "sampling_params": params, "return_input_ids": True})
         assert got == [[w] for w in want]
-    finally:
-        server.terminate()  # by its pid
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()

@@ -6,6 +6,7 @@ transformers' greedy ids."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import socket
@@ -37,6 +38,37 @@ def post(port: int, body: dict, timeout: float = 300):
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
+@contextlib.contextmanager
+def serve(python: str, args: list[str], port: int, log_path: Path):
+    """shortfin's server (`args`: after `python -m shortfin_apps.llm.server`) run by
+    `python` through LAUNCHER, up once /health answers (180 s at most; its log in the
+    failure), stopped by its pid on exit."""
+    log = open(log_path, "w")
+    server = subprocess.Popen([python, str(LAUNCHER), *args], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"shortfin exited ({server.returncode}):\n"
+                            f"{log_path.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    pytest.fail("shortfin did not come up within 180 s")
+                time.sleep(1)
+        yield
+    finally:
+        server.terminate()  # by its pid
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -51,33 +83,10 @@ def served(tmp_path_factory):
     assert args[args.index("--host") + 1] == "127.0.0.1", command
     port = free_port()
     args[args.index("--port") + 1] = str(port)
-    log = open(out.parent / "server.log", "w")
     # The printed command, run by shortfin's python through a launcher that only makes
     # `return_input_ids` answers encodable (shortfin 3.9.0 bug; see the launcher).
-    server = subprocess.Popen([python, str(LAUNCHER), *args[3:]], stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"shortfin exited ({server.returncode}):\n"
-                            f"{(out.parent / 'server.log').read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.time() > deadline:
-                    pytest.fail("shortfin did not come up within 180 s")
-                time.sleep(1)
+    with serve(python, args[3:], port, out.parent / "server.log"):
         yield port, proc.stdout
-    finally:
-        server.terminate()  # by its pid
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 def batch_prompts(tok) -> list[str]:
