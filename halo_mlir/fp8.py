@@ -115,33 +115,3 @@ def quantize(x: np.ndarray, rscale) -> np.ndarray:
 def dequantize(q: np.ndarray, rscale) -> np.ndarray:
     rscale = np.asarray(rscale, np.float32)
     return q.astype(np.float32) * (rscale[:, None] if rscale.ndim == 1 else rscale)
-
-
-def param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every parameter an FP8 model of `cfg` reads: key -> (shape, IR dtype); `float` marks
-    the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`).
-    `scales`: the weight scales' scheme (per-tensor `KEY:d` [], per-channel `KEY:d_rows`
-    [out])."""
-    from halo_mlir.params.names import param_shapes
-
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for key, shape in param_shapes(cfg).items():
-        if is_expert(key):  # [E, out, in]: a scale per expert, or per expert and row
-            qs, d = weight_keys(key, scales)
-            out[qs] = (shape, FP8)
-            out[d] = ((shape[0], shape[1]) if scales == "per-channel" else (shape[0],), "f32")
-            out[input_scale_key(key.split(".")[1], key.split(".")[2])] = ((), "f32")
-            continue
-        if not is_linear(key):
-            out[key] = (shape, "float")
-            continue
-        i, name = key.split(".")[1], key.split(".")[2]
-        qs, d = weight_keys(key, scales)
-        out[qs] = (shape, FP8)
-        out[d] = ((shape[0],) if scales == "per-channel" else (), "f32")
-        out[input_scale_key(i, name)] = ((), "f32")
-        if name == "attn_q":
-            out[q_scale_key(i)] = ((), "f32")
-        if name == "attn_v":
-            out[kv_scale_key(i)] = ((), "f32")
-    return out

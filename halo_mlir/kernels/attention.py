@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from halo_mlir.kernels import (Arg, Harness, Kernel, Param, positive, positive_multiple_of,
+from halo_mlir.kernels.registry import (Arg, Harness, Kernel, Param, positive, positive_multiple_of,
                                softmax_scale)
 
 DTYPES = ("f16", "bf16", "f32")
@@ -40,7 +40,7 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float32)
 
 
-def _softmax_attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def softmax_attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """q[H,G,M,D], k/v[H,T,D], keep[M,T] -> [H,G,M,D], f32 softmax."""
     s = np.einsum("hgmd,htd->hgmt", q, k) / np.float32(math.sqrt(q.shape[-1]))
     s = np.where(keep, s, -np.inf)
@@ -62,7 +62,7 @@ def decode_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
     for n in range(q.shape[0]):
         k, v = (_rows_pages(c, r[n]) for r in (k_rows, v_rows))
         keep = (np.arange(k.shape[1]) < lens[n])[None, :]
-        out[n] = _softmax_attend(_f32(q[n])[:, :, None], k, v, keep)[:, :, 0]
+        out[n] = softmax_attend(_f32(q[n])[:, :, None], k, v, keep)[:, :, 0]
     return [out]
 
 
@@ -87,14 +87,14 @@ def prefill_reference(values: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
             for which, x in ((0, k), (1, v)):
                 new_cache[page, int(layer[0]), which] = x[n, :, b * stride:(b + 1) * stride]
         keep = (t[None, :] <= t[:, None]) & (t[None, :] < lens[n])
-        o = _softmax_attend(_f32(q[n]).transpose(1, 2, 0, 3), _f32(k[n]), _f32(v[n]), keep)
+        o = softmax_attend(_f32(q[n]).transpose(1, 2, 0, 3), _f32(k[n]), _f32(v[n]), keep)
         out[n] = o.transpose(2, 0, 1, 3)
     return [out, new_cache]
 
 
 # ---- inputs --------------------------------------------------------------------------
 def _np(dtype: str):
-    from halo_mlir.kernels.workbench import numpy_dtype
+    from halo_mlir.kernels.registry import numpy_dtype
 
     return numpy_dtype(dtype)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from halo_mlir.kernels import (Arg, Harness, Kernel, Param, positive, positive_multiple_of,
+from halo_mlir.kernels.registry import (Arg, Harness, Kernel, Param, positive, positive_multiple_of,
                                softmax_scale)
-from halo_mlir.kernels.attention import _softmax_attend
+from halo_mlir.kernels.attention import softmax_attend
 
 FP8 = "f8E4M3FNUZ"
 OUT_DTYPES = ("f16", "bf16", "f32")
@@ -24,7 +24,7 @@ SCALES = (0.5, 0.25, 0.75)  # x/q, w/k, v: values of the kind a calibration prod
 
 
 def _np(dtype: str):
-    from halo_mlir.kernels.workbench import numpy_dtype
+    from halo_mlir.kernels.registry import numpy_dtype
 
     return numpy_dtype(dtype)
 
@@ -86,7 +86,7 @@ def attention_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
     t = np.arange(k.shape[2])
     for n in range(q.shape[0]):
         keep = np.broadcast_to(t[None, :] < lens[n], (q.shape[3], t.size))
-        out[n] = _softmax_attend(_dequant(q[n], qs), _dequant(k[n], ks), _dequant(vv[n], vs),
+        out[n] = softmax_attend(_dequant(q[n], qs), _dequant(k[n], ks), _dequant(vv[n], vs),
                                  keep)
     return [out]
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive
+from halo_mlir.kernels.registry import Arg, Harness, Kernel, Param, positive
 
 DTYPES = ("f16", "bf16", "f32")
 TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2}
 
 
 def _np(dtype: str):
-    from halo_mlir.kernels.workbench import numpy_dtype
+    from halo_mlir.kernels.registry import numpy_dtype
 
     return numpy_dtype(dtype)
 

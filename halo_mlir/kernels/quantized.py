@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from halo_mlir.kernels import Arg, Harness, Kernel, Param, positive, positive_multiple_of
+from halo_mlir.kernels.registry import Arg, Harness, Kernel, Param, positive, positive_multiple_of
 
 
 LANES = (0, 16)  # the matmul forms of Q8_0 / Q4_1 (docs/cpu-quantized.md)

@@ -18,18 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from halo_mlir.errors import HaloError
-from halo_mlir.kernels import Arg, Kernel, kernel, render
+from halo_mlir.kernels import kernel
+from halo_mlir.kernels.registry import Arg, Kernel, numpy_dtype, render
 
 _STORAGE = {"bf16": "i16", "f8E4M3FNUZ": "i8"}  # passed as bits
-
-
-def numpy_dtype(dtype: str):
-    import ml_dtypes
-
-    table = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16,
-             "f8E4M3FNUZ": ml_dtypes.float8_e4m3fnuz, "i64": np.int64, "i32": np.int32,
-             "i16": np.int16, "i8": np.int8}
-    return table[dtype]
 
 
 def _ttype(shape, dtype: str) -> str:

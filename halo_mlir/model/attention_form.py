@@ -10,13 +10,10 @@ import dataclasses
 
 from halo_mlir import fp8
 from halo_mlir.config import LlamaConfig
+from halo_mlir.compile import CPU_FP8_DECODE_MIN_GROUP
 from halo_mlir.errors import HaloError
 
 AUTO = "auto"
-# IREE 3.13 llvm-cpu fails on the fp8 decode attention op (f8E4M3FNUZ q/k/v) at batch 1
-# with fewer query heads per kv head than this ("'vector.mask' op expects a
-# 'vector<2x16x16xi1>' mask"); batch 2, or 3 heads per kv head, compile (NOTES.md).
-CPU_FP8_DECODE_MIN_GROUP = 3
 
 
 def paged_problem(cfg: LlamaConfig, opts) -> str | None:

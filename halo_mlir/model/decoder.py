@@ -11,10 +11,10 @@ import dataclasses
 from typing import Sequence
 
 from halo_mlir import fp8
-from halo_mlir.config import LlamaConfig
+from halo_mlir.config import LlamaConfig, inv_freq
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, Value
-from halo_mlir.model.entry import build_entry
+from halo_mlir.ir_builder.entry_points import build_entry
 from halo_mlir.ops import kv_cache
 from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
@@ -23,7 +23,7 @@ from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
-from halo_mlir.ops.rope import inv_freq, rope, rope_table
+from halo_mlir.ops.rope import rope, rope_table
 from halo_mlir.model.families import family
 from halo_mlir.params.names import block_shapes, block_weights, stacked_key
 from halo_mlir.quant import quant_format
@@ -575,12 +575,12 @@ def _split_experts(module, groups: int) -> None:
     itself how it shards (`opt --shard tp=N` too)."""
     from iree.compiler import ir
 
-    from halo_mlir.sharding_passes.pipeline import _param_key
+    from halo_mlir.sharding_passes.pipeline import param_key
     from halo_mlir.sharding_passes.plan import EXPERT_STYLES, shard_key, weight_sharding
     from halo_mlir.sharding_passes.shard import split_attr
 
     for op in module.body.operations:
-        key = _param_key(op) if op.operation.name == "util.global" else None
+        key = param_key(op) if op.operation.name == "util.global" else None
         if key and any(name in key for name in EXPERT_STYLES):
             s = weight_sharding(key, None, groups, moe="expert")
             op.attributes["halo.split"] = ir.DenseI64ArrayAttr.get(split_attr(s))

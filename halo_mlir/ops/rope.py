@@ -2,28 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
 from halo_mlir.ir_builder import Builder, Value
-
-
-def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """Per-pair inverse frequencies [head_dim/2], f32, as HF's `rope_type` default/llama3."""
-    freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    freq = freq.astype(np.float32)
-    if scaling is None:
-        return freq
-    factor = scaling["factor"]
-    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / freq
-    scaled = np.where(wavelen > old_ctx / lo, freq / factor, freq)
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def rope_table(b: Builder, positions: Value, freqs: Value) -> tuple[Value, Value]:

@@ -1,7 +1,7 @@
 """FP8 scales: weight amax, and activation amax by running the original model in numpy.
 
 The forward is HF LlamaForCausalLM's math in f32 over one sequence of calibration tokens
-(positions 0..T-1): RMSNorm, RoPE (`ops.rope.inv_freq`, rotate_half), causal softmax
+(positions 0..T-1): RMSNorm, RoPE (`config.inv_freq`, rotate_half), causal softmax
 attention with GQA, SiLU MLP. It runs layer by layer, and every linear streams its weight
 in row blocks (`x @ W[a:b].T`), so memory is the activations plus one block, whatever
 the model's size; the same pass records each weight's amax (of the whole weight, or of each
@@ -73,7 +73,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def rope_tables(cfg: LlamaConfig, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin) [T, head_dim] for positions 0..T-1 (HF: the frequencies repeated twice)."""
-    from halo_mlir.ops.rope import inv_freq
+    from halo_mlir.config import inv_freq
 
     freqs = np.arange(n_tokens, dtype=np.float32)[:, None] * \
         inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)[None, :]
@@ -128,7 +128,7 @@ def _amax(x: np.ndarray) -> float:
 
 class _Run:
     """The forward over one sequence, streaming weights from `source`; `scales` collects
-    every f32 scale of `fp8.param_entries(cfg, weight_scales)` (weight `:d` or `:d_rows`,
+    every f32 scale of `params.names.fp8_param_entries(cfg, weight_scales)` (weight `:d` or `:d_rows`,
     and the activation rscales)."""
 
     def __init__(self, source, weight_scales: str = "per-tensor"):
@@ -235,7 +235,7 @@ class _Run:
 def calibrate(source, ids: np.ndarray,
               progress: Callable[[int, int, str], None] = lambda *_: None,
               weight_scales: str = "per-tensor") -> dict:
-    """Every f32 entry of `fp8.param_entries(source.cfg, weight_scales)` (`KEY:d` of each
+    """Every f32 entry of `params.names.fp8_param_entries(source.cfg, weight_scales)` (`KEY:d` of each
     linear weight, or `KEY:d_rows` [rows] per-channel, and the activation rscales), from the
     model's forward over `ids`."""
     cfg = source.cfg

@@ -1,6 +1,6 @@
 """`import-params --quantize fp8`: a float checkpoint -> the FP8 parameters of `fp8.py`.
 
-Entries follow `fp8.param_entries(cfg)` (keys, shapes, dtypes, order): each linear weight
+Entries follow `params.names.fp8_param_entries(cfg)` (keys, shapes, dtypes, order): each linear weight
 KEY as `KEY:qs` (f8E4M3FNUZ [out, in], `fp8.quantize`) and `KEY:d` (f32 [], amax / 240)
 or, with per-channel scales, `KEY:d_rows` (f32 [out], each row's amax / 240);
 the activation rscales from `calibrate`; token embedding, norms and lm_head in `dtype`.
@@ -20,6 +20,7 @@ from halo_mlir import fp8
 from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
 from halo_mlir.params.calibrate import calibrate
+from halo_mlir.params.names import fp8_param_entries
 from halo_mlir.params.safetensors_import import numpy_dtype
 from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel
 
@@ -44,7 +45,7 @@ def preflight(cfg, out: str | Path, tp: int = 1, moe: str = "ffn",
     check_moe_parallel(cfg, tp, moe)
     if tp > 1:
         check_divisible(cfg, tp, moe)
-    fp8.param_entries(cfg, scales)
+    fp8_param_entries(cfg, scales)
     out = Path(out)
     if not out.parent.is_dir():
         raise HaloError(f"{out}: directory {out.parent} does not exist")
@@ -54,7 +55,7 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
                layout: str = "per-layer", scales: str = "per-tensor", moe: str = "ffn",
                progress: Callable[[int, int, str], None] = lambda *_: None,
                calibration_progress: Callable[[int, int, str], None] = lambda *_: None) -> int:
-    """Calibrate on token `ids`, then write every entry of `fp8.param_entries(source.cfg)`
+    """Calibrate on token `ids`, then write every entry of `params.names.fp8_param_entries(source.cfg)`
     to `out` (rank files for tp > 1, stacked entries for layout `stacked`); `scales`: the
     weight scales' scheme (`fp8.SCALES`). Returns the bytes written; nothing is left at
     `out` on error."""
@@ -62,7 +63,7 @@ def import_fp8(source, out: str | Path, ids: np.ndarray, *, dtype: str = "f16", 
     np_dtype = numpy_dtype(dtype)
     fp8.check_scales(scales)
     preflight(cfg, out, tp, moe, scales)
-    entries = fp8.param_entries(cfg, scales)
+    entries = fp8_param_entries(cfg, scales)
     # The writer first: a bad --layout or output directory fails before the calibration.
     with irpa.writer(out, tp, layout, moe) as writer:
         found = calibrate(source, ids, calibration_progress, scales)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from halo_mlir.config import LLAMA3_ROPE_SCALING, LlamaConfig
+from halo_mlir.config import LLAMA3_ROPE_SCALING, LlamaConfig, inv_freq
 from halo_mlir.errors import HaloError
 from halo_mlir.io_utils import check_header
 from halo_mlir.params.fd_file import FdFile
-from halo_mlir.ops.rope import inv_freq
 
 SUPPORTED_ARCHS = ("llama", "grok")
 

@@ -101,7 +101,7 @@ def dequantized_note(g: GgufFile, cfg: LlamaConfig) -> str | None:
             f"and are dequantized: {shown} (native: {', '.join(BY_GGML)})")
 
 
-def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
+def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp stores Q/K rows of each head interleaved for its RoPE; back to HF order
     (halves rotated together). Works on raw block rows too: only rows move."""
     n = rows.shape[0]
@@ -174,11 +174,11 @@ def import_gguf(path: str | Path, out: str | Path, *, dtype: str, keep_quantized
                     _add_expert_fields(writer, g, key, shape)
                 elif fmt is not None:
                     raw = g.read_rows(key, 0, rows)
-                    raw = _unpermute(raw, permute) if permute else raw
+                    raw = unpermute(raw, permute) if permute else raw
                     for field, array in BY_GGML[g.qtype(key)].split(raw, *shape).items():
                         writer.add(f"{key}:{field}", array)
                 elif permute:
-                    writer.add(key, _unpermute(g.rows_f32(key, 0, rows), permute).astype(np_dtype))
+                    writer.add(key, unpermute(g.rows_f32(key, 0, rows), permute).astype(np_dtype))
                 elif len(shape) == 3:  # stacked experts [E, rows, cols]: one expert a chunk
                     per = shape[1]
                     writer.add_chunks(key, (g.rows_f32(key, e * per, (e + 1) * per).astype(

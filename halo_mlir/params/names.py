@@ -156,3 +156,33 @@ def split_source(source: str) -> tuple[str, int | None]:
     """`NAME#h` -> (NAME, h): half h of NAME's dim 1 (fused gate/up experts); else (NAME, None)."""
     name, sep, half = source.partition("#")
     return name, int(half) if sep else None
+
+
+def fp8_param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every parameter an FP8 model of `cfg` reads: key -> (shape, IR dtype); `float` marks
+    the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`).
+    `scales`: the weight scales' scheme (per-tensor `KEY:d` [], per-channel `KEY:d_rows`
+    [out])."""
+    from halo_mlir import fp8
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, shape in param_shapes(cfg).items():
+        if fp8.is_expert(key):  # [E, out, in]: a scale per expert, or per expert and row
+            qs, d = fp8.weight_keys(key, scales)
+            out[qs] = (shape, fp8.FP8)
+            out[d] = ((shape[0], shape[1]) if scales == "per-channel" else (shape[0],), "f32")
+            out[fp8.input_scale_key(key.split(".")[1], key.split(".")[2])] = ((), "f32")
+            continue
+        if not fp8.is_linear(key):
+            out[key] = (shape, "float")
+            continue
+        i, name = key.split(".")[1], key.split(".")[2]
+        qs, d = fp8.weight_keys(key, scales)
+        out[qs] = (shape, fp8.FP8)
+        out[d] = ((shape[0],) if scales == "per-channel" else (), "f32")
+        out[fp8.input_scale_key(i, name)] = ((), "f32")
+        if name == "attn_q":
+            out[fp8.q_scale_key(i)] = ((), "f32")
+        if name == "attn_v":
+            out[fp8.kv_scale_key(i)] = ((), "f32")
+    return out

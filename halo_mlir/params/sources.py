@@ -135,7 +135,7 @@ class GgufSource(RowsSource):
             "attn_q": self.cfg.n_heads, "attn_k": self.cfg.n_kv_heads}
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        from halo_mlir.params.gguf_import import _unpermute
+        from halo_mlir.params.gguf_import import unpermute
 
         shape = self.shape(key)
         if len(shape) == 1:
@@ -146,7 +146,7 @@ class GgufSource(RowsSource):
         # llama.cpp permutes rows within each head: read whole heads, un-permute, slice.
         head_rows = shape[0] // heads
         first, last = start // head_rows * head_rows, -(-stop // head_rows) * head_rows
-        rows = _unpermute(self.g.rows_f32(key, first, last), (last - first) // head_rows)
+        rows = unpermute(self.g.rows_f32(key, first, last), (last - first) // head_rows)
         return rows[start - first:stop - first]
 
     def expert_rows(self, key: str, e: int) -> np.ndarray:

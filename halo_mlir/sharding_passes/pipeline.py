@@ -9,7 +9,7 @@ from iree.compiler import ir
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder
-from halo_mlir.model.entry import build_entry, impl_functions, remove_entry
+from halo_mlir.ir_builder.entry_points import build_entry, impl_functions, remove_entry
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import REPLICATED, Split, weight_sharding
 from halo_mlir.sharding_passes.shard import (SV, Partial, Sharder, ShardError, local_shape,
@@ -30,7 +30,7 @@ class Report:
     reduced: dict  # entry name -> bytes of one device's partial sums, all all-reduces
 
 
-def _param_key(g) -> str | None:
+def param_key(g) -> str | None:
     init = g.attributes["initial_value"] if "initial_value" in g.attributes else None
     text = str(init) if init is not None else ""
     return text.split('::"')[1].split('"')[0] if "#flow.parameter.named" in text else None
@@ -41,7 +41,7 @@ def annotate(b: Builder, tp: int) -> None:
     for op in b.module.body.operations:
         if op.operation.name != "util.global" or "halo.split" in op.attributes:
             continue
-        key = _param_key(op)
+        key = param_key(op)
         shape = ir.RankedTensorType(ir.TypeAttr(op.attributes["type"]).value).shape
         s = weight_sharding(key, shape, tp) if key else REPLICATED
         if isinstance(s, Split):

@@ -21,7 +21,7 @@ from iree.compiler import ir
 
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import is_empty_tensor, walk_nested
-from halo_mlir.model.entry import impl_functions
+from halo_mlir.ir_builder.entry_points import impl_functions
 from halo_mlir.sharding_passes.collectives import TRANSFERS
 
 _PROMISE = re.compile(r"#hal\.device\.promise<@(\w+)>")

@@ -28,16 +28,17 @@ WEIGHT_STD = 0.08  # logits reach ~3; fp8's 3-bit mantissa error grows with larg
 
 
 def read_params(paths, float_dtype=np.float32) -> dict:
-    """Every entry of the IRPA files as numpy arrays typed by halo_mlir.fp8.param_entries
-    (shard keys `KEY.shard.i` are left out)."""
+    """Every entry of the IRPA files as numpy arrays typed by
+    halo_mlir.params.names.fp8_param_entries (shard keys `KEY.shard.i` are left out)."""
     import iree.runtime as rt
 
     from halo_mlir import fp8
+    from halo_mlir.params.names import fp8_param_entries
     from halo_mlir.config import from_hf_dict
     from hf_reference import config_json
 
     cfg = from_hf_dict(config_json(paths[0].parent))
-    entries = {**fp8.param_entries(cfg), **fp8.param_entries(cfg, "per-channel")}
+    entries = {**fp8_param_entries(cfg), **fp8_param_entries(cfg, "per-channel")}
     out = {}
     for p in paths:
         index = rt.ParameterIndex()

@@ -61,7 +61,7 @@ def _params(path, scales: str = "per-tensor") -> dict[str, np.ndarray]:
     import iree.runtime as rt
     import ml_dtypes
 
-    from halo_mlir.fp8 import param_entries
+    from halo_mlir.params.names import fp8_param_entries as param_entries
     from halo_mlir.params.gguf_file import GgufFile
 
     with GgufFile(model_path(path)) as g:

@@ -3,7 +3,7 @@ import pytest
 
 from halo_mlir.config import PRESETS, from_hf_config, from_hf_dict, preset
 from halo_mlir.errors import HaloError
-from halo_mlir.ops.rope import inv_freq
+from halo_mlir.config import inv_freq
 
 # A real Llama 3.1 8B config.json (older layout: rope_theta + rope_scaling).
 LLAMA31_8B = {

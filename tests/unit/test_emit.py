@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import FULL, halo
+from halo_mlir.params.names import fp8_param_entries
 from halo_mlir import EmitOptions, emit_module, preset
 
 
@@ -59,7 +60,7 @@ def test_big_presets_emit_and_verify(model):
 
 def test_fp8_module_reads_fp8_parameters_and_cache():
     """--dtype fp8: every block linear reads `KEY:qs` (f8E4M3FNUZ) with its scales, the cache
-    argument is fp8, logits stay f16; exactly the keys of fp8.param_entries."""
+    argument is fp8, logits stay f16; exactly the keys of fp8_param_entries."""
     import re
 
     from halo_mlir import fp8
@@ -70,7 +71,7 @@ def test_fp8_module_reads_fp8_parameters_and_cache():
     with module.context:
         text = module_text(module, locations=False)
     keys = set(re.findall(r'#flow.parameter.named<"model"::"([^"]+)">', text))
-    assert keys == set(fp8.param_entries(cfg))
+    assert keys == set(fp8_param_entries(cfg))
     assert 'blk.3.ffn_down.weight:qs"> : tensor<512x1024xf8E4M3FNUZ>' in text
     impl = next(line for line in text.splitlines() if "@prefill_bs1$impl(" in line)
     assert "%arg3: tensor<?x262144xf8E4M3FNUZ>" in impl  # the cache: [pages, page_elems]
@@ -80,7 +81,7 @@ def test_fp8_module_reads_fp8_parameters_and_cache():
 @pytest.mark.parametrize("extra", [[], ["--layer-loop"], ["--tp", "2"]],
                          ids=["unrolled", "loop", "tp2"])
 def test_fp8_per_channel_module_reads_row_scales(tmp_path, extra):
-    """--fp8-scales per-channel: the keys of fp8.param_entries(cfg, "per-channel") (stacked
+    """--fp8-scales per-channel: the keys of fp8_param_entries(cfg, "per-channel") (stacked
     / sharded as the plan says), every linear through fp8_matmul_rows with a [out] f32
     scale; the per-tensor module of the same options is unchanged by the flag's existence
     (no `d_rows`, only fp8_matmul)."""
@@ -97,7 +98,7 @@ def test_fp8_per_channel_module_reads_row_scales(tmp_path, extra):
     text, tensor_text = pc.read_text(), pt.read_text()
     cfg = preset("toy").with_layers(2)
     keys = set(re.findall(r'#flow.parameter.named<"model"::"([^"]+)">', text))
-    want = set(fp8.param_entries(cfg, "per-channel"))
+    want = set(fp8_param_entries(cfg, "per-channel"))
     if "--layer-loop" in extra:
         want = {stacked_key(k) or k for k in want}
     if "--tp" in extra:

@@ -1,4 +1,4 @@
-"""`import-params --quantize fp8`: the entries of `fp8.param_entries`, weight scales and fp8
+"""`import-params --quantize fp8`: the entries of `params.names.fp8_param_entries`, weight scales and fp8
 values, and activation scales checked against HF transformers run on the same tokens
 (hooks on the linears' inputs, a capturing attention function for Q/K/V after RoPE)."""
 
@@ -16,6 +16,7 @@ from test_cli_errors import assert_one_line_error
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from hf_reference import make_model  # noqa: E402
 
+from halo_mlir.params.names import fp8_param_entries  # noqa: E402
 from halo_mlir import fp8  # noqa: E402
 
 DTYPE_BYTES = {"float": 2, "f32": 4, fp8.FP8: 1}  # the import's --dtype is f16 (default)
@@ -101,7 +102,7 @@ def hf_scales(model, ids) -> dict[str, np.float32]:
 
 def test_entries_follow_the_contract(ckpt):
     _, _, cfg, got = ckpt
-    want = fp8.param_entries(cfg)
+    want = fp8_param_entries(cfg)
     assert list(got) == list(want)  # same keys, same order
     for key, (shape, kind) in want.items():
         assert len(got[key]) == int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[kind], key
@@ -109,7 +110,7 @@ def test_entries_follow_the_contract(ckpt):
 
 def test_weights_are_quantized_with_amax_scales(ckpt):
     _, model, cfg, got = ckpt
-    for key, (shape, kind) in fp8.param_entries(cfg).items():
+    for key, (shape, kind) in fp8_param_entries(cfg).items():
         if kind == "float":
             want = weight(model, key).astype(np.float16)
             assert np.array_equal(np.frombuffer(got[key], np.float16).reshape(shape), want), key
@@ -132,7 +133,7 @@ def test_activation_scales_match_transformers(ckpt):
     ids = calibration_ids(cfg.vocab_size)  # what the import used: no tokenizer
     assert len(ids) == 256 and np.array_equal(ids, calibration_ids(cfg.vocab_size))
     ref = hf_scales(model, ids)
-    scales = {k for k, (_, kind) in fp8.param_entries(cfg).items()
+    scales = {k for k, (_, kind) in fp8_param_entries(cfg).items()
               if kind == "f32" and not k.endswith(":d")}
     assert scales == set(ref)
     for key in sorted(scales):
@@ -178,7 +179,7 @@ def test_tp2_rank_files(ckpt, tmp_path):
     halo("import-params", "--safetensors", d, "--quantize", "fp8", "--tp", 2,
          "-o", tmp_path / "w.irpa")
     ranks = [entries(tmp_path / f"w.rank{i}.irpa") for i in range(2)]
-    for key, (shape, kind) in fp8.param_entries(cfg).items():
+    for key, (shape, kind) in fp8_param_entries(cfg).items():
         if kind == fp8.FP8:
             dim = 1 if key.split(".")[2] in ("attn_output", "ffn_down") else 0
             full = np.frombuffer(whole[key], np.uint8).reshape(shape)
@@ -200,7 +201,7 @@ def test_stacked_layout(ckpt, tmp_path):
          "-o", tmp_path / "s.irpa")
     got = entries(tmp_path / "s.irpa")
     want: dict[str, list[bytes]] = {}
-    for key in fp8.param_entries(cfg):
+    for key in fp8_param_entries(cfg):
         want.setdefault(stacked_key(key) or key, []).append(whole[key])
         assert stacked_key(key) is None or len(want[stacked_key(key)]) == layer_of(key) + 1
     assert sorted(got) == sorted(want)
@@ -275,7 +276,7 @@ def test_gguf_source_matches_the_hf_weights(tmp_path, monkeypatch):
     out = tmp_path / "g.irpa"
     proc = halo("import-params", "--gguf", tmp_path / "m.gguf", "--quantize", "fp8", "-o", out)
     assert "pseudo-random" in proc.stderr  # this GGUF's toy vocabulary makes no tokenizer
-    assert list(entries(out)) == list(fp8.param_entries(g.cfg))
+    assert list(entries(out)) == list(fp8_param_entries(g.cfg))
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -318,7 +319,7 @@ def per_channel(ckpt, tmp_path_factory):
 
 def test_per_channel_entries_follow_the_contract(ckpt, per_channel):
     _, _, cfg, got = per_channel
-    want = fp8.param_entries(cfg, "per-channel")
+    want = fp8_param_entries(cfg, "per-channel")
     assert list(got) == list(want)  # same keys, same order
     for key, (shape, kind) in want.items():
         assert len(got[key]) == int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[kind], key
@@ -335,7 +336,7 @@ def test_per_channel_entries_follow_the_contract(ckpt, per_channel):
 
 def test_per_channel_weights_are_quantized_with_row_scales(per_channel):
     _, model, cfg, got = per_channel
-    for key, (shape, kind) in fp8.param_entries(cfg, "per-channel").items():
+    for key, (shape, kind) in fp8_param_entries(cfg, "per-channel").items():
         if kind != fp8.FP8:
             continue
         w = weight(model, key[:-len(":qs")])
@@ -364,7 +365,7 @@ def test_per_channel_tp2_and_stacked(per_channel, tmp_path):
     halo("import-params", "--safetensors", d, "--quantize", "fp8", "--fp8-scales",
          "per-channel", "--tp", 2, "-o", tmp_path / "w.irpa")
     ranks = [entries(tmp_path / f"w.rank{i}.irpa") for i in range(2)]
-    for key in fp8.param_entries(cfg, "per-channel"):
+    for key in fp8_param_entries(cfg, "per-channel"):
         if not key.endswith((":d_rows", ":qs")):
             continue
         by_rows = key.split(".")[2] not in ("attn_output", "ffn_down")
@@ -373,7 +374,7 @@ def test_per_channel_tp2_and_stacked(per_channel, tmp_path):
             continue
         elem = 4 if key.endswith(":d_rows") else 1
         full = np.frombuffer(whole[key], np.uint8)
-        rows = fp8.param_entries(cfg, "per-channel")[key][0][0]
+        rows = fp8_param_entries(cfg, "per-channel")[key][0][0]
         full = full.reshape(rows, -1)
         dim = 0 if by_rows or key.endswith(":d_rows") else 1
         for i in range(2):
@@ -384,7 +385,7 @@ def test_per_channel_tp2_and_stacked(per_channel, tmp_path):
          "per-channel", "--layout", "stacked", "-o", tmp_path / "s.irpa")
     got = entries(tmp_path / "s.irpa")
     want: dict[str, list[bytes]] = {}
-    for key in fp8.param_entries(cfg, "per-channel"):
+    for key in fp8_param_entries(cfg, "per-channel"):
         want.setdefault(stacked_key(key) or key, []).append(whole[key])
     assert sorted(got) == sorted(want)
     for key, parts in want.items():

@@ -155,12 +155,14 @@ def cpu_run(args):
 
 
 def read_fp8_params(paths: list[Path], cfg) -> dict:
-    """The entries of the fp8 IRPA as numpy arrays typed by halo_mlir.fp8.param_entries."""
+    """The entries of the fp8 IRPA as numpy arrays typed by
+    halo_mlir.params.names.fp8_param_entries."""
     import iree.runtime as rt
 
     from halo_mlir import fp8
+    from halo_mlir.params.names import fp8_param_entries
 
-    entries = fp8.param_entries(cfg)
+    entries = fp8_param_entries(cfg)
     out = {}
     for p in paths:
         index = rt.ParameterIndex()

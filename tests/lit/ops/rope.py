@@ -6,7 +6,8 @@
 # dispatches of their own).
 
 from lit_util import print_op
-from halo_mlir.ops.rope import inv_freq, rope, rope_table
+from halo_mlir.config import inv_freq
+from halo_mlir.ops.rope import rope, rope_table
 
 # CHECK-DAG:   #[[ALL:.+]] = affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2, d3, d4)>
 # CHECK-DAG:   #[[HALF1:.+]] = affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2, 0, d4)>
