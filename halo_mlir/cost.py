@@ -439,7 +439,6 @@ class _Runner:
 
     # --- values with meaning beyond integers: timepoints and resource origins ---------
     def run(self, func, args_env: dict | None = None, depth: int = 0):
-        from iree.compiler import ir
 
         if depth > 16:
             raise HaloError("calls nested too deep in the compiled program")
@@ -508,7 +507,6 @@ class _Runner:
         return out
 
     def _op(self, op, env, bid, depth):
-        from iree.compiler import ir
 
         name = op.name
         evaluate(op, env)

@@ -234,11 +234,9 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
             tokenizer = tokenizer or _beside(hf_config, "tokenizer.json")
         write_tokenizer, _ = _tokenizer_files(g, Path(tokenizer) if tokenizer else None)
         if tp > 1:
-            from halo_mlir.params.names import param_shapes
-            from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
+            from halo_mlir.params.model_source import check_tp
 
-            check_divisible(cfg, tp)
-            check_quantized_split(formats, param_shapes(cfg), tp)
+            check_tp(cfg, formats, tp)
         from halo_mlir.model.attention_form import resolve
 
         opts = EmitOptions(bs_prefill=tuple(bs), bs_decode=tuple(bs), dtype=dtype,

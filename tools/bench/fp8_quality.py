@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
     from halo_mlir.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.tokenizer import GgufTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", default=_default_gguf())
+    ap.add_argument("--gguf", default=default_gguf())
     ap.add_argument("--text", default=str(ROOT / "tests" / "data" / "sample.txt"))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt", default="The capital of France is")

@@ -192,7 +192,7 @@ def load_line() -> str:
 
 
 def make_files(args, env) -> dict[str, str]:
-    src = subprocess.run([args.halo_python, "-c", "from halo_mlir.cli import _default_gguf as "
+    src = subprocess.run([args.halo_python, "-c", "from halo_mlir.generate import default_gguf as "
                           "d; print(d() or '')"], capture_output=True, text=True,
                          env=env).stdout.strip()
     if not src:

@@ -191,10 +191,10 @@ def loop_section(quick: bool, out: Path, timeout: float) -> list[str]:
 
 
 def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
 
     configs = [("toy", None, 2 if quick else 8)]
-    gguf = None if quick else _default_gguf()
+    gguf = None if quick else default_gguf()
     if gguf is not None:
         configs.append(("SmolLM2-135M", gguf, None))
     lines = ["### CPU decode step", "",
@@ -227,7 +227,7 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
 
 
 def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
-    from halo_mlir.cli import _default_gguf
+    from halo_mlir.generate import default_gguf
     from halo_mlir.compile import device_flags
 
     model, tp = ("toy", 2) if quick else ("405b", 8)
@@ -260,7 +260,7 @@ def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
             compiled = f"stopped after {timeout:.0f} | —"
         lines.append(progress(f"| {layers} | {form} | {emit_wall:.2f} | {emit_rss:.0f} | "
                               f"{size:.1f} | {compiled} | {kernels} |"))
-    gguf = None if quick else _default_gguf()
+    gguf = None if quick else default_gguf()
     if gguf is None:
         return lines
     script = Path(__file__).with_name("fp8_quality.py")
