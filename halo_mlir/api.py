@@ -1,4 +1,5 @@
-"""The public Python API: emit a Llama module, in your `ir.Context` or a fresh one."""
+"""The public Python API: emit a model's module (Llama, Mixtral, Grok-1), in your `ir.Context`
+or a fresh one."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 from halo_mlir.config import LlamaConfig, from_hf_config, preset
-from halo_mlir.io_utils import atomic_write
+from halo_mlir.support.io import atomic_write
 from halo_mlir.model.decoder import EmitOptions, emit_module
 
 __all__ = ["EmitOptions", "LlamaConfig", "emit_module", "emit_to_file", "from_hf_config",
@@ -16,7 +17,7 @@ __all__ = ["EmitOptions", "LlamaConfig", "emit_module", "emit_to_file", "from_hf
 def module_text(module, *, locations: bool = True) -> str:
     """Text MLIR that every IREE release in `compat.TABLE` parses (the same text whichever
     of them is installed)."""
-    from halo_mlir.compat import portable_asm
+    from halo_mlir.toolchain.compat import portable_asm
 
     return portable_asm(module.operation.get_asm(enable_debug_info=locations))
 

@@ -73,6 +73,11 @@ class LlamaConfig:
     embedding_scale: float = 1.0  # token embeddings multiplied by this
     logit_scale: float = 1.0  # output logits multiplied by this
 
+    def page_elems(self, stride: int, tp: int = 1) -> int:
+        """Elements of one KV-cache page (docs/ABI.md) on one of `tp` devices:
+        layers * 2 * (kv_heads / tp) * stride * head_dim."""
+        return self.n_layers * 2 * (self.n_kv_heads // tp) * stride * self.head_dim
+
     def __post_init__(self):
         for field in ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                       "ffn_dim", "vocab_size"):

@@ -84,7 +84,7 @@ def check_servable(config: dict, *, target: str, tp: int) -> None:
 
 def check_release() -> None:
     """The installed iree-compile must be a release some shortfin loads (compat.py)."""
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
 
     row = compat.current()
     if row.shortfin is None:
@@ -115,7 +115,7 @@ def _tokenizer_files(gguf, tokenizer: Path | None) -> tuple[Callable[[Path], Non
         raise HaloError("no tokenizer: pass --tokenizer tokenizer.json (with a "
                         "tokenizer_config.json holding eos_token beside it)")
     if tokenizer is not None:
-        from halo_mlir.tokenizer import JsonTokenizer
+        from halo_mlir.params.tokenizer import JsonTokenizer
 
         tok = JsonTokenizer(tokenizer)
         eos = None if tok.eos_id is None else tok.tokenizer.id_to_token(tok.eos_id)
@@ -128,7 +128,7 @@ def _tokenizer_files(gguf, tokenizer: Path | None) -> tuple[Callable[[Path], Non
             (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}) + "\n")
 
         return write, eos
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     tok = GgufTokenizer(gguf)
     if tok.eos_token is None:
@@ -158,7 +158,7 @@ def check_params_dtype(files: list[Path], cfg, dtype: str) -> None:
     the import's dtype; a mismatch with --dtype would only show when shortfin loads it."""
     import iree.runtime as rt
 
-    from halo_mlir.io_utils import check_header
+    from halo_mlir.support.io import check_header
 
     sizes = {"f32": 4, "f16": 2, "bf16": 2}
     for f in files:
@@ -195,8 +195,8 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
                     echo: Callable[[str], None] = print) -> Exported:
     from halo_mlir import config as config_mod
     from halo_mlir.api import write_module
-    from halo_mlir.compile import compile_file
-    from halo_mlir.model.llama import EmitOptions, emit_module
+    from halo_mlir.toolchain.compile import compile_file
+    from halo_mlir.model.decoder import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
 
     out = Path(out)
@@ -244,7 +244,7 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
         conf = service_config(cfg, opts, device_block_count=device_block_count, tp=tp)
         check_servable(conf, target=target, tp=tp)
         check_release()
-        from halo_mlir import compat
+        from halo_mlir.toolchain import compat
 
         iree = compat.current()
         if cfg.is_moe and not iree.moe_grouped_prefill:
@@ -275,7 +275,7 @@ def export_shortfin(out: str | Path, *, gguf: str | None = None, hf_config: str 
             (tmp / "model.mlir").unlink()
             if gguf:
                 from halo_mlir.params.gguf_import import import_gguf
-                from halo_mlir.progress import Progress
+                from halo_mlir.support.progress import Progress
 
                 echo(f"importing {g.path.name} ({dtype}) ...")
                 progress = Progress("importing")

@@ -34,7 +34,7 @@ def measured(args: list[str], env: dict) -> tuple[float, float, str]:
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from halo_mlir.generate import default_gguf
+    from halo_mlir.inference.generate import default_gguf
 
     gguf = default_gguf()
     if gguf is None:

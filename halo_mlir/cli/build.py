@@ -79,13 +79,13 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
          template_dir, moe_prefill, layer_loop, tp, moe_parallel, allreduce, allreduce_dtype,
          device_block_count, locations, output,
          output_config):
-    """Emit prefill_bs{N} / decode_bs{N} for a Llama model."""
+    """Emit prefill_bs{N} / decode_bs{N} for a Llama, Mixtral or Grok-1 model."""
     from halo_mlir.api import emit_to_file
     from halo_mlir.model.attention_form import resolve
-    from halo_mlir.model.llama import EmitOptions
+    from halo_mlir.model.decoder import EmitOptions
     from halo_mlir.model.service_config import service_config
     from halo_mlir.params.model_source import load_model
-    from halo_mlir.io_utils import atomic_write
+    from halo_mlir.support.io import atomic_write
 
     start = time.perf_counter()
     source = load_model(model=model, hf_config=hf_config, gguf=gguf, layers=layers,
@@ -125,7 +125,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
 @reports_errors
 def compile_cmd(source, target, output, tp, extra):
     """Compile emitted MLIR to a vmfb with iree-compile."""
-    from halo_mlir.compile import compile_file
+    from halo_mlir.toolchain.compile import compile_file
 
     compile_file(source, output, target=target, extra_flags=list(extra), tp=tp,
                  echo=lambda m: click.echo(m, err=True))
@@ -144,7 +144,7 @@ def compile_cmd(source, target, output, tp, extra):
 def opt(source, shard, allreduce, allreduce_dtype, verify_placement, split_input_file, output):
     """Run halo_mlir passes on an MLIR file (for lit tests and experiments)."""
     from halo_mlir.api import module_text, parse_module, read_module, write_module
-    from halo_mlir.io_utils import atomic_write
+    from halo_mlir.support.io import atomic_write
 
     tp = None
     if shard:

@@ -27,7 +27,7 @@ from halo_mlir.cli.common import MOE_PARALLEL_HELP, moe_parallel_option, reports
 def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu, as_json,
              require_fit):
     """Per-device memory and a roofline latency estimate, before compiling anything."""
-    from halo_mlir import capacity
+    from halo_mlir.analysis import capacity
     from halo_mlir.params.model_source import load_model
 
     cfg = load_model(model=model, hf_config=hf_config, sources=("--model", "--hf-config")).cfg
@@ -58,7 +58,7 @@ def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu,
 @reports_errors
 def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, extra, as_json):
     """Counts and an estimated step time, read from the compiled (stream-level) program."""
-    from halo_mlir import cost
+    from halo_mlir.analysis import cost, cost_report
 
     def run(path):
         return cost.cost_file(path, target=target, tp=tp, gpu=gpu, context=context,
@@ -68,4 +68,4 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
     report = run(module)
     if minus:
         report = cost.per_layer_by_difference(report, run(minus))
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else cost.format_report(report))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else cost_report.format_report(report))

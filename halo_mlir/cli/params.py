@@ -47,7 +47,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_paral
                   quantize,
                   fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
     """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
-    from halo_mlir.progress import Progress
+    from halo_mlir.support.progress import Progress
 
     if bool(st_path) == bool(gguf):
         raise HaloError("pass exactly one of --safetensors and --gguf")
@@ -56,7 +56,7 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_paral
 
         check_quantize(quantize, keep_quantized)
         if fp8_scales is not None:
-            from halo_mlir.fp8 import check_scales
+            from halo_mlir.quantization.fp8 import check_scales
 
             check_scales(fp8_scales)
     else:
@@ -108,8 +108,8 @@ def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
     from halo_mlir.params import calibrate
     from halo_mlir.params.fp8_import import import_fp8, preflight
     from halo_mlir.params.sources import open_source
-    from halo_mlir.progress import Progress
-    from halo_mlir.tokenizer import JsonTokenizer
+    from halo_mlir.support.progress import Progress
+    from halo_mlir.params.tokenizer import JsonTokenizer
 
     text = calibrate.read_text(calibration_text)
     tok = JsonTokenizer(tokenizer) if tokenizer else None

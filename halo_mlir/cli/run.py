@@ -50,10 +50,10 @@ def _model_options(fn):
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
                 pages, layer_loop, fp8_scales="per-tensor", tp=1):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
-    from halo_mlir.fp8 import check_scales
-    from halo_mlir.generate import DEVICES, Generator, ModelFiles, build_from_gguf, default_gguf
+    from halo_mlir.quantization.fp8 import check_scales
+    from halo_mlir.inference.generate import DEVICES, Generator, ModelFiles, build_from_gguf, default_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer, JsonTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer, JsonTokenizer
 
     check_scales(fp8_scales)
     if fp8_scales != "per-tensor" and (vmfb or dtype != "fp8"):
@@ -124,8 +124,8 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
 def generate(prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, **model):
     """Answer the prompt with the model's chat template (or continue it with --raw),
     streaming the text to stdout as it comes."""
-    from halo_mlir.chat import ChatFormat
-    from halo_mlir.generate import Sampling, chat, complete
+    from halo_mlir.inference.chat import ChatFormat
+    from halo_mlir.inference.generate import Sampling, chat, complete
 
     sampling = Sampling(temperature, top_p, top_k, seed)  # bad values fail before the build
     if max_tokens < 1:
@@ -171,7 +171,7 @@ def generate(prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, *
 @reports_errors
 def perplexity(text_path, window, stride, **model):
     """Perplexity of the model on a text file (sliding windows of prefill logits)."""
-    from halo_mlir.evaluate import perplexity as ppl
+    from halo_mlir.inference.perplexity import perplexity as ppl
 
     try:
         text = Path(text_path).read_text()

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from iree.compiler import ir
 
-from halo_mlir import compat
+from halo_mlir.toolchain import compat
 
 Value = ir.Value
 

@@ -28,7 +28,7 @@ def _params(block: int, matmul: bool = False) -> dict[str, Param]:
 
 
 def dequantize(fmt: str, fields: list[np.ndarray]) -> np.ndarray:
-    """llama.cpp's block formats in numpy: fields as halo_mlir.quant splits them -> [N, K] f32."""
+    """llama.cpp's block formats in numpy: fields as halo_mlir.quantization.blocks splits them -> [N, K] f32."""
     f32 = lambda a: a.astype(np.float32)  # noqa: E731
     if fmt == "q8_0":
         d, qs = fields
@@ -65,7 +65,7 @@ def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
     (kinds=False: only random ones, with d chosen so weights stay within about +-top)."""
     import gguf
 
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     fmt = FORMATS[fmt_name]
     if fmt.block == 32:
@@ -90,14 +90,14 @@ def random_blocks(fmt_name: str, n: int, k: int, rng, kinds: bool = True,
 
 
 def _quantized_weight(fmt_name: str, n: int, k: int, rng, kinds: bool) -> list[np.ndarray]:
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     raw = random_blocks(fmt_name, n, k, rng, kinds)
     return list(FORMATS[fmt_name].split(raw, n, k).values())
 
 
 def _field_args(fmt_name: str, n: int, k: int) -> list[Arg]:
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     return [Arg(f, shape, dtype) for f, (shape, dtype) in FORMATS[fmt_name].field_shapes(n, k).items()]
 
@@ -145,8 +145,8 @@ def _family(fmt: str, block: int) -> list[Kernel]:
 def expert_weights(fmt_name: str, e: int, n: int, k: int, rng,
                    kinds: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """E experts' raw blocks uint8 [e, n, k/block * block_bytes] (random_blocks) and their
-    fields [e, n, k/block, ...] (halo_mlir.quant's expert layout)."""
-    from halo_mlir.quant import FORMATS
+    fields [e, n, k/block, ...] (halo_mlir.quantization.blocks's expert layout)."""
+    from halo_mlir.quantization.blocks import FORMATS
 
     raw = random_blocks(fmt_name, e * n, k, rng, kinds)
     fields = FORMATS[fmt_name].split(raw, e * n, k)

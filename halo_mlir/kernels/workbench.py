@@ -131,7 +131,7 @@ def _io(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def compile_text(text: str, out: Path, target: str, extra: list[str] | None = None) -> float:
-    from halo_mlir.compile import compile_file
+    from halo_mlir.toolchain.compile import compile_file
 
     src = out.with_suffix(".mlir")
     src.write_text(text)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from halo_mlir import fp8
+from halo_mlir.quantization import fp8
 from halo_mlir.config import LlamaConfig
-from halo_mlir.compile import CPU_FP8_DECODE_MIN_GROUP
+from halo_mlir.toolchain.compile import CPU_FP8_DECODE_MIN_GROUP
 from halo_mlir.errors import HaloError
 
 AUTO = "auto"
@@ -37,7 +37,7 @@ def choose(cfg: LlamaConfig, opts, *, target: str | None = None, iree=None) -> t
     """(form, why) for `--attention auto`. `target`: the compile target when known (a
     release may not compile the fused op for it); `iree`: a compat row (default: the
     installed release)."""
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
     from halo_mlir.model.families import family
 
     allowed = family(cfg.family).attention

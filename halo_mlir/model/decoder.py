@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from halo_mlir import fp8
+from halo_mlir.quantization import fp8
 from halo_mlir.config import LlamaConfig, inv_freq
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, Value
@@ -26,10 +26,10 @@ from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
 from halo_mlir.ops.rope import rope, rope_table
 from halo_mlir.model.families import family
 from halo_mlir.params.names import block_shapes, block_weights, stacked_key
-from halo_mlir.quant import quant_format
+from halo_mlir.quantization.blocks import quant_format
 from halo_mlir.sharding_passes.plan import MOE_PARALLEL  # how --tp splits experts
 
-# fp8: linear weights and activations in f8E4M3FNUZ (halo_mlir.fp8), the rest in f16.
+# fp8: linear weights and activations in f8E4M3FNUZ (halo_mlir.quantization.fp8), the rest in f16.
 DTYPES = ("f16", "bf16", "f32", "fp8")
 KV_CACHE_DTYPES = ("f16", "bf16", "f32", "fp8")
 # paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
@@ -49,7 +49,7 @@ class EmitOptions:
     block_seq_stride: int = 32
     dtype: str = "f16"
     attention: str = "auto"
-    # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quant).
+    # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quantization.blocks).
     weight_formats: tuple[tuple[str, str], ...] = ()
     # The decoder stack as one `scf.for` over stacked weights (parameter layout `stacked`).
     layer_loop: bool = False
@@ -135,11 +135,6 @@ class EmitOptions:
         for bs in (*self.bs_prefill, *self.bs_decode):
             if bs <= 0:
                 raise HaloError(f"batch sizes must be positive, got {bs}")
-
-
-def page_elems(cfg: LlamaConfig, opts: EmitOptions) -> int:
-    """Elements of one KV-cache page (docs/ABI.md): layers * 2 * kv_heads * stride * head_dim."""
-    return cfg.n_layers * 2 * cfg.n_kv_heads * opts.block_seq_stride * cfg.head_dim
 
 
 class _Model:
@@ -285,7 +280,7 @@ class _Model:
 
     # ---- entry points --------------------------------------------------------------
     def cache_type(self):
-        return self.b.tensor_type([None, page_elems(self.cfg, self.opts)], self.opts.cache_dtype)
+        return self.b.tensor_type([None, self.cfg.page_elems(self.opts.block_seq_stride)], self.opts.cache_dtype)
 
     def mark_entry(self, name: str, cache_arg: int, divisors: tuple = ()) -> None:
         """Metadata for `entry.build_entry` and passes: the entry point this implements,

@@ -67,13 +67,11 @@ class Family:
                                 f"({why}); emit without it")
 
     def attention_form(self, requested: str) -> str:
-        """The attention form to emit: `requested` (`auto` is resolved before, by
-        model/attention_form.py, which knows the family's forms); for a family that takes
-        only some forms, any other is an error."""
+        """The attention form to emit: `requested`, a concrete form (`auto` is resolved
+        before, by model/attention_form.py, which reads `attention`); for a family that
+        takes only some forms, any other is an error."""
         if self.attention is None or requested in self.attention:
             return requested
-        if requested == "auto":
-            return self.attention[0]
         raise HaloError(f"--attention {requested} cannot run the {self.name} family (its "
                         f"attention logits are soft-capped, which only the "
                         f"{'/'.join(self.attention)} form computes); use --attention "

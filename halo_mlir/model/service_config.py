@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from halo_mlir.config import LlamaConfig
-from halo_mlir.model.llama import EmitOptions, page_elems
+from halo_mlir.model.decoder import EmitOptions
 
 
 # Our dtype names -> the names sharktank writes into config.json.
@@ -14,7 +14,7 @@ KV_DTYPE_NAMES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32",
 def service_config(cfg: LlamaConfig, opts: EmitOptions, *, device_block_count: int = 256,
                    tp: int = 1) -> dict:
     """Exactly the keys shortfin's parser accepts (it rejects unknown top-level keys)."""
-    per_device = page_elems(cfg, opts) // tp
+    per_device = cfg.page_elems(opts.block_seq_stride, tp)
     return {
         "module_name": "module",
         "module_abi_version": 1,

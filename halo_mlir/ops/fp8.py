@@ -5,7 +5,7 @@ tensors (parameters), so every multiply by a scale runs on the device."""
 from __future__ import annotations
 
 from halo_mlir import kernels
-from halo_mlir.fp8 import FP8, FP8_MAX
+from halo_mlir.quantization.fp8 import FP8, FP8_MAX
 from halo_mlir.ir_builder import Builder, Value
 
 

@@ -10,7 +10,7 @@ the weights is made (`moe_ffn`, the decode form). `moe_ffn_grouped` (prefill) or
 each expert's weights once.
 
 An expert stack may also be kept quantized (`--keep-quantized`): the weight is then
-`(format, fields)`, each field stacked `[E, O, I/block, ...]` (halo_mlir.quant). The decode
+`(format, fields)`, each field stacked `[E, O, I/block, ...]` (halo_mlir.quantization.blocks). The decode
 form calls the `{format}_expert_matmul` kernel, which reads the picked expert's blocks
 inside its contraction and dequantizes them there; the grouped form slices each expert's
 fields and runs the dense `{format}_matmul` kernel on its rows.

@@ -9,7 +9,7 @@ from halo_mlir.kernels.quantized import BLOCKS_FORMATS
 
 def quantized_linear(b: Builder, x: Value, fmt: str, fields: list[Value], n: int, *,
                      dtype: str) -> Value:
-    """x[N,S,K], w[n,K] in block format `fmt` (fields as in halo_mlir.quant) -> [N,S,n]:
+    """x[N,S,K], w[n,K] in block format `fmt` (fields as in halo_mlir.quantization.blocks) -> [N,S,n]:
     dequantize-in-matmul with f32 accumulation (kernel `{fmt}_matmul`, or on the CPU
     `{fmt}_matmul_blocks` for one row per sequence and a separate dequantization and plain
     matmul for more: docs/cpu-quantized.md), cast to dtype."""

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from halo_mlir import fp8
+from halo_mlir.quantization import fp8
 from halo_mlir.params.names import POST_NORMS
 from halo_mlir.config import LlamaConfig
 from halo_mlir.errors import HaloError

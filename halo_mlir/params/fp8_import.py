@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from halo_mlir import fp8
+from halo_mlir.quantization import fp8
 from halo_mlir.errors import HaloError
 from halo_mlir.params import irpa
 from halo_mlir.params.calibrate import calibrate

@@ -14,7 +14,7 @@ import numpy as np
 
 from halo_mlir.config import LLAMA3_ROPE_SCALING, LlamaConfig, inv_freq
 from halo_mlir.errors import HaloError
-from halo_mlir.io_utils import check_header
+from halo_mlir.support.io import check_header
 from halo_mlir.params.fd_file import FdFile
 
 SUPPORTED_ARCHS = ("llama", "grok")

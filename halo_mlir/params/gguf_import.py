@@ -13,7 +13,7 @@ from halo_mlir.params.gguf_file import GgufFile
 from halo_mlir.params import irpa
 from halo_mlir.params.names import param_shapes
 from halo_mlir.params.safetensors_import import numpy_dtype
-from halo_mlir.quant import BY_GGML
+from halo_mlir.quantization.blocks import BY_GGML
 from halo_mlir.sharding_passes.plan import check_divisible, check_moe_parallel, check_quantized_split
 
 _CHUNK_ROWS_BYTES = 64 << 20

@@ -163,7 +163,7 @@ def fp8_param_entries(cfg, scales: str = "per-tensor") -> dict[str, tuple[tuple[
     the tensors kept in the activation dtype. Fixed order (per layer, as `param_shapes`).
     `scales`: the weight scales' scheme (per-tensor `KEY:d` [], per-channel `KEY:d_rows`
     [out])."""
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
 
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for key, shape in param_shapes(cfg).items():

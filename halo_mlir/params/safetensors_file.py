@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from halo_mlir.errors import HaloError
-from halo_mlir.io_utils import shown_bytes
+from halo_mlir.support.io import shown_bytes
 from halo_mlir.params.fd_file import FdFile
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

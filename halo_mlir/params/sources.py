@@ -103,7 +103,7 @@ class SafetensorsSource(RowsSource):
         return None
 
     def tokenizer(self):
-        from halo_mlir.tokenizer import JsonTokenizer
+        from halo_mlir.params.tokenizer import JsonTokenizer
 
         path = self._tokenizer_path()
         return None if path is None else JsonTokenizer(path)
@@ -154,7 +154,7 @@ class GgufSource(RowsSource):
         return self.g.rows_f32(key, e * n, (e + 1) * n)
 
     def tokenizer(self):
-        from halo_mlir.tokenizer import GgufTokenizer
+        from halo_mlir.params.tokenizer import GgufTokenizer
 
         try:
             return GgufTokenizer(self.g)

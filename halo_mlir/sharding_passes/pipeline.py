@@ -12,6 +12,7 @@ from halo_mlir.ir_builder import Builder
 from halo_mlir.ir_builder.entry_points import build_entry, impl_functions, remove_entry
 from halo_mlir.sharding_passes import collectives
 from halo_mlir.sharding_passes.plan import REPLICATED, Split, weight_sharding
+from halo_mlir.sharding_passes.rules import RULES
 from halo_mlir.sharding_passes.shard import (SV, Sharder, ShardError, local_shape,
                                              parse_split, split_attr)
 from halo_mlir.sharding_passes.verify import verify_placement
@@ -155,7 +156,7 @@ def shard_callee(b: Builder, parent: Sharder, name: str, arg_shardings: list):
             rt = ir.RankedTensorType(t)
             t = ir.RankedTensorType.get(local_shape(list(rt.shape), sh, tp), rt.element_type)
         inputs += [t] * tp
-    s = Sharder(b, tp, parent.allreduce, parent.payload, parent.oneshot_max_bytes)
+    s = Sharder(b, tp, parent.allreduce, parent.payload, parent.oneshot_max_bytes, RULES)
     s.device_globals, s.globals_by_name = parent.device_globals, parent.globals_by_name
     s.callees, s.shard_callee = parent.callees, parent.shard_callee
     new_name = f"{name}.tp{tp}.{len(parent.callees)}"
@@ -237,7 +238,7 @@ def shard_module(module, tp: int, *, allreduce: str = "auto", allreduce_dtype: s
                      if op.operation.name == "util.func"}
         for fn in impl_functions(module):
             name = fn.attributes["halo.entry"].value
-            s = Sharder(b, tp, allreduce, allreduce_dtype, oneshot_max_bytes)
+            s = Sharder(b, tp, allreduce, allreduce_dtype, oneshot_max_bytes, RULES)
             s.device_globals, s.callees = device_globals, callees
             s.shard_callee = lambda name, shardings, parent=s: shard_callee(b, parent, name,
                                                                             shardings)

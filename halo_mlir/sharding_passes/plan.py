@@ -151,7 +151,7 @@ def check_quantized_split(formats: dict[str, str], shapes: dict[str, tuple[int, 
     stacked experts) split like their matrices: output rows anywhere, input columns only at
     block boundaries. One error naming the first weight whose column split would cut a
     block."""
-    from halo_mlir.quant import quant_format
+    from halo_mlir.quantization.blocks import quant_format
 
     for key, fmt_name in formats.items():
         fmt, shape = quant_format(fmt_name), shapes[key]

@@ -60,7 +60,7 @@ def fake_quant(x, rscale: float):
 
 def fp8_model(model, params: dict, *, fused: bool = True):
     """A copy of `model` computing as halo's `--dtype fp8` program with the FP8 parameters
-    `params` (key -> numpy array, halo_mlir.fp8 names): linear weights are their fp8 values
+    `params` (key -> numpy array, halo_mlir.quantization.fp8 names): linear weights are their fp8 values
     times `:d` (per-tensor) or each row times its `:d_rows` entry (per-channel); each linear's input is fake-quantized with its `q_input:rscale`; Q (after
     RoPE) with `attn_q.q_output:rscale`, K and V with `kv_cache.quantizer:rscale` (as the
     fp8 cache holds them). `fused`: as `iree_linalg_ext.attention` computes with fp8 V, the
@@ -72,7 +72,7 @@ def fp8_model(model, params: dict, *, fused: bool = True):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.models.llama import modeling_llama
 
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
 
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}

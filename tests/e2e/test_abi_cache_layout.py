@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
 def run(d, tp: int):
     """The caches' host copies (one per device) after prefill + one decode step."""
     from halo_mlir.config import from_hf_config
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     halo("import-params", "--safetensors", d, "--dtype", "f32", "--tp", tp, "-o", d / "w.irpa")
     halo("emit", "--hf-config", d / "config.json", "--dtype", "f32", "--attention", "fused",

@@ -40,7 +40,7 @@ def hf_chat_reply(hf_model, ids: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("name", CHATS)
 def test_greedy_chat_equals_transformers_to_the_end_of_turn(hf, model, name):
-    from halo_mlir.generate import chat
+    from halo_mlir.inference.generate import chat
 
     hf_model, hf_tok = hf
     gen, tok = model
@@ -58,7 +58,7 @@ def test_greedy_chat_equals_transformers_to_the_end_of_turn(hf, model, name):
 
 
 def test_cli_streams_the_reply(model):
-    from halo_mlir.generate import chat
+    from halo_mlir.inference.generate import chat
 
     gen, tok = model
     want = chat(gen, tok, CHATS["system+user"], LIMIT)
@@ -79,7 +79,7 @@ def test_raw_is_plain_completion(hf, model):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
-    from halo_mlir.generate import Sampling, chat
+    from halo_mlir.inference.generate import Sampling, chat
 
     gen, tok = model
     messages = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -100,7 +100,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
 def test_model_files_with_and_without_a_chat_template(tmp_path, model):
     """--vmfb/--tokenizer: tokenizer_config.json's chat_template is used; without one the
     prompt is continued as plain text, with one note on stderr."""
-    from halo_mlir.generate import build_from_gguf, chat, complete
+    from halo_mlir.inference.generate import build_from_gguf, chat, complete
     from halo_mlir.params.gguf_file import GgufFile
 
     gen, tok = model

@@ -28,7 +28,7 @@ ENTRIES = ("prefill_bs4$async", "decode_bs4$async")
 
 
 def _stream(tmp_path, *args, tp: int = 1) -> str:
-    from halo_mlir.compile import device_flags, iree_compile_binary
+    from halo_mlir.toolchain.compile import device_flags, iree_compile_binary
 
     tag = "_".join(str(a).lstrip("-") for a in args) + f"_tp{tp}"
     mlir, out = tmp_path / f"{tag}.mlir", tmp_path / f"{tag}.stream.mlir"

@@ -32,7 +32,7 @@ def read_params(paths, float_dtype=np.float32) -> dict:
     halo_mlir.params.names.fp8_param_entries (shard keys `KEY.shard.i` are left out)."""
     import iree.runtime as rt
 
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
     from halo_mlir.params.names import fp8_param_entries
     from halo_mlir.config import from_hf_dict
     from hf_reference import config_json
@@ -80,7 +80,7 @@ def run(vmfb, params, model, *, tp=1):
     for each prefill row and decode step, plus the host caches."""
     import ml_dtypes
 
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(1)
     vocab = AWKWARD["vocab_size"]
@@ -186,7 +186,7 @@ def test_fp8_bad_input(checkpoint, tmp_path):
     """An fp8 module over float parameters, and an fp8 module compiled for CUDA: one-line
     errors naming the fix."""
     from halo_mlir.errors import HaloError
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     d, model, _ = checkpoint
     f16 = tmp_path / "w16.irpa"
@@ -281,7 +281,7 @@ def test_fp8_scales_mismatch_is_one_line(per_channel):
     """A module emitted for one weight-scale scheme over parameters of the other fails at
     load (the schemes use different keys: never a silently wrong scale), naming both fixes."""
     from halo_mlir.errors import HaloError
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     d, model, irpa = per_channel
     tensor_vmfb = build(d, "f32_paged", "--activation-dtype", "f32")
@@ -303,7 +303,7 @@ def test_fp8_two_query_heads_per_kv_head_at_batch_1(tmp_path):
     and matches the fake-quant reference (f32 activations; the decomposed bound above)."""
     import ml_dtypes
 
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     model = make_model(tmp_path, weight_std=WEIGHT_STD, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, hidden_size=64)

@@ -121,7 +121,7 @@ def test_decode_reads_weights_and_pages_with_128_bit_loads(tmp_path):
     scatter too. Not covered (see NOTES.md): the embedding lookup (16-bit loads of the
     table), RoPE, and the cache write's read of the row's current page, fused with the merge
     of the new K/V (one page per row and layer, read with narrow loads)."""
-    from halo_mlir.isa import load_widths, narrow, table
+    from halo_mlir.toolchain.isa import load_widths, narrow, table
 
     mlir, vmfb, dump = tmp_path / "m.mlir", tmp_path / "m.vmfb", tmp_path / "dump"
     halo("emit", "--model", "8b", "--layers", 1, "--bs-prefill", 4, "--bs-decode", 4,
@@ -163,7 +163,7 @@ def test_quantized_matmul_vectorizes_on_gfx942(fmt):
     import tempfile
     from pathlib import Path
 
-    from halo_mlir.isa import kernels, widths
+    from halo_mlir.toolchain.isa import kernels, widths
     from halo_mlir.kernels.workbench import compile_report, instance
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +196,7 @@ def test_expert_matmul_compiles_for_gfx942(fmt):
     import tempfile
     from pathlib import Path
 
-    from halo_mlir.isa import kernels, widths
+    from halo_mlir.toolchain.isa import kernels, widths
     from halo_mlir.kernels.workbench import compile_report, instance
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +224,7 @@ def test_k_quant_model_compiles_for_gfx942(tmp_path):
 
     import kquant_gguf as kq
 
-    from halo_mlir.isa import kernels, load_widths, narrow, table
+    from halo_mlir.toolchain.isa import kernels, load_widths, narrow, table
 
     path, mlir, vmfb, dump = (tmp_path / n for n in ("m.gguf", "m.mlir", "m.vmfb", "dump"))
     kq.write(path, kq.tp_mix, hidden=512)
@@ -254,7 +254,7 @@ def test_fp8_experts_compile_for_gfx942(tmp_path):
     fp8 rows one byte a load (docs/moe.md)."""
     import moeq_gguf as mq
 
-    from halo_mlir.isa import kernels, widths
+    from halo_mlir.toolchain.isa import kernels, widths
 
     path, mlir, vmfb, dump = (tmp_path / n for n in ("m.gguf", "m.mlir", "m.vmfb", "dump"))
     mq.write(path, mq.MIXED)

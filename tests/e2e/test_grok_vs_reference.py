@@ -224,7 +224,7 @@ def _build(d, prefill: str, tp: int = 1, loop: bool = False, moe: str = "ffn"):
 def _worst_error(w, vmfb, params, tp: int = 1):
     """Prefill two right-padded rows, then decode steps over shuffled pages; the largest
     |logit - reference| and where."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, V, size=(2, PREFILL_LEN)).astype(np.int64)
@@ -265,7 +265,7 @@ def test_prefill_then_decode_matches_reference(model, prefill, loop):
 def test_layer_loop_equals_unrolled_bit_for_bit(model):
     """--layer-loop computes what the unrolled program computes, bit for bit: the prefill
     and every decode step's logits, and the cache after them (f32, grouped prefill)."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     d, _ = model
     runs = []

@@ -18,7 +18,7 @@ NEW_TOKENS = 6
 
 def run(path, keep_quantized: bool, layer_loop: bool = False, prompt=PROMPT):
     """(prefill logits [len(PROMPT), vocab], greedy tokens, their logits) of the model."""
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
 
     notes = []
@@ -100,7 +100,7 @@ def test_keep_quantized_tp2_equals_tp1(tmp_path, mix, layer_loop):
     a block boundary): block fields split like their matrices, and the logits of prefill and
     decode equal TP1's at f32."""
     from conftest import halo
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     path = tmp_path / "m.gguf"
     types = kq.write(path, {"tp_mix": kq.tp_mix, "q6_k": kq.Q6_K}[mix], hidden=512)

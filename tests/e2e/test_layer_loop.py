@@ -35,7 +35,7 @@ def _build(d, dtype: str, attention: str, loop: bool):
 
 def _run(vmfb, irpa, dtype, page_elems, vocab):
     """Prefill two right-padded rows, then decode steps: every logits array and the cache."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, vocab, size=(2, PREFILL_LEN)).astype(np.int64)
@@ -96,7 +96,7 @@ def test_loop_on_8_devices_matches_tp1(tmp_path):
 def _cache_copies(mlir, tmp_path) -> tuple[int, int]:
     """(copies of external resources, all copies) in the decode step at the stream level:
     the cache is imported, so a copy of it copies an external resource."""
-    from halo_mlir.compile import device_flags, iree_compile_binary
+    from halo_mlir.toolchain.compile import device_flags, iree_compile_binary
 
     out = tmp_path / f"{mlir.stem}.stream.mlir"
     subprocess.run([iree_compile_binary(), str(mlir), *device_flags("cpu", 1),
@@ -123,7 +123,7 @@ def test_decode_does_not_copy_the_cache(tmp_path, loop):
 
 def test_layout_mismatch_is_a_clear_error(checkpoint):
     from halo_mlir.errors import HaloError
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     d, _ = checkpoint
     vmfb_loop, stacked = _build(d, "f32", "fused", True)

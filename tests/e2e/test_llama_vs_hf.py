@@ -53,7 +53,7 @@ def build(d, dtype, attention):
 def prefill_then_decode(vmfb, irpa, model, dtype, steps: int = DECODE_STEPS):
     """Prefill two right-padded rows, then `steps` decode steps over the shuffled pages,
     every logit against `model` (transformers); returns ((max error, where), host cache)."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(1)
     vocab = model.config.vocab_size

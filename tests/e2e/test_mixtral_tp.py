@@ -59,7 +59,7 @@ def test_rank_files_of_the_other_mode_are_one_line(tp2_builds, module, files):
     """The two modes' expert pieces have the same byte size, so IREE would load either;
     their names differ, and the runtime says which mode the files are."""
     from halo_mlir.errors import HaloError
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     with pytest.raises(HaloError) as e:
         Program(tp2_builds[module][0], tp2_builds[files][1], n_devices=2)

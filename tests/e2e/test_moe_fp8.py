@@ -148,7 +148,7 @@ def reference(p: dict[str, np.ndarray], tokens, inputs_fp8: bool = True) -> np.n
 def _logits(vmfb, params, tp: int = 1):
     """(tokens of each row, each call's logits) for prefill of two right-padded rows and
     decode steps over shuffled pages."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, mq.V, size=(2, PREFILL_LEN)).astype(np.int64)

@@ -61,7 +61,7 @@ def mixtral(tmp_path_factory):
 
 
 def _build(path):
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
 
     with GgufFile(path) as g:
@@ -119,9 +119,9 @@ def test_generate_greedy_equals_transformers(mixtral):
     """`halo-mlir generate --gguf` and the Python API (`complete`) continue the prompt with
     transformers' greedy tokens. Every step's top-2 margin in transformers is above 10x
     the logit bound, so the equality is not luck."""
-    from halo_mlir.generate import complete
+    from halo_mlir.inference.generate import complete
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     d, model, _, tk = mixtral
     ids = tk.encode(PROMPT).ids

@@ -51,7 +51,7 @@ def _build(d, gguf: str, quantized: bool, prefill: str = "grouped", tp: int = 1,
 def _logits(vmfb, params, tp: int = 1) -> list[np.ndarray]:
     """Prefill two right-padded rows, then decode steps over shuffled pages: each call's
     logits (the real positions only)."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, mq.V, size=(2, PREFILL_LEN)).astype(np.int64)

@@ -56,7 +56,7 @@ def page_table(pages, used, blocks):
 
 @pytest.mark.iree39
 def test_padded_rows_leave_other_rows_alone(tmp_path):
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     random_model(tmp_path)
     halo("emit", "--hf-config", tmp_path / "config.json", "--dtype", "f32", "--bs-prefill", "1,4",

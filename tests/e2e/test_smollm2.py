@@ -53,9 +53,9 @@ def ours(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "smollm2_cache"
     cache.mkdir(exist_ok=True)
     os.environ["HALO_CACHE_DIR"] = str(cache)
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     def make(keep_quantized: bool, layer_loop: bool = False):
         with GgufFile(gguf_path()) as g:
@@ -68,7 +68,7 @@ def ours(tmp_path_factory):
 
 def test_tokenizer_matches_transformers(hf, ours):
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     _, hf_tok = hf
     with GgufFile(gguf_path()) as g:
@@ -135,7 +135,7 @@ def halo_env(env: dict, *args):
 def test_perplexity_within_one_percent_of_transformers(hf, ours):
     import torch
 
-    from halo_mlir.evaluate import perplexity
+    from halo_mlir.inference.perplexity import perplexity
 
     model, _ = hf
     gen, tok = ours(False)
@@ -166,7 +166,7 @@ def test_generate_from_compiled_files(tmp_path, ours):
     import json
 
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     g = gguf_path()
     halo("emit", "--gguf", g, "--dtype", "f32", "--bs-prefill", 1, "--bs-decode", 1,
@@ -198,7 +198,7 @@ def test_tensor_parallel_over_three_devices(tmp_path, ours):
     import / emit / compile commands)."""
     import json
 
-    from halo_mlir.generate import Generator, ModelFiles
+    from halo_mlir.inference.generate import Generator, ModelFiles
 
     g = gguf_path()
     halo("import-params", "--gguf", g, "--dtype", "f32", "--tp", 3, "-o", tmp_path / "s.irpa")
@@ -228,7 +228,7 @@ def test_q4_1_native_over_three_devices_generates_tp1_tokens(ours):
     over 3 local CPU devices (576 columns = 18 blocks, 6 a device; 1536 = 48, 16 a device)
     give TP1's greedy tokens (the CLI's text), and in-process the same ids with logits within
     1e-4 of TP1's."""
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
 
     g = gguf_path()

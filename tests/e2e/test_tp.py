@@ -49,7 +49,7 @@ def build(d, tp: int, layer_loop: bool = False, *, dtype: str = "f32", allreduce
 def run(vmfb, params, tp: int, page_elems: int, vocab: int,
         dtype: str = "f32") -> list[np.ndarray]:
     """Logits of prefill (two right-padded rows) and each decode step."""
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, vocab, size=(2, PREFILL_LEN)).astype(np.int64)
@@ -152,7 +152,7 @@ def test_tp_errors(tmp_path):
     """A degree that does not divide the kv heads; rank files that do not match."""
     from conftest import halo as run_halo
     from halo_mlir.errors import HaloError
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     make_model(tmp_path, num_key_value_heads=2, num_attention_heads=6)
     proc = run_halo("emit", "--hf-config", tmp_path / "config.json", "--tp", 4,

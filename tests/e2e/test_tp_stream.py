@@ -29,7 +29,7 @@ def _entry_body(text: str, entry: str) -> str:
 
 
 def _stream(tmp_path, layers: int, dtype: str = "f16", bs: int = 4) -> str:
-    from halo_mlir.compile import device_flags, iree_compile_binary
+    from halo_mlir.toolchain.compile import device_flags, iree_compile_binary
 
     tag = f"l{layers}{dtype}bs{bs}"
     mlir, out = tmp_path / f"{tag}.mlir", tmp_path / f"{tag}.stream.mlir"

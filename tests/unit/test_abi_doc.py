@@ -193,7 +193,7 @@ def cfg_of(hf: dict):
 # ---- the tests -------------------------------------------------------------------------
 def test_presets_and_symbols():
     from halo_mlir.config import LLAMA3_ROPE_SCALING, PRESETS
-    from halo_mlir.model.llama import EmitOptions, page_elems
+    from halo_mlir.model.decoder import EmitOptions
 
     tables = doc_tables()
     rows = table(tables, "Model hyperparameters")
@@ -211,7 +211,7 @@ def test_presets_and_symbols():
         == LLAMA3_ROPE_SCALING
     for cfg, stride in ((cfg_of(SMALL), 16), (PRESETS["405b"], 32)):
         ns = symbols(tables, cfg, stride=stride)
-        assert ns["page_elems"] == page_elems(cfg, EmitOptions(block_seq_stride=stride))
+        assert ns["page_elems"] == cfg.page_elems(EmitOptions(block_seq_stride=stride).block_seq_stride)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -360,7 +360,7 @@ def test_kept_quantized_fields(tmp_path):
     from test_gguf import CFG, write_gguf
 
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     qtypes = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q8_0",
               "blk.0.ffn_down.weight": "Q8_0", "blk.0.ffn_up.weight": "Q4_1",
@@ -543,7 +543,7 @@ def test_export_shortfin_config(tmp_path, monkeypatch):
     about the files, not the compiler)."""
     from tokenizers import Tokenizer, models
 
-    import halo_mlir.compile
+    import halo_mlir.toolchain.compile
     import halo_mlir.export
     from halo_mlir.export import export_shortfin
 
@@ -552,7 +552,7 @@ def test_export_shortfin_config(tmp_path, monkeypatch):
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     halo("import-params", "--safetensors", d, "--dtype", "f32", "-o", d / "m.irpa")
     monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
-    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+    monkeypatch.setattr(halo_mlir.toolchain.compile, "compile_file",
                         lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))
     export_shortfin(tmp_path / "out", hf_config=str(d / "config.json"), params=str(d / "m.irpa"),
                     target="cpu", bs=(1, 4), device_block_count=64, echo=lambda _: None)
@@ -577,7 +577,7 @@ def test_export_shortfin_config_moe(tmp_path, monkeypatch, source):
     stand-in, as above)."""
     from tokenizers import Tokenizer, models
 
-    import halo_mlir.compile
+    import halo_mlir.toolchain.compile
     import halo_mlir.export
     from halo_mlir.export import export_shortfin
     from moe_gguf import byte_level_bpe, write_mixtral_gguf
@@ -588,7 +588,7 @@ def test_export_shortfin_config_moe(tmp_path, monkeypatch, source):
     cfg = cfg_of(SMALL_MOE)
     tensors = _tiny_checkpoint(d, hf=SMALL_MOE)
     monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
-    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+    monkeypatch.setattr(halo_mlir.toolchain.compile, "compile_file",
                         lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))
     if source == "gguf":
         write_mixtral_gguf(d / "m.gguf", tensors, SMALL_MOE,
@@ -612,7 +612,7 @@ def test_export_shortfin_config_moe(tmp_path, monkeypatch, source):
 
 
 def test_iree_releases():
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
 
     rows = table(doc_tables(), "IREE releases")
     assert sorted(r["release"] for r in rows) == sorted(compat.TABLE)

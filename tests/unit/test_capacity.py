@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from halo_mlir.capacity import (GPUS, activation_terms, allreduce_seconds, format_table,
-                                gpu_spec, kv_bytes_per_token, page_elems, param_count, plan,
+from halo_mlir.analysis.capacity import (GPUS, activation_terms, allreduce_seconds, format_table,
+                                gpu_spec, kv_bytes_per_token, param_count, plan,
                                 require_fit, weight_bytes)
 from halo_mlir.config import from_hf_dict, preset
 from halo_mlir.errors import HaloError
@@ -93,7 +93,7 @@ def test_kv_bytes_per_token_and_page():
     assert kv_bytes_per_token(cfg, 2, "f16") == 65_536     # 4 kv heads a device
     assert kv_bytes_per_token(cfg, 1, "fp8") == 65_536
     # page_elems (docs/ABI.md) = 32 * 2 * 8 * 32 * 128 = 2,097,152 elems = 4,194,304 bytes
-    assert page_elems(cfg, 1, 32) == 2_097_152
+    assert cfg.page_elems(32, 1) == 2_097_152
     assert plan(cfg, max_seq_len=4096).page_bytes == 4_194_304
 
 

@@ -77,7 +77,7 @@ def toks():
     from transformers import AutoTokenizer
 
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     g = gguf_path()
     with GgufFile(g) as f:
@@ -93,7 +93,7 @@ def hf_chat(hf_tok, messages, template=None, tokenize=True):
 
 @pytest.mark.parametrize("messages", MESSAGES, ids=list(MESSAGES))
 def test_smollm2_chat_prompt_equals_transformers(toks, messages):
-    from halo_mlir.chat import ChatFormat
+    from halo_mlir.inference.chat import ChatFormat
 
     ours, hf_tok = toks
     fmt = ChatFormat.of(ours)
@@ -104,7 +104,7 @@ def test_smollm2_chat_prompt_equals_transformers(toks, messages):
 
 
 def test_special_tokens_and_stop_ids(toks):
-    from halo_mlir.chat import ChatFormat
+    from halo_mlir.inference.chat import ChatFormat
 
     ours, hf_tok = toks
     named = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -117,7 +117,7 @@ def test_special_tokens_and_stop_ids(toks):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_environment_equals_transformers(toks, name):
-    from halo_mlir.chat import ChatFormat
+    from halo_mlir.inference.chat import ChatFormat
 
     ours, hf_tok = toks
     fmt = ChatFormat(TEMPLATES[name], ours.special_tokens(), frozenset())
@@ -128,7 +128,7 @@ def test_template_environment_equals_transformers(toks, name):
 
 
 def test_template_errors_are_one_line(toks):
-    from halo_mlir.chat import ChatFormat
+    from halo_mlir.inference.chat import ChatFormat
     from halo_mlir.errors import HaloError
 
     ours, hf_tok = toks
@@ -156,7 +156,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     from transformers.generation.logits_process import (TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
-    from halo_mlir.generate import Sampling
+    from halo_mlir.inference.generate import Sampling
 
     logits = np.random.default_rng(0).normal(0, 3, (4, 1000)).astype(np.float32)
     s = Sampling(temperature, top_p, top_k, seed=0)
@@ -175,7 +175,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
 
 
 def test_sampler_draws_follow_the_distribution_and_repeat_with_a_seed():
-    from halo_mlir.generate import Sampling
+    from halo_mlir.inference.generate import Sampling
 
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     s = Sampling(1.0, top_p=0.75, seed=7)  # keeps the first two: 0.5 / 0.8, 0.3 / 0.8
@@ -192,7 +192,7 @@ def test_sampler_draws_follow_the_distribution_and_repeat_with_a_seed():
 
 
 def test_text_stream_pieces_add_up_to_the_decoded_text(toks):
-    from halo_mlir.generate import TextStream
+    from halo_mlir.inference.generate import TextStream
 
     ours, _ = toks
     text = "naïve café 日本語 🎉 ok\n  two spaces, ’quotes’ and ✓ done"

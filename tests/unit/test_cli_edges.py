@@ -41,10 +41,10 @@ def hf_config(d, heads=4, kv_heads=2, head_dim=8, **extra):
 
 # ---- --attention auto ------------------------------------------------------------------
 def test_auto_picks_fused_where_the_paged_kernels_do_not_fit(tmp_path):
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
     from halo_mlir.config import from_hf_config, preset
     from halo_mlir.model.attention_form import choose
-    from halo_mlir.model.llama import EmitOptions
+    from halo_mlir.model.decoder import EmitOptions
 
     small = from_hf_config(hf_config(tmp_path, head_dim=8))
     form, why = choose(small, EmitOptions())
@@ -93,7 +93,7 @@ def test_auto_equals_paged_on_the_presets(model):
     attends with the fused op: the layer loop, an fp8 cache)."""
     from halo_mlir.api import module_text
     from halo_mlir.config import preset
-    from halo_mlir.model.llama import EmitOptions, emit_module
+    from halo_mlir.model.decoder import EmitOptions, emit_module
 
     cfg = preset(model)
     variants = [{}] if model != "toy" else [{}, {"layer_loop": True}, {"dtype": "fp8"},
@@ -269,7 +269,7 @@ def test_compile_refuses_the_fp8_attention_cpu_codegen_fails_on(tmp_path):
     assert_cli_error(result, "fp8 decode attention at batch 1 with 1 query head(s) per kv head",
                      "--attention decomposed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.mlir"]
-    from halo_mlir.compile import _check_cpu_fp8_attention
+    from halo_mlir.toolchain.compile import _check_cpu_fp8_attention
 
     _check_cpu_fp8_attention(mlir, "gfx942")  # other targets compile it
 

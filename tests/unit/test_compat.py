@@ -1,4 +1,4 @@
-"""The IREE release table (halo_mlir/compat.py): flags per release, the portable text of the
+"""The IREE release table (halo_mlir/toolchain/compat.py): flags per release, the portable text of the
 attention op, and the same emitted text under 3.13 and 3.9 (the 3.9 environment when
 present), which both releases compile."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import halo, halo_in, shortfin_python
-from halo_mlir import compat
+from halo_mlir.toolchain import compat
 from halo_mlir.errors import HaloError
 
 NEW = """    %38 = iree_linalg_ext.attention <indexing_maps = [#map1, #map2, #map3, #map4, #map5, #map6]> ins(%q, %k, %v, %cst, %35 : tensor<1x3x3x?x64xf16>, tensor<1x3x?x64xf16>, tensor<1x3x?x64xf16>, f32, tensor<1x?x?xi1>) outs(%37 : tensor<1x3x3x?x64xf16>) {
@@ -38,7 +38,7 @@ def test_release_rows():
 
 @pytest.mark.iree39
 def test_target_flags_per_release():
-    from halo_mlir.compile import target_flags
+    from halo_mlir.toolchain.compile import target_flags
 
     assert "--iree-hip-target=gfx942" in target_flags("gfx942", compat.TABLE["3.9"])
     assert "--iree-rocm-target=gfx942" in target_flags("gfx942", compat.TABLE["3.13"])

@@ -1,4 +1,4 @@
-"""halo_mlir.cost: the reader of stream-level IR on a hand-written program, the command on
+"""halo_mlir.analysis.cost: the reader of stream-level IR on a hand-written program, the command on
 toy modules compiled for gfx942, plan vs cost, and bad input."""
 
 import json
@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
-from halo_mlir import cost, cost_model
-from halo_mlir.capacity import plan
+from halo_mlir.analysis import cost, stream_ir
+
+from halo_mlir.analysis import step_time
+from halo_mlir.analysis.capacity import plan
 from halo_mlir.config import preset
-from halo_mlir.gpus import GPUS
+from halo_mlir.toolchain.gpus import GPUS
 
 # Two devices. Device 0 gathers 2 of 8 cache pages (the cache is argument 4: [P, 4] f16),
 # then a loop of 3 iterations: device 1 pulls 64 bytes from device 0 (invalidate from
@@ -147,8 +149,8 @@ def test_snippet_bytes_from_the_executables():
 def test_snippet_estimate_is_the_model_over_its_records():
     e = _snippet_cost()
     gpu = GPUS["mi300x"]
-    expected = cost_model.estimate(
-        e.dispatch_records, [cost_model.Copy(1, 16, peer=0, count=3)], gpu,
+    expected = step_time.estimate(
+        e.dispatch_records, [step_time.Copy(1, 16, peer=0, count=3)], gpu,
         dependent_steps=1, host_waits=1)
     assert e.estimate.seconds == pytest.approx(expected.seconds)
     assert e.estimate.device == 1  # 3 matmuls + 3 copies beat 1 gather
@@ -182,7 +184,7 @@ def test_evaluator_index_arithmetic():
         block = f.regions[0].blocks[0]
         env = {block.arguments[0]: 50}
         for op in block.operations:
-            cost.evaluate(op.operation, env)
+            stream_ir.fold(op.operation, env)
         ret = list(block.operations)[-1].operation
         assert env[ret.operands[0]] == 16  # ceil(50/7)=8, *2=16, max(16,7)=16 > 7
 

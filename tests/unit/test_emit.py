@@ -63,7 +63,7 @@ def test_fp8_module_reads_fp8_parameters_and_cache():
     argument is fp8, logits stay f16; exactly the keys of fp8_param_entries."""
     import re
 
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
     from halo_mlir.api import module_text
 
     cfg = preset("toy")
@@ -87,7 +87,9 @@ def test_fp8_per_channel_module_reads_row_scales(tmp_path, extra):
     (no `d_rows`, only fp8_matmul)."""
     import re
 
-    from halo_mlir import fp8, preset
+    from halo_mlir import preset
+
+    from halo_mlir.quantization import fp8
     from halo_mlir.params.names import stacked_key
 
     pc, pt = tmp_path / "pc.mlir", tmp_path / "pt.mlir"

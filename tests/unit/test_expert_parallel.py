@@ -16,7 +16,7 @@ from conftest import halo
 from test_cli_errors import assert_one_line_error
 from test_moe import TINY, _tiny_checkpoint
 
-from halo_mlir.capacity import plan
+from halo_mlir.analysis.capacity import plan
 from halo_mlir.config import preset
 
 

@@ -89,7 +89,7 @@ def test_missing_inputs(model, tmp_path):
 
 def test_release_without_a_shortfin_is_refused(model, tmp_path):
     """Under IREE 3.13 (no shortfin release loads its modules): refused before writing."""
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
 
     if compat.current().shortfin is not None:
         pytest.skip("the installed IREE release has a shortfin")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from hf_reference import make_model  # noqa: E402
 
 from halo_mlir.params.names import fp8_param_entries  # noqa: E402
-from halo_mlir import fp8  # noqa: E402
+from halo_mlir.quantization import fp8  # noqa: E402
 
 DTYPE_BYTES = {"float": 2, "f32": 4, fp8.FP8: 1}  # the import's --dtype is f16 (default)
 LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -144,7 +144,7 @@ def byte_tokenizer(path):
     """A tokenizer.json whose ids are the UTF-8 bytes (256 < the model's 300 ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from halo_mlir.tokenizer import _byte_alphabet
+    from halo_mlir.params.tokenizer import _byte_alphabet
 
     vocab = {char: byte for byte, char in _byte_alphabet().items()}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -155,7 +155,7 @@ def byte_tokenizer(path):
 
 def test_calibration_text_through_a_tokenizer(ckpt, tmp_path):
     from halo_mlir.params.calibrate import calibration_ids
-    from halo_mlir.tokenizer import JsonTokenizer
+    from halo_mlir.params.tokenizer import JsonTokenizer
 
     d, model, cfg, _ = ckpt
     byte_tokenizer(tmp_path / "tokenizer.json")
@@ -445,7 +445,7 @@ def test_per_channel_bad_flags(ckpt, tmp_path, args, needle):
 def test_scales_scheme_mismatch_message(wanted, files, needle):
     """What `runtime.Program` says when the module's weight-scale key is missing and the
     other scheme's is there (per-layer, sharded, stacked); nothing for other misses."""
-    from halo_mlir.runtime import _fp8_scales_mismatch
+    from halo_mlir.inference.runtime import _fp8_scales_mismatch
 
     msg = _fp8_scales_mismatch(wanted, files + ["blk.0.attn_q.weight:qs"])
     if needle is None:

@@ -171,7 +171,7 @@ def test_keep_quantized_k_quants(tmp_path):
     import kquant_gguf as kq
 
     from halo_mlir.kernels.quantized import dequantize
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     path, out = tmp_path / "m.gguf", tmp_path / "m.irpa"
     types = kq.write(path, kq.q4_k_m)
@@ -314,15 +314,15 @@ def test_generate_build_picks_the_cpu_quantized_kernels_on_cpu(tmp_path, monkeyp
     """`generate`'s build emits, for the CPU (docs/cpu-quantized.md), the decode's Q8_0 /
     Q4_1 matmuls as `{fmt}_matmul_blocks` and the prefill's as `{fmt}_dequant` + a plain
     matmul, and for GPUs the one-reduction `{fmt}_matmul` in both."""
-    import halo_mlir.compile
-    from halo_mlir.generate import build_from_gguf
+    import halo_mlir.toolchain.compile
+    from halo_mlir.inference.generate import build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
 
     write_gguf(tmp_path / "m.gguf", qtypes={"blk.0.ffn_up.weight": "Q4_1",
                                             "blk.0.attn_q.weight": "Q8_0"})
     monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
     compiled = []
-    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+    monkeypatch.setattr(halo_mlir.toolchain.compile, "compile_file",
                         lambda src, out, **kw: compiled.append(Path(src).read_text()))
     with GgufFile(tmp_path / "m.gguf") as g:
         build_from_gguf(g, dtype="f32", keep_quantized=True, device=device, echo=lambda m: None)
@@ -343,15 +343,15 @@ def test_cpu_prefill_dequantizes_per_call_not_at_load(tmp_path, monkeypatch, lay
     With --layer-loop the blocks' weights are slices at the loop index (no barrier there)."""
     import re
 
-    import halo_mlir.compile
-    from halo_mlir.compile import iree_compile_binary, target_flags
-    from halo_mlir.generate import build_from_gguf
+    import halo_mlir.toolchain.compile
+    from halo_mlir.toolchain.compile import iree_compile_binary, target_flags
+    from halo_mlir.inference.generate import build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
 
     write_gguf(tmp_path / "m.gguf", qtypes={"blk.0.ffn_up.weight": "Q4_1",
                                             "blk.0.attn_q.weight": "Q8_0"})
     monkeypatch.setenv("HALO_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+    monkeypatch.setattr(halo_mlir.toolchain.compile, "compile_file",
                         lambda src, out, **kw: (tmp_path / "m.mlir").write_text(
                             Path(src).read_text()))
     with GgufFile(tmp_path / "m.gguf") as g:

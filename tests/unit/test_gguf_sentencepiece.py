@@ -43,7 +43,7 @@ def test_sentencepiece_vocabulary_encodes_as_transformers(tmp_path):
         convert_gguf_tokenizer, get_gguf_tokenizer)
 
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     path = tmp_path / "spm.gguf"
     tokens = write_spm_gguf(path)
@@ -67,7 +67,7 @@ def test_sentencepiece_vocabulary_encodes_as_transformers(tmp_path):
 
 def test_no_space_prefix(tmp_path):
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     tokens = write_spm_gguf(tmp_path / "spm.gguf", add_space_prefix=False)
     with GgufFile(tmp_path / "spm.gguf") as g:

@@ -174,7 +174,7 @@ def test_plan_accounts_the_experts():
 
 def test_moe_compile_flags(tmp_path):
     """compile adds the gfx942 MoE flag for modules with stacked experts only."""
-    from halo_mlir.compile import MOE_FLAGS, _moe_flags
+    from halo_mlir.toolchain.compile import MOE_FLAGS, _moe_flags
 
     grok, toy = tmp_path / "g.mlir", tmp_path / "t.mlir"
     halo("emit", "--model", "grok-1", "--layers", "1", "-o", grok)

@@ -17,7 +17,7 @@ def quantized(fmt, rng):
     import gguf
 
     from halo_mlir.kernels.quantized import random_blocks
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     raw = random_blocks(fmt, N, K[fmt], rng)
     t = gguf.GGMLQuantizationType[FORMATS[fmt].ggml]
@@ -28,7 +28,7 @@ def run_kernel(tmp_path, kernel, fields, first, first_type, out_shape, k, **extr
     import iree.runtime as rt
 
     from halo_mlir import kernels
-    from halo_mlir.compile import compile_file
+    from halo_mlir.toolchain.compile import compile_file
     from halo_mlir.ir_builder import Builder
 
     b = Builder()
@@ -78,7 +78,7 @@ def test_quantized_dequant_matches_gguf(tmp_path, fmt):
     import iree.runtime as rt
 
     from halo_mlir import kernels
-    from halo_mlir.compile import compile_file
+    from halo_mlir.toolchain.compile import compile_file
     from halo_mlir.ir_builder import Builder
 
     w, fields = quantized(fmt, np.random.default_rng(2))
@@ -116,7 +116,7 @@ def test_k_quant_blocks_cover_every_scale_pattern():
     import gguf
 
     from halo_mlir.kernels.quantized import dequantize, random_blocks
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     rng = np.random.default_rng(2)
     for fmt, values in (("q4_k", 64), ("q6_k", 256)):

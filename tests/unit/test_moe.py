@@ -334,10 +334,10 @@ def test_export_shortfin_moe_prefill_form(tmp_path, monkeypatch, release, form):
 
     from tokenizers import Tokenizer, models
 
-    import halo_mlir.compile
+    import halo_mlir.toolchain.compile
     import halo_mlir.export
-    import halo_mlir.model.llama
-    from halo_mlir import compat
+    import halo_mlir.model.decoder
+    from halo_mlir.toolchain import compat
     from halo_mlir.export import export_shortfin
 
     _tiny_checkpoint(tmp_path)
@@ -347,10 +347,10 @@ def test_export_shortfin_moe_prefill_form(tmp_path, monkeypatch, release, form):
     halo("import-params", "--safetensors", tmp_path, "--dtype", "f32", "-o", tmp_path / "m.irpa")
     monkeypatch.setattr(compat, "current", lambda: compat.TABLE[release])
     monkeypatch.setattr(halo_mlir.export, "check_release", lambda: None)
-    monkeypatch.setattr(halo_mlir.compile, "compile_file",
+    monkeypatch.setattr(halo_mlir.toolchain.compile, "compile_file",
                         lambda src, dst, **_: Path(dst).write_bytes(b"vmfb"))
-    emitted, emit = [], halo_mlir.model.llama.emit_module
-    monkeypatch.setattr(halo_mlir.model.llama, "emit_module",
+    emitted, emit = [], halo_mlir.model.decoder.emit_module
+    monkeypatch.setattr(halo_mlir.model.decoder, "emit_module",
                         lambda cfg, opts: emitted.append(opts) or emit(cfg, opts))
     notes = []
     export_shortfin(tmp_path / "out", hf_config=str(tmp_path / "config.json"),

@@ -26,7 +26,7 @@ def test_expert_kernel_matches_gguf(tmp_path, fmt):
 
     from halo_mlir.kernels.quantized import expert_weights
     from halo_mlir.kernels.workbench import compile_text, instance
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     e, n, k = SHAPES[fmt]
     rng = np.random.default_rng(4)
@@ -67,7 +67,7 @@ def test_import_keeps_experts_quantized(mixed, tmp_path):
 
     from halo_mlir.kernels.quantized import dequantize
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.quant import FORMATS
+    from halo_mlir.quantization.blocks import FORMATS
 
     path, types = mixed
     out = tmp_path / "q.irpa"

@@ -277,7 +277,7 @@ class Runner:
 
     def emit_args(self, row: Row) -> list:
         if row.model == "smollm2":
-            from halo_mlir.generate import default_gguf
+            from halo_mlir.inference.generate import default_gguf
 
             gguf = default_gguf()
             if gguf is None:
@@ -666,8 +666,8 @@ def render_html(data: dict) -> str:
 
 # ---- entry -------------------------------------------------------------------------------
 def run(args) -> int:
-    from halo_mlir.io_utils import atomic_write
-    from halo_mlir.progress import Progress
+    from halo_mlir.support.io import atomic_write
+    from halo_mlir.support.progress import Progress
 
     out = Path(args.dashboard)
     cell_extra = {}

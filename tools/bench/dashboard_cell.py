@@ -104,8 +104,8 @@ def import_params(weights: Path, dtype: str, tp: int) -> list[Path]:
 
 
 def cpu_run(args):
-    from halo_mlir.generate import cache_numpy_dtype
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.generate import cache_numpy_dtype
+    from halo_mlir.inference.runtime import Program
 
     cfg = json.loads(Path(args.config).read_text())
     stride = cfg["paged_kv_cache"]["block_seq_stride"]
@@ -159,7 +159,7 @@ def read_fp8_params(paths: list[Path], cfg) -> dict:
     halo_mlir.params.names.fp8_param_entries."""
     import iree.runtime as rt
 
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
     from halo_mlir.params.names import fp8_param_entries
 
     entries = fp8_param_entries(cfg)
@@ -221,7 +221,7 @@ def compare(args):
 
 
 def _gguf() -> Path:
-    from halo_mlir.generate import default_gguf
+    from halo_mlir.inference.generate import default_gguf
 
     g = default_gguf()
     if g is None:
@@ -232,9 +232,9 @@ def _gguf() -> Path:
 def smollm2_run(args):
     """`halo-mlir generate`'s path (build_from_gguf + Generator, f32): greedy ids."""
     os.environ["HALO_CACHE_DIR"] = args.cache
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     t = time.perf_counter()
     with GgufFile(_gguf()) as g:

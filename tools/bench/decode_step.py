@@ -38,11 +38,11 @@ def main():
 
     from halo_mlir import config
     from halo_mlir.api import emit_to_file
-    from halo_mlir.compile import compile_file
-    from halo_mlir.model.llama import EmitOptions, page_elems
+    from halo_mlir.toolchain.compile import compile_file
+    from halo_mlir.model.decoder import EmitOptions
     from halo_mlir.params import irpa
     from halo_mlir.params.names import param_shapes
-    from halo_mlir.runtime import Program
+    from halo_mlir.inference.runtime import Program
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def main():
     start = np.full((BS,), CONTEXT, np.int64)
     times = []
     with Program(work / "m.vmfb", [params]) as prog:
-        cache = prog.device_array(np.zeros((BS * pages_per_row, page_elems(cfg, opts)),
+        cache = prog.device_array(np.zeros((BS * pages_per_row, cfg.page_elems(opts.block_seq_stride)),
                                            np.float16))
         for step in range(3 + args.steps):
             t = time.perf_counter()

@@ -45,7 +45,7 @@ class Model:
         self.fake_weights: dict = {}  # (key, scheme) -> the fake-quantized weight
 
     def weight(self, key: str, scheme: str | None) -> np.ndarray:
-        from halo_mlir import fp8
+        from halo_mlir.quantization import fp8
 
         if scheme is None:
             return self.w[key]
@@ -56,7 +56,7 @@ class Model:
 
 
 def fake(x: np.ndarray, rscale) -> np.ndarray:
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
 
     return fp8.dequantize(fp8.quantize(x, rscale), rscale)
 
@@ -71,7 +71,7 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
     many next tokens a smaller rounding already flips), or "mantissa3": the weights rounded
     to fp8's 3 mantissa bits with an unlimited exponent (what no choice of scales can
     improve on)."""
-    from halo_mlir import fp8
+    from halo_mlir.quantization import fp8
     from halo_mlir.params.calibrate import apply_rope, attention as attend, rms_norm, \
         rope_tables, silu
 
@@ -121,8 +121,8 @@ def forward(m: Model, ids: np.ndarray, *, weights=None, inputs=False, attention=
 
 
 def main():
-    from halo_mlir import fp8
-    from halo_mlir.generate import default_gguf
+    from halo_mlir.quantization import fp8
+    from halo_mlir.inference.generate import default_gguf
     from halo_mlir.params import calibrate
     from halo_mlir.params.sources import GgufSource
 

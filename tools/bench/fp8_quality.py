@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """FP8 vs f16 on a real model: the same GGUF (SmolLM2-135M by default) built through
-`halo_mlir.generate.build_from_gguf` (f16: dequantized; fp8: `--quantize fp8` with scales
+`halo_mlir.inference.generate.build_from_gguf` (f16: dequantized; fp8: `--quantize fp8` with scales
 calibrated on the shipped text, once with per-tensor weight scales and once with
 per-channel ones, `--fp8-scales per-channel`), all run on this CPU.
 
@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from halo_mlir.generate import default_gguf
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import default_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=default_gguf())

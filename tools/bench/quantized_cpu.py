@@ -57,9 +57,9 @@ LLAMA_FILES = ("Q4_1", "Q8_0", "Q4_K_M")
 def halo_worker(args) -> None:
     """Build every form, then per stdin line (a label) one timed greedy run: JSON out."""
     sys.path.insert(0, str(REPO))
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     files = json.loads(args.files_json)
     gens, ids = {}, None
@@ -92,9 +92,9 @@ def check(args) -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from halo_mlir.generate import Generator, build_from_gguf
+    from halo_mlir.inference.generate import Generator, build_from_gguf
     from halo_mlir.params.gguf_file import GgufFile
-    from halo_mlir.tokenizer import GgufTokenizer
+    from halo_mlir.params.tokenizer import GgufTokenizer
 
     def run(keep_quantized, layer_loop):
         with GgufFile(args.gguf) as g:
@@ -192,7 +192,7 @@ def load_line() -> str:
 
 
 def make_files(args, env) -> dict[str, str]:
-    src = subprocess.run([args.halo_python, "-c", "from halo_mlir.generate import default_gguf as "
+    src = subprocess.run([args.halo_python, "-c", "from halo_mlir.inference.generate import default_gguf as "
                           "d; print(d() or '')"], capture_output=True, text=True,
                          env=env).stdout.strip()
     if not src:

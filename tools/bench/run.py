@@ -95,7 +95,7 @@ def halo(*args) -> list:
 
 
 def iree_compile() -> str:
-    from halo_mlir.compile import iree_compile_binary
+    from halo_mlir.toolchain.compile import iree_compile_binary
 
     return iree_compile_binary()
 
@@ -135,7 +135,7 @@ def emit_section(quick: bool, out: Path, repeats: int) -> list[str]:
 
 
 def _compile_row(model, layers, tp, form, target, out, timeout) -> str:
-    from halo_mlir.compile import device_flags
+    from halo_mlir.toolchain.compile import device_flags
 
     mlir = out / f"{model}-{layers}-tp{tp}-{form}.mlir"
     flag = ["--layer-loop"] if form == "loop" else []
@@ -191,7 +191,7 @@ def loop_section(quick: bool, out: Path, timeout: float) -> list[str]:
 
 
 def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
-    from halo_mlir.generate import default_gguf
+    from halo_mlir.inference.generate import default_gguf
 
     configs = [("toy", None, 2 if quick else 8)]
     gguf = None if quick else default_gguf()
@@ -227,8 +227,8 @@ def decode_section(quick: bool, out: Path, steps: int) -> list[str]:
 
 
 def fp8_section(quick: bool, out: Path, timeout: float) -> list[str]:
-    from halo_mlir.generate import default_gguf
-    from halo_mlir.compile import device_flags
+    from halo_mlir.inference.generate import default_gguf
+    from halo_mlir.toolchain.compile import device_flags
 
     model, tp = ("toy", 2) if quick else ("405b", 8)
     lines = ["### FP8 (`--dtype fp8`)", "",
@@ -312,7 +312,7 @@ def _cost_row(label, tp, form, entry, layers, total_layers, planned) -> str:
 def cost_section(quick: bool, out: Path, peer_mlir: str | None = None,
                  cases: list | None = None) -> list[str]:
     """`cases`: (model, dtype, tp, form) rows instead of the section's own (the dashboard)."""
-    from halo_mlir import capacity
+    from halo_mlir.analysis import capacity
     from halo_mlir.config import preset
 
     context = 2048
@@ -324,7 +324,7 @@ def cost_section(quick: bool, out: Path, peer_mlir: str | None = None,
                  (("8b", "f16", 1), ("70b", "f16", 8), ("405b", "f16", 8), ("405b", "fp8", 8))
                  for form in ("unrolled", "loop")]
     lines = ["### Cost of the compiled program", "",
-             f"`halo-mlir cost` (gfx942, mi300x constants of `halo_mlir/gpus.py`) of "
+             f"`halo-mlir cost` (gfx942, mi300x constants of `halo_mlir/toolchain/gpus.py`) of "
              f"`decode_bs{{1,4}}`, context {context} tokens; counts per layer per device "
              "(unrolled: 3 layers minus 2; loop: its body); KV and weight MB read per layer per "
              "device; the step time for the whole model (unrolled: the 2-layer step + the "
@@ -388,7 +388,7 @@ def header(args) -> list[str]:
 
 def write(path: Path, head: list[str], sections: dict[str, list[str]]) -> None:
     """Replace the generated block of `path`, keeping the sections not rerun."""
-    from halo_mlir.io_utils import atomic_write
+    from halo_mlir.support.io import atomic_write
 
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     old = text[text.index(BEGIN):text.index(END)] if BEGIN in text and END in text else ""

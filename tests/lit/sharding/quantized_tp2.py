@@ -6,7 +6,7 @@
 # sizes, one contraction per device on its own shard.
 from halo_mlir.api import module_text
 from halo_mlir.config import from_hf_dict
-from halo_mlir.model.llama import EmitOptions, emit_module
+from halo_mlir.model.decoder import EmitOptions, emit_module
 from halo_mlir.sharding_passes.pipeline import shard_module
 
 # CHECK-DAG: util.global private @"blk.0.attn_output.weight:d.shard.1" {stream.affinity = #hal.device.promise<@__device_1>} = #flow.parameter.named<"model"::"blk.0.attn_output.weight:d.shard.1"> : tensor<512x1xf16>

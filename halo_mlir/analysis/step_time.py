@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from halo_mlir.gpus import GpuSpec
+from halo_mlir.toolchain.gpus import GpuSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ TARGET_FLAGS: dict[str, list[str]] = {
 def target_flags(target: str, iree=None) -> list[str]:
     """Flags for `target` under the IREE release `iree` (a compat row; default: the
     installed one)."""
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
 
     try:
         flags = TARGET_FLAGS[target]
@@ -65,7 +65,7 @@ def device_flags(target: str, tp: int) -> list[str]:
 def _check_attention(src: Path, target: str) -> None:
     """A fused attention op that the installed release crashes on for `target` (compat.py):
     say so instead of iree-compile's crash dump."""
-    from halo_mlir import compat
+    from halo_mlir.toolchain import compat
 
     iree = compat.current()
     if iree.attention_for(target) == "fused" or src.suffix == ".mlirbc":

@@ -68,7 +68,7 @@ def cache_numpy_dtype(name: str):
 
 class Generator:
     def __init__(self, files: ModelFiles, *, driver: str = "local-task", pages: int = 64):
-        from halo_mlir.runtime import Program
+        from halo_mlir.inference.runtime import Program
 
         kv = files.config["paged_kv_cache"]
         self.stride = kv["block_seq_stride"]
@@ -265,7 +265,7 @@ def chat(gen: Generator, tok, messages: list[dict], max_tokens: int = 128, *,
     "content": str}, ...]): the model's chat template with the generation prompt, stopped
     at the model's end-of-turn token. A tokenizer without a chat template is an error
     (use `complete`)."""
-    from halo_mlir.chat import ChatFormat
+    from halo_mlir.inference.chat import ChatFormat
 
     fmt = ChatFormat.of(tok)
     if fmt is None:
@@ -345,15 +345,15 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     shard over that many devices (one parameter file a rank)."""
     from iree.compiler import version as iree_version
 
-    from halo_mlir import __version__
+    from halo_mlir.support.version import __version__
     from halo_mlir.api import module_text, write_module
-    from halo_mlir.compile import compile_file
+    from halo_mlir.toolchain.compile import compile_file
     from halo_mlir.model.attention_form import resolve
-    from halo_mlir.model.llama import EmitOptions, emit_module
+    from halo_mlir.model.decoder import EmitOptions, emit_module
     from halo_mlir.model.service_config import service_config
     from halo_mlir.params.gguf_import import import_gguf, layer_loop_note, weight_formats
     from halo_mlir.params.irpa import rank_paths
-    from halo_mlir.progress import Progress
+    from halo_mlir.support.progress import Progress
 
     target, _ = DEVICES[device]
     gguf = g.path

@@ -54,7 +54,7 @@ class Program:
         import iree.runtime as rt
 
         self._rt = rt
-        from halo_mlir.io_utils import check_parameter_file, check_vmfb
+        from halo_mlir.support.io import check_parameter_file, check_vmfb
 
         check_vmfb(vmfb)
         for p in params:

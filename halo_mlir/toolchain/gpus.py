@@ -17,7 +17,7 @@ class GpuSpec:
     link_bytes_per_s: float      # per link, per direction, bytes/s
     transfer_latency_s: float    # latency of one dependent cross-device step, s
     description: str
-    # Fixed costs of the step-time model (cost_model.py); assumptions, see below.
+    # Fixed costs of the step-time model (step_time.py); assumptions, see below.
     kernel_launch_s: float = 2e-6   # one dispatch, on top of its bytes/FLOPs time
     copy_fixed_s: float = 2e-6      # one copy (a DMA or blit), on top of its bytes
     host_wait_s: float = 20e-6      # the host blocking on the device, then submitting again

@@ -1,7 +1,7 @@
 """Reading gfx942 ISA dumped by iree-compile (`--iree-hal-dump-executable-files-to=DIR`):
 split the `*.rocmasm` text by kernel and count each kernel's vector-memory loads by width.
 
-    from halo_mlir.isa import load_widths
+    from halo_mlir.toolchain.isa import load_widths
     for name, w in load_widths(dump).items():
         print(name, w)   # {'b128': 12, 'b16': 4, ...}
 

@@ -1,0 +1,1 @@
+"""What a program costs: the compiled stream IR read (`cost`), the memory plan (`plan`), the step-time model."""

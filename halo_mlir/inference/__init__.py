@@ -1,0 +1,1 @@
+"""Running a compiled program: the runtime, generation and chat, perplexity."""

@@ -1,0 +1,1 @@
+"""Number formats: GGUF block formats and FP8 (e4m3 fnuz) scales."""

@@ -1,0 +1,1 @@
+"""Plumbing every layer may use: atomic file writes, progress lines."""
