@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import HaloError, lookup
 
 # Family name -> whether it is a mixture of experts (the families themselves, with their
 # blocks and parameter names, are in halo_mlir.model.families and halo_mlir.params.names).
@@ -171,10 +171,7 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def preset(name: str) -> LlamaConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise HaloError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+    return lookup(PRESETS, name, "preset")
 
 
 def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:

@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 from halo_mlir.config import LlamaConfig
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import HaloError, lookup
 from halo_mlir.params.names import param_shapes
 from halo_mlir.sharding_passes.plan import Split, weight_sharding
 
@@ -40,10 +40,7 @@ DTYPES = {
 
 
 def dtype_spec(dtype: str) -> DtypeSpec:
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise HaloError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
+    return lookup(DTYPES, dtype, "--dtype")
 
 
 # ---------------------------------------------------------------------------------------

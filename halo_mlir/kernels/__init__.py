@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import lookup
 from halo_mlir.kernels import attention, fp8, moe, quantized
 from halo_mlir.kernels.registry import TEMPLATE_DIR, Kernel, render
 
@@ -22,10 +22,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [*quantized.KERNELS, *attention
 
 
 def kernel(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise HaloError(f"unknown kernel {name!r}: choose one of {', '.join(KERNELS)}") from None
+    return lookup(KERNELS, name, "kernel")
 
 
 def instantiate(b, name: str, template_dir: Path | None = None, **values) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import HaloError, lookup
 from halo_mlir.ops.ffn import silu_mul
 from halo_mlir.ops.moe import moe_ffn, moe_ffn_expert_groups, moe_ffn_grouped
 
@@ -88,8 +88,4 @@ FAMILIES = {
 
 
 def family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise HaloError(f"unknown model family {name!r}: choose one of "
-                        f"{', '.join(FAMILIES)}") from None
+    return lookup(FAMILIES, name, "model family")

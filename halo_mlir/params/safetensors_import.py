@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from halo_mlir.config import LlamaConfig
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import HaloError, lookup
 from halo_mlir.params import irpa
 from halo_mlir.params.names import FUSED_EXPERTS_MARK, hf_sources, param_shapes, split_source
 from halo_mlir.params.safetensors_file import SafetensorsFile
@@ -23,11 +23,7 @@ _CHUNK_BYTES = 64 << 20
 def numpy_dtype(dtype: str) -> np.dtype:
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
-    try:
-        return np.dtype(NUMPY_DTYPES[dtype])
-    except KeyError:
-        raise HaloError(f"unknown parameter dtype {dtype!r}: choose one of "
-                        f"{', '.join(NUMPY_DTYPES)}") from None
+    return np.dtype(lookup(NUMPY_DTYPES, dtype, "parameter dtype"))
 
 
 def checkpoint_files(path: Path) -> dict[str, Path] | Path:

@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import lookup
 
 BLOCK = 32  # Q8_0 / Q4_1
 SUPER_BLOCK = 256  # the K-quants (llama.cpp's QK_K)
@@ -103,8 +103,4 @@ BY_GGML = {f.ggml: f for f in FORMATS.values()}
 
 
 def quant_format(name: str) -> QuantFormat:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise HaloError(f"unknown quantized format {name!r}: choose one of "
-                        f"{', '.join(FORMATS)}") from None
+    return lookup(FORMATS, name, "quantized format")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import HaloError, lookup
 
 TARGET_FLAGS: dict[str, list[str]] = {
     # MI300X. The chip flag's name depends on the IREE release (compat.py): {rocm_target}.
@@ -35,11 +35,7 @@ def target_flags(target: str, iree=None) -> list[str]:
     installed one)."""
     from halo_mlir.toolchain import compat
 
-    try:
-        flags = TARGET_FLAGS[target]
-    except KeyError:
-        raise HaloError(f"unknown target {target!r}: choose one of {', '.join(TARGET_FLAGS)}") \
-            from None
+    flags = lookup(TARGET_FLAGS, target, "target")
     iree = iree or compat.current()
     return [f.format(rocm_target=iree.rocm_target_flag) for f in flags] + \
         list(iree.extra_flags.get(target, ()))

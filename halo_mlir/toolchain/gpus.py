@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from halo_mlir.errors import HaloError
+from halo_mlir.errors import lookup
 
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
@@ -78,9 +78,6 @@ GPUS: dict[str, GpuSpec] = {
 
 def gpu_spec(name: str) -> GpuSpec:
     """The GpuSpec called `name`; HaloError listing the known names otherwise."""
-    try:
-        return GPUS[name]
-    except KeyError:
-        raise HaloError(f"unknown GPU {name!r}: choose one of {', '.join(GPUS)}") from None
+    return lookup(GPUS, name, "GPU")
 
 
