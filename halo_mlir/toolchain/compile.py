@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -150,6 +150,42 @@ KNOWN_FAILURES = {
 }
 
 
+# A folder of compiled modules keyed by their content: the same source, flags and IREE
+# release give the same output, copied instead of compiled again (the test suite sets it
+# to a folder of its session; a compile writing side files, `--...dump...`, is not cached).
+CACHE_ENV = "HALO_COMPILE_CACHE"
+
+
+def _cache_entry(src: Path, cmd: list[str], out: Path) -> Path | None:
+    import hashlib
+
+    from halo_mlir.toolchain import compat
+
+    root = os.environ.get(CACHE_ENV)
+    if not root or any("dump" in flag for flag in cmd):
+        return None
+    h = hashlib.sha256("\0".join([compat.installed_version(), *cmd[2:]]).encode())
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return Path(root) / f"{h.hexdigest()[:32]}{out.suffix}"
+
+
+def _failure(src: Path, out: Path, target: str, stderr: str) -> HaloError:
+    """One line for a failed iree-compile: its first error, the known fix if any, and the
+    file holding its whole output (often pages of IR)."""
+    log = out.with_name(f"{out.name}.iree-compile.log")
+    try:
+        log.write_text(stderr)
+        where = f"; its full output is in {log}"
+    except OSError:
+        where = ""
+    first = next((line.strip() for line in stderr.splitlines() if "error:" in line), "")
+    first = first[first.find("error:"):] if first else "no error message"
+    fix = next((f"; {fix}" for text, fix in KNOWN_FAILURES.items() if text in stderr), "")
+    return HaloError(f"iree-compile failed on {src} for {target}: {first[:300]}{fix}{where}")
+
+
 def compile_file(src: str | Path, out: str | Path, *, target: str,
                  extra_flags: list[str] | None = None, tp: int = 1, echo=print) -> float:
     """Compile `src` to `out` (written atomically). Returns the wall time in seconds."""
@@ -170,13 +206,18 @@ def compile_file(src: str | Path, out: str | Path, *, target: str,
         echo(f"note: mixture-of-experts module: adding {' '.join(moe)} (the experts' decode "
              "contraction does not compile in that pipeline)")
     start = time.perf_counter()
+    cached = _cache_entry(src, cmd, out)
     try:
-        proc = subprocess.run([*cmd, "-o", str(tmp)], stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            hint = next((f": {fix}" for text, fix in KNOWN_FAILURES.items()
-                         if text in proc.stderr), " (see above)")
-            raise HaloError(f"iree-compile failed on {src} for {target}{hint}")
+        if cached is not None and cached.exists():
+            shutil.copyfile(cached, tmp)
+        else:
+            proc = subprocess.run([*cmd, "-o", str(tmp)], stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise _failure(src, out, target, proc.stderr)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(tmp, cached.with_name(f".{cached.name}.partial"))
+                os.replace(cached.with_name(f".{cached.name}.partial"), cached)
         os.replace(tmp, out)
     except OSError as e:
         raise HaloError(f"{out}: cannot write ({e.strerror})") from None

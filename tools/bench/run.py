@@ -406,6 +406,8 @@ def write(path: Path, head: list[str], sections: dict[str, list[str]]) -> None:
 
 
 def main():
+    # Compile times are measured: never copied from a compile cache (toolchain/compile.py).
+    os.environ.pop("HALO_COMPILE_CACHE", None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for CI); with --dashboard: one gfx942 "
                     "compile and no full-depth measurements")
