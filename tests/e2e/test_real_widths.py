@@ -1,0 +1,71 @@
+"""Llama 3.1's real layer widths (hidden, heads, 8 kv heads, ffn, head_dim 128, llama3 RoPE
+scaling), a few layers and a small vocabulary, random weights: prefill of two right-padded
+rows and decode steps over shuffled pages, TP1 and TP8 on 8 CPU devices, every logit against
+transformers. The 8B width runs by default; 70B and 405B (one layer: 0.86 and 3.2 B
+parameters) under HALO_FULL=1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FULL
+from hf_reference import logits, make_model
+from test_llama_vs_hf import DECODE_STEPS, LENS, PREFILL_LEN, STRIDE
+from test_tp import TP_BOUND, build, run
+
+# (hidden, ffn, heads) of each Llama 3.1 preset; all have 8 kv heads and head_dim 128.
+WIDTHS = {"8b": (4096, 14336, 32), "70b": (8192, 28672, 64), "405b": (16384, 53248, 128)}
+CASES = [("8b", 2)] + ([("70b", 1), ("405b", 1)] if FULL else [])
+VOCAB = 512
+# HF's initialisation scale: activations stay O(1) through a real-width layer.
+WEIGHT_STD = 0.02
+
+
+def _reference_logits(model, tokens):
+    """transformers' logits for each row's prompt and each decode step (as `run` feeds them)."""
+    rng = np.random.default_rng(1)
+    rng.integers(0, VOCAB, size=(2, PREFILL_LEN))  # the prompt draw `run` made
+    seqs = [list(tokens[b, :n]) for b, n in enumerate(LENS)]
+    out = [[logits(model, s) for s in seqs]]
+    for _ in range(DECODE_STEPS):
+        new = rng.integers(0, VOCAB, size=(2, 1))
+        for b in range(2):
+            seqs[b].append(int(new[b, 0]))
+        out.append([logits(model, s)[-1] for s in seqs])
+    return out
+
+
+def _vs_reference(got, ref) -> float:
+    worst = max(float(np.abs(got[0][b, :LENS[b]] - ref[0][b]).max()) for b in range(2))
+    for step in range(DECODE_STEPS):
+        worst = max(worst, max(float(np.abs(got[step + 1][b, 0] - ref[step + 1][b]).max())
+                               for b in range(2)))
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,layers", CASES)
+def test_real_width_tp1_and_tp8_match_transformers(tmp_path, preset, layers):
+    hidden, ffn, heads = WIDTHS[preset]
+    model = make_model(tmp_path, seed=3, weight_std=WEIGHT_STD, vocab_size=VOCAB,
+                       hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=131072,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192})
+    page_elems = layers * 2 * 8 * STRIDE * 128
+    one, tokens = run(*build(tmp_path, 1), 1, page_elems, VOCAB)
+    ref = _reference_logits(model, tokens)
+    del model
+    eight, _ = run(*build(tmp_path, 8), 8, page_elems, VOCAB)
+    scale = max(float(np.abs(r).max()) for step in ref for r in step)
+    vs_hf, vs_hf8 = _vs_reference(one, ref), _vs_reference(eight, ref)
+    vs_tp1 = max(float(np.abs(a - b).max()) for a, b in zip(one, eight))
+    print(f"{preset} width, {layers} layer(s), f32: logits up to {scale:.2f}; max |TP1 - "
+          f"transformers| {vs_hf:.3g}, |TP8 - transformers| {vs_hf8:.3g}, |TP8 - TP1| "
+          f"{vs_tp1:.3g}")
+    assert scale > 0.5  # the logits carry signal, so the bounds below mean something
+    assert vs_hf <= 1e-3 and vs_hf8 <= 1e-3
+    assert vs_tp1 <= TP_BOUND
