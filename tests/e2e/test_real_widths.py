@@ -11,8 +11,8 @@ import pytest
 
 from conftest import FULL
 from hf_reference import logits, make_model
-from test_llama_vs_hf import DECODE_STEPS, LENS, PREFILL_LEN, STRIDE
-from test_tp import TP_BOUND, build, run
+from test_llama_vs_hf import LENS, PREFILL_LEN, STRIDE
+from test_tp import DECODE_STEPS, build, run
 
 # (hidden, ffn, heads) of each Llama 3.1 preset; all have 8 kv heads and head_dim 128.
 WIDTHS = {"8b": (4096, 14336, 32), "70b": (8192, 28672, 64), "405b": (16384, 53248, 128)}
@@ -20,6 +20,12 @@ CASES = [("8b", 2)] + ([("70b", 1), ("405b", 1)] if FULL else [])
 VOCAB = 512
 # HF's initialisation scale: activations stay O(1) through a real-width layer.
 WEIGHT_STD = 0.02
+# f32 summation-order noise grows with the contraction length (hidden and ffn: 4096 and 14336
+# at 8B). Measured at the 8B width, 2 layers (logits up to 5.2): TP1 vs transformers 3.3e-5,
+# TP8 vs transformers 3.4e-5, TP8 vs TP1 2.8e-5 (the toy models' TP bound, 2e-5, is for
+# contractions of ~100). The bounds scale with sqrt(ffn) for the wider presets (not measured
+# here: they run under HALO_FULL=1). A placement or indexing bug shows as 1e-2 or more.
+HF_BOUND_8B, TP_BOUND_8B = 1e-4, 5e-5
 
 
 def _reference_logits(model, tokens):
@@ -67,5 +73,6 @@ def test_real_width_tp1_and_tp8_match_transformers(tmp_path, preset, layers):
           f"transformers| {vs_hf:.3g}, |TP8 - transformers| {vs_hf8:.3g}, |TP8 - TP1| "
           f"{vs_tp1:.3g}")
     assert scale > 0.5  # the logits carry signal, so the bounds below mean something
-    assert vs_hf <= 1e-3 and vs_hf8 <= 1e-3
-    assert vs_tp1 <= TP_BOUND
+    widen = (ffn / WIDTHS["8b"][1]) ** 0.5
+    assert vs_hf <= HF_BOUND_8B * widen and vs_hf8 <= HF_BOUND_8B * widen
+    assert vs_tp1 <= TP_BOUND_8B * widen
