@@ -39,7 +39,8 @@ from pathlib import Path
 
 from halo_mlir.analysis import step_time
 from halo_mlir.analysis.step_time import Copy, Dispatch
-from halo_mlir.analysis.stream_ir import (analyze_executable, device_of, fold, segments)
+from halo_mlir.analysis.stream_ir import (analyze_executable, device_of, emitted_at, fold,
+                                          segments)
 from halo_mlir.errors import HaloError
 
 # The entries' arguments (docs/ABI.md): each dimension by name; the cache arguments follow.
@@ -277,7 +278,8 @@ class _Runner:
                 weight += r
         return Dispatch(name=fn, device=dev, bytes_read=read, bytes_written=written,
                         flops=cost.flops if cost else 0, dtype=cost.dtype if cost else "f16",
-                        kv_bytes_read=kv, weight_bytes_read=weight)
+                        kv_bytes_read=kv, weight_bytes_read=weight,
+                        where=emitted_at(op.location))
 
 
 # ---------------------------------------------------------------------------------------
@@ -544,7 +546,8 @@ def cost_file(path, *, target: str = "gfx942", tp: int | None = None, gpu: str =
     with tempfile.TemporaryDirectory(prefix="halo-cost-") as tmp:
         out = Path(tmp) / "stream.mlir"
         compile_file(path, out, target=target, tp=tp,
-                     extra_flags=["--compile-to=stream", *(extra_flags or [])], echo=echo)
+                     extra_flags=["--compile-to=stream", "--mlir-print-debuginfo",
+                                  *(extra_flags or [])], echo=echo)
         text = out.read_text()
     return cost_program(Program(text, str(path)), spec, context=context, stride=stride,
                         pages=pages, path=str(path), target=target)

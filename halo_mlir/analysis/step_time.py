@@ -38,6 +38,7 @@ class Dispatch:
     kv_bytes_read: int = 0       # of bytes_read: from the KV cache
     weight_bytes_read: int = 0   # of bytes_read: from parameters (globals)
     count: int = 1
+    where: str = ""              # the emitting op, from its location: blk.3.attn_q, output
 
 
 @dataclasses.dataclass(frozen=True)

@@ -370,3 +370,21 @@ def _read_bytes(v, users, shapes) -> int | None:
                     for op, i in uses):
         return 0
     return full
+
+
+_LAYER_LOC = re.compile(r"^blk\.(\d+)$")
+_BLOCK_OP_LOC = re.compile(r"^blk\.\*\.(.+)$")
+
+
+def emitted_at(location) -> str:
+    """The emitter's name for an op from its location: `blk.3.attn_q` for
+    `callsite("blk.*.attn_q" at callsite("blk.3" at "decode_bs4"))`, `blk.3.attention` for a
+    templated kernel's op inside it, `output` for `callsite("output" at "decode_bs4")`; a
+    layer-loop body has no layer index (`blk.*.attn_q`). "" when it names none."""
+    names = [n for n in re.findall(r'"([^"]*)"', str(location)) if n and n != "-"]
+    layer = next((m.group(1) for n in names if (m := _LAYER_LOC.match(n))), None)
+    op = next((m.group(1) for n in names if (m := _BLOCK_OP_LOC.match(n))), None)
+    if op is not None:
+        return f"blk.{layer if layer is not None else '*'}.{op}"
+    return next((n for n in names if not re.match(r"^(decode|prefill)_bs\d+", n)
+                 and not _LAYER_LOC.match(n)), "")

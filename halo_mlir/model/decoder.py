@@ -233,13 +233,16 @@ class _Model:
         b, cfg, dt = self.b, self.cfg, self.dt
 
         def linear_(name, x):
+            """The block's weight `name` applied to x, located at blk.i.NAME (so a profile
+            names the FFN's gate, up and down apart)."""
             w = weights[name]
-            if isinstance(w, tuple) and w[0] == "fp8":
-                return fp8_linear(b, x, *w[1], dtype=dt)
-            if isinstance(w, tuple):
-                return quantized_linear(b, x, w[0], w[1], block_shapes(cfg)[
-                    f"blk.{{i}}.{name}.weight"][0], dtype=dt)
-            return linear(b, x, w, dtype=dt)
+            with b.at(f"blk.{i}.{name}"):
+                if isinstance(w, tuple) and w[0] == "fp8":
+                    return fp8_linear(b, x, *w[1], dtype=dt)
+                if isinstance(w, tuple):
+                    return quantized_linear(b, x, w[0], w[1], block_shapes(cfg)[
+                        f"blk.{{i}}.{name}.weight"][0], dtype=dt)
+                return linear(b, x, w, dtype=dt)
 
         with b.at(f"blk.{i}.attn_norm"):
             x = rmsnorm(b, h, weights["attn_norm"], eps=cfg.rms_eps, dtype=dt)

@@ -315,3 +315,29 @@ def test_bad_inputs(toy, tmp_path):
                     r"unknown GPU 'h100'")
     _one_line_error(_halo("cost", toy / "toy2-tp2.mlir", "--tp", 4, check=False),
                     r"places work on 2 device\(s\) but --tp is 4")
+
+
+def test_each_dispatch_names_the_op_that_emitted_it(toy):
+    """From the stream IR's locations: every decode dispatch of a 2-layer toy names its layer
+    and op, in program order, the FFN's three linears apart."""
+    m = cost.cost_file(toy / "toy2-tp1.mlir", target="cpu", echo=lambda s: None)
+    dec = next(e for e in m.entries if e.name == "decode_bs4$async")
+    where = [d.where for d in dec.dispatch_records]
+    assert all(where), where
+    for layer in (0, 1):
+        ops = [w.split(".", 2)[2] for w in where if w.startswith(f"blk.{layer}.")]
+        assert [o for o in ops if o.startswith(("attn_", "ffn_"))] == [
+            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_up",
+            "ffn_gate", "ffn_down"], ops
+        assert "attention" in ops and "kv_cache" in ops
+    assert where[-1] == "output" and "token_embd" in where
+
+
+def test_emitted_at_reads_the_emitter_locations():
+    assert stream_ir.emitted_at('loc(callsite("blk.*.attn_q" at callsite("blk.3" at '
+                                '"decode_bs4")))') == "blk.3.attn_q"
+    assert stream_ir.emitted_at('loc(callsite("-":51:11 at callsite("blk.*.attention" at '
+                                'callsite("blk.0" at "decode_bs4"))))') == "blk.0.attention"
+    assert stream_ir.emitted_at('loc(callsite("output" at "decode_bs4"))') == "output"
+    assert stream_ir.emitted_at('loc(callsite("blk.*.ffn_up" at "blk"))') == "blk.*.ffn_up"
+    assert stream_ir.emitted_at("loc(unknown)") == ""
