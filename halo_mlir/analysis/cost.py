@@ -237,6 +237,10 @@ class _Runner:
                 self._commands(op.regions[0].blocks[0], env, dev, bid, marks)
             elif name == "stream.cmd.dispatch":
                 rec = self._dispatch(op, env, dev)
+                if rec.where.startswith("blk.*.") and self.block_runs[bid] > 0:
+                    # a layer loop's body: its layer is the iteration
+                    rec = dataclasses.replace(rec, where=f"blk.{self.block_runs[bid] - 1}."
+                                                         f"{rec.where[len('blk.*.'):]}")
                 self.events.append(Event("dispatch", bid, dev, rec, rec.name))
             elif name == "stream.cmd.copy":
                 src, _, src_off, dst, _, dst_off, length = op.operands

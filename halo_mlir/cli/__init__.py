@@ -31,6 +31,6 @@ def main():
 
 
 for command in (build.emit, build.compile_cmd, build.opt, params.import_params,
-                estimate.plan_cmd, estimate.cost_cmd, serve.export_shortfin_cmd, run.generate,
+                estimate.plan_cmd, estimate.cost_cmd, estimate.profile_cmd, serve.export_shortfin_cmd, run.generate,
                 run.perplexity, kernel.kernel_group):
     main.add_command(command)

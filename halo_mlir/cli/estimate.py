@@ -1,4 +1,5 @@
-"""plan and cost: what a model needs per device, and what its compiled step costs."""
+"""plan, cost and profile: what a model needs per device, what its compiled step should
+cost, and what it measures."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import click
 
 from halo_mlir.cli.common import MOE_PARALLEL_HELP, moe_parallel_option, reports_errors, tp_option
+from halo_mlir.errors import HaloError
 
 
 @click.command("plan", short_help="Memory and latency estimate, no compile.")
@@ -69,3 +71,50 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
     if minus:
         report = cost.per_layer_by_difference(report, run(minus))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else cost_report.format_report(report))
+
+
+@click.command("profile", short_help="Run and time each dispatch (HAL profiling).")
+@click.argument("module", type=click.Path())
+@click.option("--config", "config_path", required=True, type=click.Path(),
+              help="The module's config.json (emit --output-config).")
+@click.option("--params", multiple=True, type=click.Path(),
+              help="Its IRPA file(s) (rank files for --tp N modules).")
+@click.option("--random-params", is_flag=True,
+              help="Profile without weights: splats of the parameter shapes of --source.")
+@click.option("--source", type=click.Path(),
+              help="The .mlir the module was compiled from: names each dispatch by the op "
+                   "that emitted it (blk.3.attn_q) and gives --random-params their shapes.")
+@click.option("--device", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "hip", "cuda"]), help="Where it runs.")
+@click.option("--bs", type=int, help="Batch size (default: the module's first decode one).")
+@click.option("--prompt-len", default=32, show_default=True, type=int,
+              help="Tokens each row prefills; decode continues from there.")
+@click.option("--steps", default=4, show_default=True, type=int,
+              help="Decode steps measured (after a warm-up call).")
+@click.option("--json", "json_out", type=click.Path(), help="Write the report as JSON here.")
+@reports_errors
+def profile_cmd(module, config_path, params, random_params, source, device, bs, prompt_len,
+                steps, json_out):
+    """One prefill and --steps decode steps with IREE's HAL profiling: per step time,
+    dispatches and copies per device, time by kind of op, the top dispatches."""
+    from pathlib import Path
+
+    from halo_mlir.inference import profile
+    from halo_mlir.support.io import atomic_write
+
+    if bool(params) == random_params:
+        raise HaloError("pass the module's parameters with --params, or --random-params with "
+                        "--source")
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HaloError(f"{config_path}: cannot read the model config ({e})") from None
+    report = profile.profile(module, config=config, params=[Path(p) for p in params],
+                             device=device, bs=bs, prompt_len=prompt_len, steps=steps,
+                             source=source, random_params=random_params,
+                             echo=lambda m: click.echo(m, err=True))
+    if json_out:
+        with atomic_write(json_out) as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    click.echo(profile.format_report(report))
