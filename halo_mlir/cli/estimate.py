@@ -22,7 +22,7 @@ from halo_mlir.errors import HaloError
               help="Weight dtype (fp8: linear weights in 1 byte, the rest f16).")
 @click.option("--max-seq-len", type=int, help="Tokens per sequence (default: the model's).")
 @click.option("--batch", default=1, show_default=True, type=int, help="Concurrent sequences.")
-@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
+@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX), mi300x-cpx, h100 or h200.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--require-fit", is_flag=True, help="Exit 1 with the shortfall when it does not fit.")
 @reports_errors
@@ -45,7 +45,7 @@ def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu,
 @click.option("--target", default="gfx942", show_default=True,
               help="gfx942 (MI300X), cpu, cpu-generic or cuda.")
 @tp_option("Devices the module was sharded for (default: its own).", default=None)
-@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX) or mi300x-cpx.")
+@click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX), mi300x-cpx, h100 or h200.")
 @click.option("--context", default=2048, show_default=True, type=int,
               help="Tokens of context of the costed call (decode: each sequence's length; "
                    "prefill: the prompt length).")

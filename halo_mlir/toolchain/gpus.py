@@ -76,6 +76,23 @@ GPUS: dict[str, GpuSpec] = {
 }
 
 
+# NVIDIA H100 SXM5 and H200 (the lent device machines, for `tools/bench/device.py` to set
+# its measurements beside an estimate): NVIDIA's datasheets: H100 80 GB HBM3 at 3.35 TB/s,
+# H200 141 GB HBM3e at 4.8 TB/s; both dense BF16/FP16 989.4 TFLOPS, FP8 1978.9 TFLOPS, TF32
+# 494.7 TFLOPS (the f32 matmul column: IREE may use TF32 tensor cores or not); NVLink 4:
+# 18 links, 900 GB/s in all both ways, so 25 GB/s per direction per link. Latencies and
+# fixed costs: the same assumptions as MI300X's until a device check measures them. fp8
+# is e4m3fn there (the model's f8E4M3FNUZ does not compile for cuda).
+_H100_PEAK = {"f16": 989.4e12, "bf16": 989.4e12, "fp8": 1978.9e12, "f32": 494.7e12}
+GPUS["h100"] = GpuSpec(
+    name="h100", memory_bytes=80e9, hbm_bytes_per_s=3.35e12, peak_flops=_H100_PEAK, links=18,
+    link_bytes_per_s=25e9, transfer_latency_s=10e-6,
+    description="NVIDIA H100 SXM5: 80 GB HBM3, 3.35 TB/s, 989.4 TFLOPS f16")
+GPUS["h200"] = dataclasses.replace(
+    GPUS["h100"], name="h200", memory_bytes=141e9, hbm_bytes_per_s=4.8e12,
+    description="NVIDIA H200: 141 GB HBM3e, 4.8 TB/s, 989.4 TFLOPS f16")
+
+
 def gpu_spec(name: str) -> GpuSpec:
     """The GpuSpec called `name`; HaloError listing the known names otherwise."""
     return lookup(GPUS, name, "GPU")

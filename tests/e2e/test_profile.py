@@ -113,3 +113,28 @@ def test_bad_input(work):
     rt.save_archive_file({"x": np.zeros(4, np.float32)}, str(empty))
     assert_one_line_error(halo("profile", other[1], "--config", other[2], "--params", empty,
                                check=False), "profiling")
+
+
+def test_device_check_dry_run_on_cpu(tmp_path):
+    """tools/bench/device.py --device cpu --quick: the GPU check's whole path here (toy, 2
+    and 3 layers): measured, estimated and roofline step times, per layer, the suggested
+    launch constant."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "tools" / "bench" / "device.py"
+    out = tmp_path / "dry.json"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick",
+                           "--steps", "2", "-o", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    small, big = r["depths"]
+    assert (small["layers"], big["layers"]) == (2, 3)
+    assert big["dispatches"] > small["dispatches"] > 0
+    for row in (small, big):
+        assert row["measured_step_ms"] >= row["measured_dispatch_ms"] > 0
+        assert row["estimated_step_ms"] > row["roofline_ms"] > 0
+    assert r["per_layer"]["measured_step_ms"] > 0 and r["suggested"]["kernel_launch_s"] > 0
+    assert "calibrated: mi300x (cpu)" in proc.stdout
