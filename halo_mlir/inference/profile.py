@@ -257,12 +257,15 @@ def by_kind(named: list[dict]) -> dict[str, dict]:
 def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str = "cpu",
             bs: int | None = None, prompt_len: int = 32, steps: int = 4,
             source: str | Path | None = None, random_params: bool = False,
-            echo=print) -> dict:
+            perfetto: str | Path | None = None, echo=print) -> dict:
     """Profile one prefill and `steps` decode steps (each after a warm-up call); the report
-    as a dict (format_report prints it)."""
+    as a dict (format_report prints it). `perfetto`: also write the decode steps as a
+    Perfetto trace there."""
     from halo_mlir.analysis import cost
 
     lookup(DEVICES, device, "--device")
+    if perfetto is not None:
+        check_perfetto()
     if steps < 1:
         raise HaloError(f"--steps must be at least 1, got {steps}")
     if prompt_len < 1:
@@ -296,6 +299,8 @@ def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str =
             named = [name_events(c, records.get(call.function, [])) for c in per_call]
             steps_ = [step_summary(n, devices, copies) for n in named]
             last = named[-1]
+            if name == "decode" and perfetto is not None:
+                write_perfetto(work / f"{name}.ireeprof", Path(perfetto))
             report[name] = {
                 **{k: steps_[-1][k] for k in ("dispatches_per_step", "copies_per_step")},
                 "step_ms": float(np.median([s["step_ms"] for s in steps_])),
@@ -305,6 +310,31 @@ def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str =
                 "top": sorted(last, key=lambda e: -e["time_ns"])[:10],
                 "dispatches": last}
     return report
+
+
+def check_perfetto() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("perfetto") is None:
+        raise HaloError("--perfetto needs the perfetto package: pip install 'halo-mlir[profile]' "
+                        "(or pip install perfetto protobuf)")
+
+
+def write_perfetto(prof: Path, out: Path) -> None:
+    """The bundle as a Perfetto trace (`iree-profile export` | `iree-profile-render`)."""
+    import sys
+
+    exported = subprocess.run([runtime_tool("iree-profile"), "export", "--format=ireeperf-jsonl",
+                               "--output=-", str(prof)], capture_output=True)
+    if exported.returncode != 0:
+        raise HaloError(f"iree-profile export failed: {exported.stderr.decode()[-300:]}")
+    tmp = out.with_name(f".{out.name}.partial")
+    render = subprocess.run([sys.executable, "-m", "iree._runtime.scripts.iree_profile_render",
+                             "-", "-o", str(tmp)], input=exported.stdout, capture_output=True)
+    if render.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise HaloError(f"iree-profile-render failed: {render.stderr.decode().strip()[-300:]}")
+    tmp.replace(out)
 
 
 def _profiled_events(vmfb, params, devices, device, call, calls, out: Path, tries: int = 3):

@@ -136,5 +136,24 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     for row in (small, big):
         assert row["measured_step_ms"] >= row["measured_dispatch_ms"] > 0
         assert row["estimated_step_ms"] > row["roofline_ms"] > 0
-    assert r["per_layer"]["measured_step_ms"] > 0 and r["suggested"]["kernel_launch_s"] > 0
+    # the measured per-layer difference is noise-sized for the toy on shared cores; the
+    # estimate's is not
+    assert r["per_layer"]["estimated_step_ms"] > 0 and r["suggested"]["kernel_launch_s"] > 0
     assert "calibrated: mi300x (cpu)" in proc.stdout
+
+
+def test_perfetto_trace_or_one_line_error(work):
+    """--perfetto writes a trace where the perfetto package is installed (the `profile`
+    extra), and says how to get it in one line where not."""
+    import importlib.util
+
+    mlir, vmfb, config = build(work, "toy", ["--model", "toy"], 1, False, 2)
+    out = work / "decode.pftrace"
+    proc = halo("profile", vmfb, "--config", config, "--random-params", "--source", mlir,
+                "--steps", 1, "--perfetto", out, check=False)
+    if importlib.util.find_spec("perfetto") is None:
+        assert_one_line_error(proc, "perfetto", "pip install")
+        assert not out.exists()
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_size > 1000

@@ -293,7 +293,7 @@ def test_tp_must_divide_kv_heads(tp):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    ({"gpu": "h100"}, r"unknown GPU 'h100': choose one of mi300x, mi300x-cpx"),
+    ({"gpu": "b200"}, r"unknown GPU 'b200': choose one of mi300x, mi300x-cpx, h100, h200"),
     ({"dtype": "int4"}, r"unknown --dtype 'int4'"),
     ({"kv_dtype": "f64"}, r"unknown --kv-dtype 'f64'"),
     ({"batch": 0}, r"--batch must be at least 1"),

@@ -311,8 +311,8 @@ def test_bad_inputs(toy, tmp_path):
     other = tmp_path / "other.mlir"
     other.write_text("module {\n  func.func @main() {\n    return\n  }\n}\n")
     _one_line_error(_halo("cost", other, check=False), r"no decode_bs\* entry")
-    _one_line_error(_halo("cost", toy / "toy2-tp1.mlir", "--gpu", "h100", check=False),
-                    r"unknown GPU 'h100'")
+    _one_line_error(_halo("cost", toy / "toy2-tp1.mlir", "--gpu", "b200", check=False),
+                    r"unknown GPU 'b200'")
     _one_line_error(_halo("cost", toy / "toy2-tp2.mlir", "--tp", 4, check=False),
                     r"places work on 2 device\(s\) but --tp is 4")
 

@@ -21,7 +21,7 @@ def test_plan_does_not_fit_names_the_shortfall():
 
 
 def test_plan_bad_input():
-    assert_one_line_error(halo("plan", "--model", "8b", "--gpu", "h100", check=False),
+    assert_one_line_error(halo("plan", "--model", "8b", "--gpu", "b200", check=False),
                           "unknown GPU")
     assert_one_line_error(halo("plan", "--model", "8b", "--tp", "3", check=False),
                           "does not divide the kv heads")
