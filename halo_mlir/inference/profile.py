@@ -270,7 +270,11 @@ def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str =
         raise HaloError(f"--steps must be at least 1, got {steps}")
     if prompt_len < 1:
         raise HaloError(f"--prompt-len must be at least 1, got {prompt_len}")
-    vmfb = Path(vmfb)
+    from halo_mlir.support.io import check_parameter_file, check_vmfb
+
+    vmfb = check_vmfb(vmfb)  # before any work: a wrong file is one line
+    for p in params:
+        check_parameter_file(p)
     devices = len(config["paged_kv_cache"]["paged_kv_block_size_elements_per_device"])
     bs = bs or config["decode_batch_sizes"][0]
     if random_params and source is None:

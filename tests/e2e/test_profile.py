@@ -100,6 +100,11 @@ def test_bad_input(work):
     assert_one_line_error(halo(*base, "--random-params", "--source", mlir, "--steps", 0,
                                check=False), "--steps must be at least 1")
     assert_one_line_error(halo(*base, check=False), "--params", "--random-params")
+    assert_one_line_error(halo("profile", work / "missing.vmfb", "--config", config,
+                               "--random-params", "--source", mlir, check=False),
+                          "missing.vmfb: no such file")
+    assert_one_line_error(halo("profile", config, "--config", config, "--random-params",
+                               "--source", mlir, check=False), "compiled module")
     assert_one_line_error(halo(*base, "--random-params", check=False), "--source")
     assert_one_line_error(halo(*base, "--random-params", "--source", mlir, "--bs", 3,
                                check=False), "bs3", "--bs")
