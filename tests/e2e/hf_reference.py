@@ -50,21 +50,70 @@ def config_json(out_dir: Path) -> dict:
 
 
 # ---- FP8 (`--dtype fp8`): the same quantize-dequantize applied to the HF model ---------
-def fake_quant(x, rscale: float):
+def fake_quant(x, rscale: float, roundings=None, pos_axis: int = 1):
     """x / rscale saturated to +-240, rounded to f8E4M3FNUZ, times rscale (torch)."""
     import torch
 
-    q = (x.float() / rscale).clamp(-240.0, 240.0).to(torch.float8_e4m3fnuz)
-    return q.float() * rscale
+    y = (x.float() / rscale).clamp(-240.0, 240.0)
+    if roundings is not None:
+        return roundings(y, pos_axis) * rscale
+    return y.to(torch.float8_e4m3fnuz).float() * rscale
 
 
-def fp8_model(model, params: dict, *, fused: bool = True):
+class Roundings:
+    """The fp8 roundings of `fp8_model`'s forward passes, numbered in call order (site).
+
+    An element whose value before rounding lies within `tol` (relative) of the midpoint
+    between two fp8 values is *near*: f32 summation order or FMA contraction (the CPU's
+    vector code, the BLAS kernel) can put it on either side, so a program agreeing with the
+    model to f32 rounding may round it the other way. Each forward records its near
+    elements in `near` ({(site, index): (position, distance)}); those in `flips` are rounded to the
+    other neighbour. An index is the element's full index (positions absolute), so a key
+    names the same element in every prefix of a sequence. Call `start` before each forward."""
+
+    def __init__(self, tol: float = 0.0, flips=()):
+        import ml_dtypes
+        import torch
+
+        self.tol, self.flips, self.near, self.site = tol, set(flips), {}, 0
+        grid = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fnuz).astype(np.float32)
+        self.grid = torch.from_numpy(np.unique(grid[np.isfinite(grid)]))
+
+    def start(self, flips=()):
+        self.flips, self.near, self.site = set(flips), {}, 0
+
+    def __call__(self, y, pos_axis: int):
+        import torch
+
+        site, self.site = self.site, self.site + 1
+        q = y.to(torch.float8_e4m3fnuz).float()
+        if not self.tol and not self.flips:
+            return q
+        i = torch.searchsorted(self.grid, q.contiguous())
+        side = torch.sign(y - q).long()
+        alt = self.grid[(i + side).clamp(0, len(self.grid) - 1)]
+        dist = (y - (q + alt) / 2).abs() / y.abs().clamp_min(1e-30)
+        near = (side != 0) & (dist <= self.tol)
+        for idx in map(tuple, torch.nonzero(near).tolist()):
+            self.near[(site, idx)] = (idx[pos_axis], float(dist[idx]))
+        mine = [idx for s, idx in self.flips if s == site and all(a < b for a, b in
+                                                                    zip(idx, y.shape))]
+        if mine:
+            q = q.clone()
+            for idx in mine:
+                q[idx] = alt[idx]
+        return q
+
+
+def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings | None = None):
     """A copy of `model` computing as halo's `--dtype fp8` program with the FP8 parameters
     `params` (key -> numpy array, halo_mlir.quantization.fp8 names): linear weights are their fp8 values
     times `:d` (per-tensor) or each row times its `:d_rows` entry (per-channel); each linear's input is fake-quantized with its `q_input:rscale`; Q (after
     RoPE) with `attn_q.q_output:rscale`, K and V with `kv_cache.quantizer:rscale` (as the
     fp8 cache holds them). `fused`: as `iree_linalg_ext.attention` computes with fp8 V, the
-    softmax weights exp(s - max) are rounded to fp8 before P @ V (their sum is not)."""
+    softmax weights exp(s - max) are rounded to fp8 before P @ V (their sum is not).
+    `roundings`: a `Roundings` that does every fp8 rounding (to find and flip near-midpoint
+    elements; kept as `m.fp8_roundings`)."""
     import copy
 
     import torch
@@ -92,7 +141,8 @@ def fp8_model(model, params: dict, *, fused: bool = True):
             with torch.no_grad():
                 mod.weight.copy_(torch.from_numpy(fp8.dequantize(qs, d)))
             rs = scalar(fp8.input_scale_key(i, names[mod_name]))
-            mod.register_forward_pre_hook(lambda _m, args, rs=rs: (fake_quant(args[0], rs),))
+            mod.register_forward_pre_hook(
+                lambda _m, args, rs=rs: (fake_quant(args[0], rs, roundings),))
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
         # In the program's order: fp8 values unscaled, q and k's scales folded into the
@@ -100,9 +150,9 @@ def fp8_model(model, params: dict, *, fused: bool = True):
         i = module.layer_idx
         q_rs, kv_rs = scalar(fp8.q_scale_key(i)), scalar(fp8.kv_scale_key(i))
         groups = query.shape[1] // key.shape[1]
-        q = fake_quant(query, q_rs) / q_rs
-        k = modeling_llama.repeat_kv(fake_quant(key, kv_rs) / kv_rs, groups)
-        v = modeling_llama.repeat_kv(fake_quant(value, kv_rs) / kv_rs, groups)
+        q = fake_quant(query, q_rs, roundings, 2) / q_rs
+        k = modeling_llama.repeat_kv(fake_quant(key, kv_rs, roundings, 2) / kv_rs, groups)
+        v = modeling_llama.repeat_kv(fake_quant(value, kv_rs, roundings, 2) / kv_rs, groups)
         scale = np.float32(scaling) * (np.float32(q_rs) * np.float32(kv_rs))
         scores = (q @ k.transpose(2, 3)) * float(scale)
         if attention_mask is not None:
@@ -110,12 +160,13 @@ def fp8_model(model, params: dict, *, fused: bool = True):
         p = torch.exp(scores - scores.amax(-1, keepdim=True))
         denom = p.sum(-1, keepdim=True)
         if fused:  # the fused op multiplies P by V in V's type: P rounded to fp8
-            p = p.to(torch.float8_e4m3fnuz).float()
+            p = roundings(p, 2) if roundings is not None else p.to(torch.float8_e4m3fnuz).float()
         return ((p @ v) / denom * kv_rs).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("halo_fp8", attention)
     AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     m.config._attn_implementation = "halo_fp8"
+    m.fp8_roundings = roundings
     return m
 
 
@@ -160,3 +211,48 @@ def router_choices(model, tokens: list[int]) -> list[np.ndarray]:
     k = model.config.num_experts_per_tok
     return [torch.topk(torch.softmax(r.float(), -1), k, dim=-1).indices.numpy()
             for r in out.router_logits]
+
+
+def fp8_errors_with_flips(ref, results, bound: float, max_flips: int):
+    """Per result (logits [n, vocab] for the last n tokens of seq): its |logit error| per
+    position against the fp8 reference `ref` (made with a `Roundings`), after rounding the
+    other way the fewest near-midpoint elements (greedily, at most `max_flips` a sequence)
+    that bring every position within `bound`. A result starts from the flips of the last
+    earlier result whose tokens it extends (a decode step from its prefill's), or from none
+    where those fail. Returns
+    [(errors [n], {key: (position, relative distance to the midpoint)} flipped)]."""
+    rd = ref.fp8_roundings
+    out, done = [], []
+
+    def error(got, seq, flips):
+        rd.start(flips)
+        return np.abs(got - logits(ref, seq)[-len(got):]).max(-1), dict(rd.near)
+
+    def search(got, seq, flips):
+        err, near = error(got, seq, flips)
+        while np.any(err >= bound) and len(flips) < max_flips:
+            first = int(np.argmax(err >= bound))
+            pos = len(seq) - len(got) + first
+            best = None
+            for key, (p, dist) in near.items():
+                if p > pos or key in flips:
+                    continue
+                e, n = error(got, seq, {**flips, key: (p, dist)})
+                score = (int(np.argmax(e >= bound)) if np.any(e >= bound) else len(e), -e[first])
+                if score > (first, -err[first]) and (best is None or score > best[0]):
+                    best = (score, key, (p, dist))
+            if best is None:
+                break
+            flips[best[1]] = best[2]
+            err, near = error(got, seq, flips)
+        return err, flips
+
+    for got, seq in results:
+        # BLAS kernels can differ with the sequence length: the inherited flips may be wrong.
+        err, flips = search(got, seq, next((dict(f) for s, f in reversed(done)
+                                            if seq[:len(s)] == s), {}))
+        if np.any(err >= bound) and flips:
+            err, flips = search(got, seq, {})
+        out.append((err, flips))
+        done.append((list(seq), flips))
+    return out

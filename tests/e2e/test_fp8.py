@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import halo
-from hf_reference import AWKWARD, fp8_model, logits, make_model
+from hf_reference import (AWKWARD, Roundings, fp8_errors_with_flips, fp8_model, logits,
+                          make_model)
 
 STRIDE = 8
 PAGES = 12
@@ -25,6 +26,11 @@ PREFILL_LEN = 16
 DECODE_STEPS = 4
 BLOCK_IDS = np.array([[7, 2, 9, 5], [4, 11, 0, 3]], dtype=np.int64)
 WEIGHT_STD = 0.08  # logits reach ~3; fp8's 3-bit mantissa error grows with larger weights
+# f32 activations: an fp8 rounding whose input lies this close (relative) to a midpoint may
+# go either way (program vs torch: summation order, FMA, exp; NOTES.md). Measured on Zen4
+# (host and generic code, MKL default and MKL_CBWR=COMPATIBLE): 6.2e-8 and 8.1e-6.
+FLIP_TOL = 2e-5
+MAX_FLIPS = 4  # such roundings the reference may take the other way, per sequence (measured: 2)
 
 
 def read_params(paths, float_dtype=np.float32) -> dict:
@@ -104,6 +110,15 @@ def run(vmfb, params, model, *, tp=1):
     return results, host
 
 
+def flip_errors(results, ref, bound=1e-3):
+    """(max, mean, flips) |logit error| against the fp8 reference `ref` (f32 activations)
+    where up to MAX_FLIPS near-midpoint fp8 roundings a sequence may go the other way, and
+    the most flips one sequence took."""
+    out = fp8_errors_with_flips(ref, results, bound, MAX_FLIPS)
+    return (max(float(e.max()) for e, _ in out), float(np.mean([e.mean() for e, _ in out])),
+            max(len(f) for _, f in out))
+
+
 def errors(results, model):
     """(max, mean) |logit error| against `model` over every prefill row and decode step."""
     diffs = [np.abs(got - logits(model, seq)[-len(got):]) for got, seq in results]
@@ -112,33 +127,23 @@ def errors(results, model):
 
 @pytest.mark.parametrize("attention", ["paged", "decomposed"])
 def test_fp8_f32_activations_match_fake_quant_reference(checkpoint, attention):
-    """Every fp8 rounding as in the reference, up to rounding flips: a value within an ulp
-    of an fp8 rounding midpoint lands on either side depending on the f32 summation order
-    (IREE's kernels vs torch's MKL sgemm, both of which differ by CPU), and later fp8
-    roundings carry a flip to the logits (~0.1). Rows without a flip agree to f32 rounding
-    (1e-6). On an AMD EPYC (AVX-512) with torch 2.13: layer 0's ffn_down input of row 1 at
-    position 0, element 152, is -15.500001 in torch (1 ulp past the -15.5 midpoint: -16) and
-    rounds to -15 in the program, so every result of row 1 departs (0.07-0.10; flipping that
-    one element in the reference brings all to 1.3e-6); decomposed also flips one layer-1
-    K/V input of row 0 at position 6 (8e-6 from a midpoint), so every result departs
-    (0.06-0.12). So: every result within what flips give (0.2), `paged` (the default) with at
-    least half the results at f32 rounding, and the program much closer to the quantized
-    reference than to the unquantized model (mean 0.011-0.020 against 0.087-0.090)."""
+    """Every fp8 rounding as in the reference: agreement to f32 rounding (1e-3 on logits of
+    ~3; measured ~1e-6, 1.6e-4 after a flip) at every position of every prefill row and
+    decode step, once the few fp8 roundings whose inputs lie within FLIP_TOL of a midpoint
+    are allowed to go the program's way (one such flip moves logits by ~0.1; NOTES.md).
+    `paged` (the default) attends with the fused op over fp8 pages."""
     d, model, irpa = checkpoint
     vmfb = build(d, f"f32_{attention}", "--activation-dtype", "f32", "--attention", attention)
     results, _ = run(vmfb, [irpa], model)
-    ref = fp8_model(model, read_params([irpa]), fused=attention != "decomposed")
-    worst, mean = errors(results, ref)
+    ref = fp8_model(model, read_params([irpa]), fused=attention != "decomposed",
+                    roundings=Roundings(FLIP_TOL))
+    worst, mean, flips = flip_errors(results, ref)
     quant_err = errors(results, model)
     print(f"fp8 ({attention}, f32 activations): vs fake-quant reference max {worst:.2e} "
-          f"mean {mean:.2e}; vs unquantized f32 model max {quant_err[0]:.3f} "
-          f"mean {quant_err[1]:.3f}")
-    per_result = sorted(float(np.abs(got - logits(ref, seq)[-len(got):]).max())
-                        for got, seq in results)
-    assert worst < 0.2, per_result
-    if attention != "decomposed":
-        assert sum(e < 1e-3 for e in per_result) >= len(per_result) // 2, per_result
-    assert quant_err[1] > 4 * mean  # the reference is the quantized model, not the f32 one
+          f"mean {mean:.2e} ({flips} near-midpoint roundings flipped); vs unquantized f32 "
+          f"model max {quant_err[0]:.3f} mean {quant_err[1]:.3f}")
+    assert worst < 1e-3
+    assert quant_err[1] > 5 * mean  # the reference is the quantized model, not the f32 one
 
 
 def test_fp8_default_f16_activations(checkpoint):
@@ -232,14 +237,15 @@ def test_per_channel_f32_activations_match_fake_quant_reference(per_channel):
     results, _ = run(vmfb, [irpa], model)
     params = read_params([irpa])
     assert params["blk.0.ffn_up.weight:d_rows"].shape == (model.config.intermediate_size,)
-    worst, mean = errors(results, fp8_model(model, params))
+    worst, mean, flips = flip_errors(results, fp8_model(model, params,
+                                                         roundings=Roundings(FLIP_TOL)))
     q_worst, q_mean = errors(results, model)
     tensor_results, _ = run(build(d, "f32_paged", "--activation-dtype", "f32"),
                             [d / "w8.irpa"], model)
     t_worst, t_mean = errors(tensor_results, model)
     print(f"fp8 per-channel (f32 activations): vs fake-quant reference max {worst:.2e} mean "
-          f"{mean:.2e}; vs unquantized max {q_worst:.3f} mean {q_mean:.4f} (per-tensor: max "
-          f"{t_worst:.3f} mean {t_mean:.4f})")
+          f"{mean:.2e} ({flips} flipped); vs unquantized max {q_worst:.3f} mean {q_mean:.4f} "
+          f"(per-tensor: max {t_worst:.3f} mean {t_mean:.4f})")
     assert worst < 1e-3
     assert q_mean > 5 * mean  # the reference is the quantized model, not the f32 one
     assert q_mean < t_mean
@@ -305,7 +311,7 @@ def test_fp8_scales_mismatch_is_one_line(per_channel):
 def test_fp8_two_query_heads_per_kv_head_at_batch_1(tmp_path):
     """IREE's CPU codegen fails on the fp8 decode attention op at batch 1 with 1-2 query
     heads per kv head: `--attention auto` emits decomposed attention there, which compiles
-    and matches the fake-quant reference (f32 activations; the decomposed bound above)."""
+    and matches the fake-quant reference (f32 activations; the bound above)."""
     import ml_dtypes
 
     from halo_mlir.inference.runtime import Program
@@ -347,12 +353,11 @@ def test_fp8_two_query_heads_per_kv_head_at_batch_1(tmp_path):
             out = prog.decode(np.array([[new]], np.int64), start + 1, start, pages, [cache])
             seq.append(new)
             results.append((out[0, :1].astype(np.float32), list(seq)))
-    ref = fp8_model(model, read_params([irpa]), fused=False)
-    per_result = sorted(float(np.abs(got - logits(ref, s)[-len(got):]).max())
-                        for got, s in results)
-    print(f"fp8 G=2 bs 1 decomposed vs fake-quant reference: {per_result}")
-    assert sum(e < 1e-3 for e in per_result) >= len(per_result) // 2, per_result
-    assert per_result[-1] < 0.2, per_result
+    ref = fp8_model(model, read_params([irpa]), fused=False, roundings=Roundings(FLIP_TOL))
+    worst, mean, flips = flip_errors(results, ref)
+    print(f"fp8 G=2 bs 1 decomposed vs fake-quant reference: max {worst:.2e} mean {mean:.2e} "
+          f"({flips} flipped)")
+    assert worst < 1e-3
 
 
 def test_fp8_cache_write_compiles_for_cpu_at_batch_4(tmp_path):
