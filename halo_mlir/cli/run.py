@@ -34,8 +34,10 @@ def _model_options(fn):
                      metavar="per-tensor|per-channel",
                      help="With --gguf --dtype fp8: one scale per weight or per output row "
                           "(docs/fp8-per-channel.md)."),
-        click.option("--keep-quantized", is_flag=True,
-                     help="Run Q8_0/Q4_1/Q4_K/Q6_K weights natively instead of dequantizing them."),
+        click.option("--keep-quantized/--dequantize", default=None,
+                     help="With --gguf: run Q8_0/Q4_1/Q4_K/Q6_K weights natively, or "
+                          "dequantize them to --dtype (default: kept quantized on cpu at "
+                          "--tp 1, the fastest form measured there; dequantized elsewhere)."),
         click.option("--pages", default=64, show_default=True, help="KV-cache pages."),
         click.option("--layer-loop", is_flag=True,
                      help="With --gguf: build the program with the decoder stack as a loop."),
@@ -50,10 +52,17 @@ def _model_options(fn):
 def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_quantized,
                 pages, layer_loop, fp8_scales="per-tensor", tp=1):
     """(Generator, tokenizer) from --gguf, or from --vmfb/--params/--config."""
-    from halo_mlir.quantization.fp8 import check_scales
-    from halo_mlir.inference.generate import DEVICES, Generator, ModelFiles, build_from_gguf, default_gguf
+    from halo_mlir.inference.generate import (
+        DEVICES,
+        Generator,
+        ModelFiles,
+        build_from_gguf,
+        default_gguf,
+        default_keep_quantized,
+    )
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.params.tokenizer import GgufTokenizer, JsonTokenizer
+    from halo_mlir.quantization.fp8 import check_scales
 
     check_scales(fp8_scales)
     if fp8_scales != "per-tensor" and (vmfb or dtype != "fp8"):
@@ -92,7 +101,10 @@ def _open_model(gguf, vmfb, params, config_path, tokenizer, device, dtype, keep_
         else:
             raise HaloError("no tokenizer: pass --tokenizer tokenizer.json or --gguf FILE")
         if not vmfb:
-            files = build_from_gguf(g, dtype=dtype or ("f32" if device == "cpu" else "f16"),
+            dtype = dtype or ("f32" if device == "cpu" else "f16")
+            if keep_quantized is None:
+                keep_quantized = default_keep_quantized(device, dtype, tp)
+            files = build_from_gguf(g, dtype=dtype,
                                     keep_quantized=keep_quantized, device=device,
                                     layer_loop=layer_loop, fp8_scales=fp8_scales, tp=tp,
                                     echo=lambda m: click.echo(m, err=True))

@@ -296,6 +296,14 @@ def default_gguf() -> str | None:
     return str(path) if path.exists() else None
 
 
+def default_keep_quantized(device: str, dtype: str, tp: int) -> bool:
+    """generate's weight form when neither --keep-quantized nor --dequantize is given: the
+    GGUF's blocks kept on the CPU at one device (SmolLM2 Q4_1 decodes 2.2x faster than f32
+    there, with the same greedy tokens: BENCHMARKS.md); dequantized for fp8, over several
+    devices (the lane-sum form, not measured faster) and on GPUs (not measured)."""
+    return device == "cpu" and dtype != "fp8" and tp == 1
+
+
 # ---- building from a GGUF, cached ------------------------------------------------------
 def cache_dir() -> Path:
     root = os.environ.get("HALO_CACHE_DIR") or os.path.join(

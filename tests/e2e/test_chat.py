@@ -1,4 +1,5 @@
-"""Chat generation with SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, CPU) against
+"""Chat generation with SmolLM2-135M-Instruct (Q4_1 GGUF in generate's default CPU form: the
+Q4_1 / Q8_0 blocks kept quantized) against
 transformers loading the same GGUF: the chat prompt's tokens, greedy replies token for token
 to the end-of-turn token, --raw completion, seeded sampling, streamed text, a model without
 a chat template. The compiled model is shared with test_smollm2.py (one compile per
@@ -24,7 +25,9 @@ LIMIT = 64  # the replies end well before this
 
 @pytest.fixture(scope="module")
 def model(ours):
-    gen, tok = ours(False)
+    from halo_mlir.inference.generate import default_keep_quantized
+
+    gen, tok = ours(default_keep_quantized("cpu", "f32", 1))  # what the CLI runs
     yield gen, tok
     gen.close()
 
@@ -105,7 +108,7 @@ def test_model_files_with_and_without_a_chat_template(tmp_path, model):
 
     gen, tok = model
     with GgufFile(gguf_path()) as g:
-        files = build_from_gguf(g, dtype="f32", keep_quantized=False, device="cpu",
+        files = build_from_gguf(g, dtype="f32", keep_quantized=True, device="cpu",
                                 echo=lambda m: None)  # the cached build
     (tmp_path / "config.json").write_text(json.dumps(files.config))
     tok.save(tmp_path / "tokenizer.json")
