@@ -22,8 +22,10 @@ halo-mlir's GGUF tokenizer makes of --prompt, so both sides see the same ids. Re
 engine: first-token time (prompt evaluation + first token), decode tokens/s after the first
 token ((N - 1) / time from first to last token), each the median of --repeats runs after one
 warm-up run (halo-mlir's warm-up also fills its compile cache), and where the greedy ids
-depart from llama.cpp's. halo-mlir's threads: IREE's local-task driver uses one worker per
-core; llama.cpp gets --threads (default: the machine's core count, so both use all cores).
+depart from llama.cpp's. Both engines get --threads (default: the machine's core count):
+llama.cpp's n_threads and IREE's local-task workers. llama.cpp runs at its defaults (its
+default CPU kernels and buffer types). The engines run one after the other, not alternated:
+for numbers to quote use tools/bench/quantized_cpu.py --parts decode (docs/cpu-quantized.md).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def halo_run(args) -> None:
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.params.tokenizer import GgufTokenizer
 
+    import iree.runtime as rt
+
+    rt.flags.parse_flags(f"--task_topology_max_group_count={args.threads}")  # before any device
     g = GgufFile(args.gguf)
     try:
         tok = GgufTokenizer(g)
@@ -95,20 +100,8 @@ def halo_run(args) -> None:
 # ---- llama.cpp side (runs in the llama-cpp-python venv) ----------------------------------
 def llama_runs(gguf: str, ids: list[int], tokens: int, threads: int, repeats: int) -> dict:
     import llama_cpp
-    import llama_cpp.llama
     import numpy as np
 
-    # This build (0.3.36 from source, GGML_NATIVE on an AVX-512 + AMX host) crashes in
-    # llama_decode when weights go to the extra (repacked / AMX) buffer types; plain CPU
-    # buffers work. Llama() builds its model params from this function, so patch it.
-    defaults = llama_cpp.llama_model_default_params
-
-    def model_params():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
     # logits_all: 0.3.36's eval() keeps logits (`scores`) only then.
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=max(512, len(ids) + tokens + 8),
                           n_threads=threads, n_threads_batch=threads, n_batch=512,
@@ -153,10 +146,11 @@ def main() -> None:
         q.add_argument("--repeats", type=int, default=3, help="timed runs (after a warm-up)")
     h.add_argument("--dtype", default="f32")
     h.add_argument("--keep-quantized", action="store_true")
+    h.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--halo-python", default=str(REPO.parent / "main" / ".venv" / "bin" / "python"),
                    help="python of the venv holding halo-mlir's dependencies")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="llama.cpp threads (IREE's local-task uses every core)")
+                   help="threads of both engines (llama.cpp n_threads, IREE local-task workers)")
     p.add_argument("--forms", default=",".join(FORMS),
                    help="comma-separated halo-mlir forms to run: " + ", ".join(FORMS))
     p.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -178,6 +172,7 @@ def main() -> None:
         form = FORMS[label]
         cmd = [args.halo_python, __file__, "halo-run", "--gguf", args.gguf, "--prompt", args.prompt,
                "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--threads", str(args.threads),
                "--dtype", form["dtype"], *(["--keep-quantized"] if form["keep_quantized"] else [])]
         print(f"halo-mlir {label} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -192,13 +187,13 @@ def main() -> None:
     load = os.getloadavg()
     lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF (`{Path(args.gguf).name}`), prompt {args.prompt!r} "
              f"({len(ids)} tokens), {args.tokens} greedy tokens, CPU, {os.cpu_count()} cores, "
-             f"llama.cpp threads {args.threads}; medians of {args.repeats} runs after a warm-up; "
+             f"{args.threads} thread(s) each engine, one engine after the other; medians of {args.repeats} runs after a warm-up; "
              f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
              "",
              "| engine | weights | first token (s) | decode tokens/s | greedy ids vs llama.cpp |",
              "|---|---|---|---|---|",
-             f"| llama.cpp (llama-cpp-python {ref['version']}) | Q4_1 / Q8_0 as stored "
-             f"(activations quantized to Q8_1 / Q8_0) | {median(ref['runs'], 'first_s'):.3f} | "
+             f"| llama.cpp (llama-cpp-python {ref['version']}, default kernels) | as stored "
+             f"(activations quantized to 8 bits) | {median(ref['runs'], 'first_s'):.3f} | "
              f"{median(ref['runs'], 'decode_tps'):.1f} | - |"]
     for label, r in halo.items():
         at = first_divergence(r["runs"][0]["ids"], ref_ids)

@@ -16,10 +16,14 @@ llama.cpp's own quantizer (tools/quantize_gguf.py) unless they are there already
 machine may be shared: every measurement alternates its forms within a round (form A, B, C,
 then again) and reports the median of --rounds rounds, with the load average.
 
-Decode: one halo-mlir worker process builds every form (the compile cache is
-$HALO_CACHE_DIR, default ~/.cache/halo_mlir) and keeps it loaded; llama.cpp's models stay
-loaded in this process; each round runs every form once, halo-mlir and llama.cpp in turn.
-Per run: first-token time (prompt + first token) and decode tokens/s after the first token.
+Decode, per thread count of --threads (default 1 and the core count): one halo-mlir worker
+process builds every form (the compile cache is $HALO_CACHE_DIR, default ~/.cache/halo_mlir)
+and keeps it loaded, its IREE local-task driver limited to that many workers; llama.cpp's
+models stay loaded in this process with as many threads and its default CPU kernels
+(repacked weight buffers where it has them); each round runs every form once, a file's
+halo-mlir forms next to llama.cpp on that file, odd rounds in reverse order. Per run:
+first-token time (prompt + first token) and decode tokens/s after the first token, with
+each halo-mlir form's ratio to llama.cpp on the same file.
 Imports: `python -m halo_mlir import-params --gguf F --keep-quantized` per file, wall time
 and the child's peak RSS (wait4). 8B: a sparse GGUF with Llama 3 8B's tensor table (every
 matrix Q4_K, the output Q6_K; its data all zeros, never read by emit) -> `emit --tp 8
@@ -61,6 +65,10 @@ def halo_worker(args) -> None:
     from halo_mlir.params.gguf_file import GgufFile
     from halo_mlir.params.tokenizer import GgufTokenizer
 
+    import iree.runtime as rt
+
+    # IREE's local-task workers: as many as llama.cpp's threads (before any device exists)
+    rt.flags.parse_flags(f"--task_topology_max_group_count={args.threads}")
     files = json.loads(args.files_json)
     gens, ids = {}, None
     for label, (which, opts) in HALO_FORMS.items():
@@ -211,29 +219,30 @@ def make_files(args, env) -> dict[str, str]:
 
 
 def bench_decode(args, files, env) -> list[str]:
+    """Per thread count: halo-mlir's forms and llama.cpp (its default kernels: repacked
+    buffers where it has them) on the same files, alternating within each round."""
+    lines = []
+    for threads in (int(t) for t in str(args.threads).split(",")):
+        lines += decode_at(args, files, env, threads) + [""]
+    return lines
+
+
+def decode_at(args, files, env, threads: int) -> list[str]:
     sys.path.insert(0, str(REPO / "tools"))
     from bench_peer_llamacpp import first_divergence
 
     import llama_cpp
-    import llama_cpp.llama
     import numpy as np
 
+    load_before = load_line()
     worker = subprocess.Popen([args.halo_python, __file__, "halo-worker", "--files-json",
                                json.dumps(files), "--tokens", str(args.tokens), "--prompt",
-                               args.prompt], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
+                               args.prompt, "--threads", str(threads)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     ready = json.loads(worker.stdout.readline())
     ids = ready["prompt_ids"]
-    defaults = llama_cpp.llama_model_default_params
-
-    def model_params():  # plain CPU buffers: see tools/bench_peer_llamacpp.py
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
-    llms = {k: llama_cpp.Llama(model_path=files[k], n_ctx=512, n_threads=args.threads,
-                               n_threads_batch=args.threads, n_batch=512, logits_all=True,
+    llms = {k: llama_cpp.Llama(model_path=files[k], n_ctx=512, n_threads=threads,
+                               n_threads_batch=threads, n_batch=512, logits_all=True,
                                verbose=False) for k in LLAMA_FILES}
 
     def llama_once(llm):
@@ -255,39 +264,51 @@ def bench_decode(args, files, env) -> list[str]:
         worker.stdin.flush()
         return json.loads(worker.stdout.readline())
 
-    labels = [("halo", k) for k in HALO_FORMS] + [("llama", k) for k in LLAMA_FILES]
+    def once(lab):
+        return halo_once(lab[1]) if lab[0] == "halo" else llama_once(llms[lab[1]])
+
+    # each file's llama.cpp run next to the halo-mlir forms of that file
+    labels = []
+    for k in LLAMA_FILES:
+        labels += [("halo", f) for f, (which, _) in HALO_FORMS.items() if which == k]
+        labels.append(("llama", k))
     runs: dict = {lab: [] for lab in labels}
     for lab in labels:  # warm-up round
-        halo_once(lab[1]) if lab[0] == "halo" else llama_once(llms[lab[1]])
-    for r in range(args.rounds):
-        for lab in labels:
-            print(f"round {r + 1}: {lab[0]} {lab[1]}", file=sys.stderr, flush=True)
-            runs[lab].append(halo_once(lab[1]) if lab[0] == "halo" else llama_once(llms[lab[1]]))
+        once(lab)
+    for r in range(args.rounds):  # odd rounds in reverse: neither engine always goes first
+        for lab in (labels if r % 2 == 0 else labels[::-1]):
+            print(f"{threads} thread(s), round {r + 1}: {lab[0]} {lab[1]}", file=sys.stderr,
+                  flush=True)
+            runs[lab].append(once(lab))
     worker.stdin.close()
     worker.wait()
     med = {lab: (statistics.median(x["first_s"] for x in rs),
                  statistics.median(x["decode_tps"] for x in rs)) for lab, rs in runs.items()}
     lines = [f"SmolLM2-135M-Instruct, prompt {args.prompt!r} ({len(ids)} tokens), "
-             f"{args.tokens} greedy tokens, CPU ({os.cpu_count()} cores, llama.cpp threads "
-             f"{args.threads}); medians of {args.rounds} rounds, each round every form in turn; "
-             f"load average at the end {load_line()} (1/5/15 min).", "",
+             f"{args.tokens} greedy tokens, CPU ({os.cpu_count()} cores), **{threads} "
+             f"thread(s)** (llama.cpp n_threads, IREE local-task workers); llama.cpp "
+             f"{llama_cpp.__version__} with its default CPU kernels; medians of {args.rounds} "
+             f"rounds, each round every form in turn (odd rounds reversed); load average "
+             f"before {load_before}, after {load_line()} (1/5/15 min).", "",
              "| engine | file | weights as run | first token (s) | decode tokens/s | "
-             "greedy ids vs halo-mlir f32 (Q4_1 file) | vs llama.cpp on the same file |",
-             "|---|---|---|---|---|---|---|"]
+             "decode vs llama.cpp | first token vs llama.cpp | greedy ids vs llama.cpp |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def same(a, b):
         at = first_divergence(a, b)
         return f"all {len(a)} equal" if at is None else f"equal up to token {at}"
 
-    ref = runs[("halo", "f32")][0]["ids"]
     for (engine, k), (first, tps) in med.items():
         which = HALO_FORMS[k][0] if engine == "halo" else k
+        peer_first, peer_tps = med[("llama", which)]
         ids_ = runs[(engine, k)][0]["ids"]
-        peer = "-" if engine == "llama" else same(ids_, runs[("llama", which)][0]["ids"])
-        name = "halo-mlir" if engine == "halo" else f"llama.cpp {llama_cpp.__version__}"
-        form = k if engine == "halo" else "as stored"
-        lines.append(f"| {name} | {which} | {form} | {first:.3f} | {tps:.1f} | "
-                     f"{same(ids_, ref)} | {peer} |")
+        if engine == "llama":
+            name, form, ratios = f"llama.cpp {llama_cpp.__version__}", "as stored", "- | - | -"
+        else:
+            name, form = "halo-mlir", k
+            ratios = (f"{tps / peer_tps:.2f}x | {first / peer_first:.2f}x | "
+                      f"{same(ids_, runs[('llama', which)][0]['ids'])}")
+        lines.append(f"| {name} | {which} | {form} | {first:.3f} | {tps:.1f} | {ratios} |")
     return lines
 
 
@@ -354,6 +375,7 @@ def main() -> None:
     w.add_argument("--files-json", required=True)
     w.add_argument("--tokens", type=int, default=32)
     w.add_argument("--prompt", default=PROMPT)
+    w.add_argument("--threads", type=int, default=os.cpu_count())
     c = sub.add_parser("check", help="(halo venv) native vs dequantized logits on one GGUF")
     c.add_argument("--gguf", required=True)
     c.add_argument("--tokens", type=int, default=32)
@@ -366,7 +388,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", default=",".join(map(str, sorted({1, os.cpu_count()}))),
+                   help="comma-separated thread counts, each run by both engines (llama.cpp "
+                        "n_threads, IREE's local-task workers); default 1 and the core count")
     p.add_argument("--parts", default="decode,import,8b",
                    help="comma-separated: decode, import, 8b")
     p.add_argument("--compile-layers", type=int, default=2,
