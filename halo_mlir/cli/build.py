@@ -45,6 +45,14 @@ from halo_mlir.errors import HaloError
               help="With --dtype fp8: the weight scales' scheme the parameters were imported "
                    "with (`import-params --fp8-scales`): one per weight (KEY:d) or one per "
                    "output row (KEY:d_rows).")
+@click.option("--fp8-input-scales", default="static", show_default=True,
+              type=click.Choice(["static", "dynamic"]),
+              help="With --dtype fp8: each linear's input scale from the parameters "
+                   "(q_input:rscale), or each token's own, computed in the program from its "
+                   "amax (docs/fp8.md).")
+@click.option("--fp8-activation-ub", type=float,
+              help="With --fp8-input-scales dynamic: an upper bound on a token's amax "
+                   "(fbgemm's activation_scale_ub).")
 @click.option("--attention", default="auto", show_default=True,
               type=click.Choice(["auto", "paged", "fused", "decomposed"]),
               help="auto: paged where the paged kernels' constraints hold (head_dim a "
@@ -75,7 +83,8 @@ from halo_mlir.errors import HaloError
 @click.option("--output-config", type=click.Path(), help="Write the shortfin config.json here.")
 @reports_errors
 def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
-         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales, attention,
+         block_seq_stride, dtype, kv_cache_dtype, activation_dtype, fp8_scales,
+         fp8_input_scales, fp8_activation_ub, attention,
          template_dir, moe_prefill, layer_loop, tp, moe_parallel, allreduce, allreduce_dtype,
          device_block_count, locations, output,
          output_config):
@@ -98,6 +107,7 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
                        fp8_activations=activation_dtype, fp8_scales=fp8_scales,
+                       fp8_input_scales=fp8_input_scales, fp8_activation_ub=fp8_activation_ub,
                        moe_prefill=moe_prefill, moe_parallel=moe_parallel)
     opts, chosen = resolve(cfg, opts)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,

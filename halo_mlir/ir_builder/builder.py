@@ -358,6 +358,12 @@ class Builder(LinalgExtOps, EntryPoints):
                 for op in operands])
         return cached
 
+    @staticmethod
+    def tag(v: Value, name: str) -> Value:
+        """Put the unit attribute `name` on the op defining v (a mark for later passes)."""
+        v.owner.attributes[name] = ir.UnitAttr.get()
+        return v
+
     def barrier(self, v: Value) -> Value:
         """util.optimization_barrier: keep `v` opaque (e.g. a per-layer index kept out of
         kernels so every layer reuses the same ones)."""
@@ -433,6 +439,7 @@ class Builder(LinalgExtOps, EntryPoints):
     maxf = staticmethod(arith.maximumf)
     minf = staticmethod(arith.minimumf)
     negf = staticmethod(arith.negf)
+    absf = staticmethod(math.absf)
     exp = staticmethod(math.exp)
     tanh = staticmethod(math.tanh)
     rsqrt = staticmethod(math.rsqrt)

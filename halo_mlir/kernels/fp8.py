@@ -79,6 +79,30 @@ _MATMUL_ROWS = Harness(
     tolerance=lambda v: TOLERANCE[v["out_dtype"]] * 10 * max(1.0, np.sqrt(v["k"]) / 8))
 
 
+# ---- fp8_matmul_tokens: one input scale per row (dynamic per-token scales) ---------------
+def matmul_tokens_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Each input row and the weight dequantized with their scales, then the f32 matmul."""
+    x, xs, w, ws = ins
+    ws = ws.astype(np.float32)
+    w32 = w.astype(np.float32) * (ws[:, None] if ws.ndim else ws)
+    return [(x.astype(np.float32) * xs.astype(np.float32)[:, None]) @ w32.T]
+
+
+_MATMUL_TOKENS = Harness(
+    sizes={"m": (16, 256, "rows M of x (dynamic): tokens, each with its own scale")},
+    args=lambda v, z: ([Arg("x", (z["m"], v["k"]), FP8), Arg("x_scale", (z["m"],), "f32"),
+                        Arg("w", (v["n"], v["k"]), FP8),
+                        Arg("w_scale", (v["n"],) if v["w_scales"] == "rows" else (), "f32")],
+                       [Arg("out", (z["m"], v["n"]), v["out_dtype"])]),
+    inputs=lambda v, z, rng: [_fp8(rng, (z["m"], v["k"])), _row_scales(rng, z["m"]),
+                              _fp8(rng, (v["n"], v["k"])),
+                              _row_scales(rng, v["n"]) if v["w_scales"] == "rows"
+                              else np.array([SCALES[1]], np.float32)],
+    reference=matmul_tokens_reference,
+    # as fp8_matmul_rows: the scales reach ~10x their centre
+    tolerance=lambda v: TOLERANCE[v["out_dtype"]] * 10 * max(1.0, np.sqrt(v["k"]) / 8))
+
+
 # ---- fp8_attention -------------------------------------------------------------------
 def attention_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
     q, k, vv, lens, qs, ks, vs = ins
@@ -123,6 +147,17 @@ KERNELS = [
                        positive_multiple_of(32), 128),
             "out_dtype": Param(str, "result type", default="f16", choices=OUT_DTYPES)},
            harness=_MATMUL_ROWS),
+    Kernel("fp8_matmul_tokens",
+           "x[M,K] f8E4M3FNUZ with one scale per row x_scale[M] (dynamic per-token) @ "
+           "w[N,K]^T f8E4M3FNUZ with w_scale (0-d, or [N] with w_scales=rows) -> [M,N] "
+           "out_dtype (f32 accumulation)",
+           {"n": Param(int, "rows of w (output features)", positive, 64),
+            "k": Param(int, "the contraction: MFMA_F32_16x16x32_F8 needs a multiple of 32",
+                       positive_multiple_of(32), 128),
+            "w_scales": Param(str, "the weight's scales: one (tensor) or one per row (rows)",
+                              default="tensor", choices=("tensor", "rows")),
+            "out_dtype": Param(str, "result type", default="f16", choices=OUT_DTYPES)},
+           harness=_MATMUL_TOKENS),
     Kernel("fp8_attention",
            "q[N,KVH,G,S,D], k/v[N,KVH,T,D] f8E4M3FNUZ, seq_lens[N], q/k/v scales f32 -> "
            "[N,KVH,G,S,D] out_dtype: q/k scales folded into the softmax scale, v's on the output",

@@ -7,7 +7,6 @@ experts for Mixtral). The two entry points differ only in where a block's K/V co
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 from halo_mlir.quantization import fp8
@@ -18,124 +17,17 @@ from halo_mlir.ir_builder.entry_points import build_entry
 from halo_mlir.ops import kv_cache
 from halo_mlir.ops.attention import ATTENTION
 from halo_mlir.ops.embedding import embedding
-from halo_mlir.ops.fp8 import fp8_linear, quantize
+from halo_mlir.ops.fp8 import fp8_linear, fp8_linear_tokens, quantize
 from halo_mlir.ops.linear import add, linear
 from halo_mlir.ops.paged_attention import paged_decode, paged_prefill
 from halo_mlir.ops.norm import rmsnorm
 from halo_mlir.ops.quantized import quantized_embedding, quantized_linear
 from halo_mlir.ops.rope import rope, rope_table
 from halo_mlir.model.families import family
+from halo_mlir.model.options import (ATTENTION_FORMS, DTYPES, KV_CACHE_DTYPES,  # noqa: F401
+                                     MOE_PREFILL_FORMS, EmitOptions)
 from halo_mlir.params.names import block_shapes, block_weights, stacked_key
 from halo_mlir.quantization.blocks import quant_format
-from halo_mlir.sharding_passes.plan import MOE_PARALLEL  # how --tp splits experts
-
-# fp8: linear weights and activations in f8E4M3FNUZ (halo_mlir.quantization.fp8), the rest in f16.
-DTYPES = ("f16", "bf16", "f32", "fp8")
-KV_CACHE_DTYPES = ("f16", "bf16", "f32", "fp8")
-# paged: the templated kernels reading the cache pages (halo_mlir/kernels/attention.py);
-# fused / decomposed: K/V gathered first, then one attention op or matmul-softmax-matmul;
-# auto: paged where the kernels' constraints hold, else fused (model/attention_form.py).
-ATTENTION_FORMS = ("auto", "paged", *ATTENTION)
-# How a mixture-of-experts prefill runs its experts (ops/moe.py): `grouped` sorts the
-# (token, slot) pairs by expert and runs one matmul chain per expert; `gather` reads each
-# token's experts' weights inside the contraction (the decode form).
-MOE_PREFILL_FORMS = ("grouped", "gather")
-
-
-@dataclasses.dataclass(frozen=True)
-class EmitOptions:
-    bs_prefill: tuple[int, ...] = (4,)
-    bs_decode: tuple[int, ...] = (4,)
-    block_seq_stride: int = 32
-    dtype: str = "f16"
-    attention: str = "auto"
-    # (ABI key, quantized format) for weights kept in a block format (see halo_mlir.quantization.blocks).
-    weight_formats: tuple[tuple[str, str], ...] = ()
-    # The decoder stack as one `scf.for` over stacked weights (parameter layout `stacked`).
-    layer_loop: bool = False
-    # Render templated kernels from this folder (an author's edited copy) when set.
-    template_dir: str | None = None
-    # The KV cache's dtype; None: fp8 for an fp8 model, else the activation dtype.
-    kv_cache_dtype: str | None = None
-    # An fp8 model's norms, residuals, attention output and logits (docs/ABI.md: f16); f32 makes
-    # the fp8 roundings the only difference from an f32 reference.
-    fp8_activations: str = "f16"
-    # Mixture-of-experts families only: the prefill's expert form (MOE_PREFILL_FORMS).
-    moe_prefill: str = "grouped"
-    # Mixture-of-experts families only: `ffn` (each expert's ffn rows split over the devices
-    # by --tp) or `expert` (expert parallelism: whole experts per device, the experts run in
-    # `moe_groups` groups, one per device; `api.emit_to_file` sets it to tp).
-    moe_parallel: str = "ffn"
-    moe_groups: int = 1
-    # An fp8 model's weight scales (fp8.SCALES): per-tensor `KEY:d` [] or per-channel
-    # `KEY:d_rows` [out], as the parameters were imported (`import-params --fp8-scales`).
-    fp8_scales: str = "per-tensor"
-    # Q8_0 / Q4_1 matmuls: 0 one in-order reduction (GPUs), 16 the lane-sum form that IREE's
-    # CPU codegen vectorizes (docs/cpu-quantized.md); `generate` picks 16 on cpu.
-    quant_lanes: int = 0
-    # Kept-quantized matmuls with more than one row per sequence (the prefill): False the
-    # dequantize-in-matmul kernel (GPUs); True the weight dequantized to f32 in a dispatch of
-    # its own, then a plain matmul (docs/cpu-quantized.md); `generate` picks True on cpu.
-    quant_prefill_dequant: bool = False
-    # Q8_0 / Q4_1 / Q4_K matmuls with one row per sequence (the decode): False the kernels
-    # above; True `{fmt}_matmul_blocks`, the block loop unrolled into one elementwise op that
-    # IREE's CPU codegen vectorizes over 16/32 lanes; `generate` picks True on cpu.
-    quant_blocks: bool = False
-
-    @property
-    def activation_dtype(self) -> str:
-        return self.fp8_activations if self.dtype == "fp8" else self.dtype
-
-    @property
-    def cache_dtype(self) -> str:
-        """The KV cache's IR element type."""
-        kv = self.kv_cache_dtype or ("fp8" if self.dtype == "fp8" else self.dtype)
-        return fp8.FP8 if kv == "fp8" else kv
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise HaloError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.fp8_activations not in DTYPES[:3]:
-            raise HaloError(f"unknown --activation-dtype {self.fp8_activations!r}: choose one "
-                            f"of {', '.join(DTYPES[:3])}")
-        if self.fp8_activations != "f16" and self.dtype != "fp8":
-            raise HaloError("--activation-dtype applies to --dtype fp8 only (other models "
-                            "compute in --dtype)")
-        kv = self.kv_cache_dtype
-        if kv is not None:
-            if kv not in KV_CACHE_DTYPES:
-                raise HaloError(f"unknown --kv-cache-dtype {kv!r}: choose one of "
-                                f"{', '.join(KV_CACHE_DTYPES)}")
-            if kv == "fp8" and self.dtype != "fp8":
-                raise HaloError("--kv-cache-dtype fp8 needs --dtype fp8 (the cache's scales "
-                                "come with the fp8 parameters)")
-            if kv != "fp8" and kv != self.activation_dtype:
-                raise HaloError(f"--kv-cache-dtype {kv} with --dtype {self.dtype}: the cache "
-                                f"holds fp8 or the activation dtype ({self.activation_dtype})")
-        fp8.check_scales(self.fp8_scales)
-        if self.fp8_scales != "per-tensor" and self.dtype != "fp8":
-            raise HaloError("--fp8-scales applies to --dtype fp8 only")
-        if self.dtype == "fp8" and self.weight_formats:
-            raise HaloError("--dtype fp8 takes fp8 parameters (`import-params --quantize fp8`), "
-                            "not kept-quantized GGUF weights; drop --keep-quantized")
-        if self.attention not in ATTENTION_FORMS:
-            raise HaloError(f"unknown --attention {self.attention!r}: choose one of "
-                            f"{', '.join(ATTENTION_FORMS)}")
-        if self.moe_prefill not in MOE_PREFILL_FORMS:
-            raise HaloError(f"unknown --moe-prefill {self.moe_prefill!r}: choose one of "
-                            f"{', '.join(MOE_PREFILL_FORMS)}")
-        if self.moe_parallel not in MOE_PARALLEL:
-            raise HaloError(f"unknown --moe-parallel {self.moe_parallel!r}: choose one of "
-                            f"{', '.join(MOE_PARALLEL)}")
-        if self.moe_groups < 1 or (self.moe_groups > 1 and self.moe_parallel != "expert"):
-            raise HaloError(f"moe_groups {self.moe_groups}: groups of experts are for "
-                            "--moe-parallel expert (one per device)")
-        if self.block_seq_stride <= 0:
-            raise HaloError(f"--block-seq-stride must be positive, got {self.block_seq_stride}")
-        for bs in (*self.bs_prefill, *self.bs_decode):
-            if bs <= 0:
-                raise HaloError(f"batch sizes must be positive, got {bs}")
-
 
 class _Model:
     """Per-module emission state: config, options and the builder."""
@@ -155,10 +47,21 @@ class _Model:
         self.attention = self.family.attention_form(opts.attention)
         self.block_weights = block_weights(cfg)
         self.formats = dict(opts.weight_formats)
-        if opts.dtype == "fp8":  # every block linear: `KEY:qs`, `KEY:d` and its input scale
-            self.formats.update({f"blk.{i}.{name}.weight": "fp8" for i in range(cfg.n_layers)
-                                 for name in (*fp8.LINEARS, *fp8.EXPERTS)
-                                 if name in self.block_weights})
+        if opts.dtype == "fp8":  # the block linears: `KEY:qs`, `KEY:d` (and the input scale)
+            keys = {f"blk.{i}.{name}.weight" for i in range(cfg.n_layers)
+                    for name in (*fp8.LINEARS, *fp8.EXPERTS) if name in self.block_weights}
+            if opts.fp8_linears is not None:
+                unknown = sorted(set(opts.fp8_linears) - keys)
+                if unknown:
+                    raise HaloError(f"fp8 linear {unknown[0]} is not a linear of {cfg.name} "
+                                    f"({cfg.n_layers} layers); check the checkpoint's config")
+                keys &= set(opts.fp8_linears)
+            self.formats.update({key: "fp8" for key in keys})
+        self.fp8_dynamic = opts.fp8_input_scales == "dynamic"
+        if self.fp8_dynamic and any(f"{name}.weight" in key for key in self.formats
+                                    for name in fp8.EXPERTS):
+            raise HaloError("--fp8-input-scales dynamic runs dense linears; fp8 experts take "
+                            "static input scales (import-params --quantize fp8)")
         # Attention in fp8 over an fp8 cache: Q, K, V quantized with the layer's scales.
         self.kv_fp8 = opts.cache_dtype == fp8.FP8
         b.template_dir = opts.template_dir
@@ -172,9 +75,9 @@ class _Model:
                 if len(found) > 1:
                     shown = ", ".join(sorted(str(f or cfg.name and "float") for f in found))
                     raise HaloError(f"--layer-loop needs every layer's {name} weight in one "
-                                    f"format, found {shown}; take the formats from "
-                                    "gguf_import.weight_formats(..., layer_loop=True) (it "
-                                    "dequantizes such a kind) or emit without --layer-loop")
+                                    f"format, found {shown}; emit without --layer-loop (a "
+                                    "GGUF: gguf_import.weight_formats(..., layer_loop=True) "
+                                    "dequantizes such a kind)")
 
     def w(self, key: str, shape: Sequence[int]) -> Value:
         return self.b.param(key, shape, self.dt)
@@ -237,6 +140,9 @@ class _Model:
             names the FFN's gate, up and down apart)."""
             w = weights[name]
             with b.at(f"blk.{i}.{name}"):
+                if isinstance(w, tuple) and w[0] == "fp8" and self.fp8_dynamic:
+                    return fp8_linear_tokens(b, x, *w[1], dtype=dt,
+                                             ub=self.opts.fp8_activation_ub)
                 if isinstance(w, tuple) and w[0] == "fp8":
                     return fp8_linear(b, x, *w[1], dtype=dt)
                 if isinstance(w, tuple):
@@ -424,8 +330,9 @@ class _Stack:
                 if name in fp8.EXPERTS:  # a scale per expert [experts] (or [experts, out])
                     rows = (shape[-3], *rows)
                 prefix = layer_key[:-len("weight")]  # "blk.{i}.NAME."
-                values += [m.b.param(qs, shape, fp8.FP8), scalar(d, rows),
-                           scalar(f"{prefix}q_input:rscale")]
+                values += [m.b.param(qs, shape, fp8.FP8), scalar(d, rows)]
+                if not m.fp8_dynamic:
+                    values.append(scalar(f"{prefix}q_input:rscale"))
             elif fmt is not None:
                 lead = tuple(shape[:-2])
                 fields = quant_format(fmt).field_shapes(*shape[-2:])
@@ -472,7 +379,8 @@ class _Stack:
             layer, rest = rest[0], rest[1:]
             weights = {}
             for wname, fmt in zip(m.block_weights, formats):
-                n = 1 if fmt is None else 3 if fmt == "fp8" else len(quant_format(fmt).fields)
+                n = 1 if fmt is None else (2 if m.fp8_dynamic else 3) if fmt == "fp8" else \
+                    len(quant_format(fmt).fields)
                 weights[wname] = rest[0] if fmt is None else (fmt, rest[:n])
                 rest = rest[n:]
             scales = None

@@ -42,8 +42,20 @@ class Partial:
         return "partial"
 
 
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """Each device holds its own value, of full shape, that is neither a copy of the others
+    nor a part of a sum (a row's amax over the device's own columns: the dynamic fp8 scale
+    of a row-parallel linear's input). Ops combine it with the device's other values; it is
+    never summed or gathered."""
+
+    def __str__(self):
+        return "local"
+
+
 REPLICATED = Replicated()
 PARTIAL = Partial()
+LOCAL = Local()
 
 # weight name (the part after `blk.N.`) -> how it splits; anything unlisted is replicated.
 WEIGHT_STYLES = {

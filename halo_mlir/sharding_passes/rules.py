@@ -11,7 +11,10 @@ from iree.compiler.dialects import flow
 
 from halo_mlir.ir_builder import is_empty_tensor, walk_nested
 from halo_mlir.sharding_passes import collectives
-from halo_mlir.sharding_passes.plan import PARTIAL, REPLICATED, Partial, Replicated, Split
+from halo_mlir.ops.fp8 import PER_DEVICE  # a reduction each device keeps (LOCAL)
+from halo_mlir.sharding_passes.plan import (LOCAL, PARTIAL, REPLICATED, Local, Partial,
+                                            Replicated, Split)
+
 from halo_mlir.sharding_passes.shard import DYN, SV, Sharder, ShardError, is_plain, parse_split
 
 
@@ -38,11 +41,16 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
         out = svs[-1]
         return s.per_device(op, svs, [out.sharding if not isinstance(out.sharding, Partial)
                                       else REPLICATED])
-    if s.payload == "activation" and isinstance(svs[0].sharding, Partial) and \
+    local = any(isinstance(sv.sharding, Local) for sv in svs)
+    if (s.payload == "activation" or local) and isinstance(svs[0].sharding, Partial) and \
             (_is_truncation(op) or _is_scaled_rounding(op, svs)):
         # Each device scales and rounds its own partial sum, so the all-reduce (at the
-        # consumer) carries the activation dtype: N roundings where TP1 has one.
+        # consumer) carries the activation dtype: N roundings where TP1 has one. With a
+        # device's own scales (LOCAL) this is the only right order: scale, then sum.
         return s.per_device(op, svs, [PARTIAL])
+    if local and any(isinstance(sv.sharding, Partial) for sv in svs):
+        raise ShardError(f"{op.name}: combines a device's own values (local) with partial "
+                         "sums other than by scaling them")
     # maps pair with the tensor operands and scalars (attention's scale has map ()->()).
     svs = [s.materialize(sv) if isinstance(sv.sharding, Partial) else sv for sv in svs]
     n_out = len(op.results)
@@ -65,7 +73,7 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
                              f"{it}, its operands are split along {chosen}")
         chosen = it
     if chosen is None:
-        return s.per_device(op, svs, [REPLICATED] * n_out)
+        return s.per_device(op, svs, [LOCAL if local else REPLICATED] * n_out)
     # linalg.index of the split dim is a local index on each device: right where the body
     # reads a captured tensor's shard with it (`read`), wrong anywhere else.
     if _uses_index(op, chosen) and not read:
@@ -79,7 +87,7 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
         vals = []
         for k, sv in enumerate(svs):
             v = sv.values[i]
-            if k in tensor_ops and isinstance(sv.sharding, Replicated):
+            if k in tensor_ops and isinstance(sv.sharding, (Replicated, Local)):
                 dims = [ir.AffineDimExpr(e).position if isinstance(e, ir.AffineDimExpr) else None
                         for e in maps[k].results]
                 if chosen in dims:
@@ -87,7 +95,10 @@ def rule_structured(s: Sharder, op, svs: list[SV]) -> list[SV]:
             vals.append(v)
         return vals
     # A reduction over the split dim leaves partial sums: each device accumulates into its
-    # own (zero-filled) init; the consumer all-reduces them.
+    # own (zero-filled) init; the consumer all-reduces them. A PER_DEVICE reduction's
+    # results stay each device's own.
+    if result is PARTIAL and PER_DEVICE in op.attributes:
+        result = LOCAL
     return s.per_device(op, svs, [result] * n_out, operands)
 
 
@@ -143,7 +154,7 @@ def _is_scaled_rounding(op, svs: list[SV]) -> bool:
     if maps[0] != maps[-1] or not maps[0].is_permutation or \
             any(not all(isinstance(e, ir.AffineDimExpr) for e in m.results)
                 for m in maps[1:-1]) or \
-            any(not isinstance(sv.sharding, Replicated) for sv in svs[1:-1]):
+            any(not isinstance(sv.sharding, (Replicated, Local)) for sv in svs[1:-1]):
         return False
     names = {inner.operation.name for inner in op.regions[0].blocks[0].operations}
     return names <= {"arith.mulf", "arith.truncf", "arith.bitcast", "linalg.yield"}

@@ -21,7 +21,7 @@ from iree.compiler import ir
 from halo_mlir.errors import HaloError
 from halo_mlir.ir_builder import Builder, walk_nested
 from halo_mlir.sharding_passes import collectives
-from halo_mlir.sharding_passes.plan import REPLICATED, Partial, Split
+from halo_mlir.sharding_passes.plan import REPLICATED, Local, Partial, Split
 
 DYN = ir.ShapedType.get_dynamic_size()
 
@@ -119,6 +119,9 @@ class Sharder:
 
     def materialize(self, sv: SV) -> SV:
         """Replicated on every device (all-reduce partials, all-gather splits)."""
+        if isinstance(sv.sharding, Local):
+            raise ShardError("a value each device computes for itself (local: a dynamic fp8 "
+                             "row scale) cannot be summed or gathered")
         if isinstance(sv.sharding, Partial):
             hit = self.reduced[-1].get(id(sv))
             if hit is not None and hit[0] is sv:

@@ -60,6 +60,28 @@ def fake_quant(x, rscale: float, roundings=None, pos_axis: int = 1):
     return y.to(torch.float8_e4m3fnuz).float() * rscale
 
 
+def fake_quant_tokens(x, ub: float | None = None, roundings=None, chunks: int = 1,
+                      pos_axis: int = 1):
+    """Dynamic per-token fp8 (ops/fp8.quantize_tokens): each row of x (its last dim) divided
+    by max(amax, 1e-12) bounded by `ub`, over 224 (e4m3fn's 448 in fnuz), saturated to
+    +-224, rounded to f8E4M3FNUZ, times that scale. `chunks`: the row's columns split in that
+    many equal parts, each with its own amax (a row-parallel linear's input over --tp
+    devices)."""
+    import torch
+
+    out = []
+    for part in x.float().chunk(chunks, dim=-1):
+        amax = part.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        if ub is not None:
+            amax = amax.clamp_max(ub)
+        scale = amax / 224.0
+        y = (part / scale).clamp(-224.0, 224.0)
+        q = roundings(y, pos_axis) if roundings is not None else \
+            y.to(torch.float8_e4m3fnuz).float()
+        out.append(q * scale)
+    return torch.cat(out, -1)
+
+
 class Roundings:
     """The fp8 roundings of `fp8_model`'s forward passes, numbered in call order (site).
 
@@ -105,7 +127,9 @@ class Roundings:
         return q
 
 
-def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings | None = None):
+def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings | None = None,
+              input_scales: str = "static", ub: float | None = None, tp: int = 1,
+              fp8_cache: bool = True):
     """A copy of `model` computing as halo's `--dtype fp8` program with the FP8 parameters
     `params` (key -> numpy array, halo_mlir.quantization.fp8 names): linear weights are their fp8 values
     times `:d` (per-tensor) or each row times its `:d_rows` entry (per-channel); each linear's input is fake-quantized with its `q_input:rscale`; Q (after
@@ -113,7 +137,10 @@ def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings |
     fp8 cache holds them). `fused`: as `iree_linalg_ext.attention` computes with fp8 V, the
     softmax weights exp(s - max) are rounded to fp8 before P @ V (their sum is not).
     `roundings`: a `Roundings` that does every fp8 rounding (to find and flip near-midpoint
-    elements; kept as `m.fp8_roundings`)."""
+    elements; kept as `m.fp8_roundings`). `input_scales="dynamic"`: each linear's input
+    fake-quantized per token instead (fake_quant_tokens, bounded by `ub`; under `tp` devices
+    the row-parallel linears' (o, down) inputs per device's columns). `fp8_cache=False`:
+    attention in floats (a cache in the activation dtype)."""
     import copy
 
     import torch
@@ -140,6 +167,11 @@ def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings |
                 else scalar(f"{key}:d")
             with torch.no_grad():
                 mod.weight.copy_(torch.from_numpy(fp8.dequantize(qs, d)))
+            if input_scales == "dynamic":
+                chunks = tp if mod_name in ("o_proj", "down_proj") else 1
+                mod.register_forward_pre_hook(
+                    lambda _m, args, c=chunks: (fake_quant_tokens(args[0], ub, roundings, c),))
+                continue
             rs = scalar(fp8.input_scale_key(i, names[mod_name]))
             mod.register_forward_pre_hook(
                 lambda _m, args, rs=rs: (fake_quant(args[0], rs, roundings),))
@@ -163,10 +195,12 @@ def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings |
             p = roundings(p, 2) if roundings is not None else p.to(torch.float8_e4m3fnuz).float()
         return ((p @ v) / denom * kv_rs).transpose(1, 2).contiguous(), None
 
+    m.fp8_roundings = roundings
+    if not fp8_cache:
+        return m
     AttentionInterface.register("halo_fp8", attention)
     AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     m.config._attn_implementation = "halo_fp8"
-    m.fp8_roundings = roundings
     return m
 
 

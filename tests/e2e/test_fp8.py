@@ -81,9 +81,9 @@ def build(d, name, *emit_args, tp=1):
     return vmfb
 
 
-def run(vmfb, params, model, *, tp=1):
+def run(vmfb, params, model, *, tp=1, cache_dtype=None):
     """Prefill two right-padded rows over shuffled pages, then decode: [(logits, tokens)]
-    for each prefill row and decode step, plus the host caches."""
+    for each prefill row and decode step, plus the host caches (fp8 unless `cache_dtype`)."""
     import ml_dtypes
 
     from halo_mlir.inference.runtime import Program
@@ -94,7 +94,8 @@ def run(vmfb, params, model, *, tp=1):
     results = []
     with Program(vmfb, params, n_devices=tp) as prog:
         caches = [prog.device_array(np.zeros((PAGES, _page_elems(model, tp)),
-                                             ml_dtypes.float8_e4m3fnuz), i) for i in range(tp)]
+                                             cache_dtype or ml_dtypes.float8_e4m3fnuz), i)
+                  for i in range(tp)]
         out = prog.prefill(tokens, np.array(LENS, np.int64),
                            BLOCK_IDS[:, :PREFILL_LEN // STRIDE].copy(), caches)
         seqs = [list(tokens[b, :n]) for b, n in enumerate(LENS)]

@@ -65,6 +65,8 @@ KERNEL_CASES = [
     ("paged_prefill_attention", {"dtype": "bf16"}, {}, None),
     ("fp8_matmul", {}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),
     ("fp8_matmul_rows", {}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),
+    ("fp8_matmul_tokens", {}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),
+    ("fp8_matmul_tokens", {"w_scales": "rows"}, {}, "v_mfma_f32_16x16x32_fp8_fp8"),
     ("fp8_attention", {"head_dim": 128}, {"s": 64, "t": 128}, "v_mfma_f32_16x16x32_fp8_fp8"),
     ("q8_0_matmul", {}, {}, None),
     ("q4_1_matmul", {}, {}, None),
@@ -96,8 +98,9 @@ def kernels_of(dump) -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-@pytest.mark.parametrize("extra", [[], ["--layer-loop"], ["--fp8-scales", "per-channel"]],
-                         ids=["unrolled", "loop", "per-channel"])
+@pytest.mark.parametrize("extra", [[], ["--layer-loop"], ["--fp8-scales", "per-channel"],
+                                   ["--fp8-input-scales", "dynamic"]],
+                         ids=["unrolled", "loop", "per-channel", "dynamic"])
 def test_fp8_model_compiles_for_gfx942_with_fp8_mfma(tmp_path, extra):
     """`--dtype fp8` (toy, 2 layers): every prefill fp8 linear and the prefill attention use
     the fp8 MFMA. (Decode's M = 4 matmuls and attention get no MFMA, as in f16.)"""
