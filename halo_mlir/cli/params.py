@@ -18,8 +18,8 @@ from halo_mlir.errors import HaloError
 @click.option("--hf-config", type=click.Path(),
               help="With --safetensors: config.json (default: the one beside the checkpoint).")
 @click.option("--dtype", default="f16", show_default=True, type=click.Choice(["f16", "bf16", "f32"]),
-              help="dtype of the float (or dequantized) parameters; with --quantize fp8, "
-                   "of the embedding, norms and lm_head.")
+              help="dtype of the float (or dequantized) parameters; with --quantize fp8 "
+                   "or an FP8 checkpoint, of the embedding, norms, lm_head and float linears.")
 @click.option("--keep-quantized", is_flag=True,
               help="With --gguf: keep Q8_0/Q4_1/Q4_K/Q6_K matrices in their block format.")
 @tp_option("Write NAME.rank{i}.irpa per device (split tensors as KEY.shard.{i}).")
@@ -46,7 +46,9 @@ from halo_mlir.errors import HaloError
 def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_parallel, layout,
                   quantize,
                   fp8_scales, calibration_text, calibration_tokens, tokenizer, output):
-    """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file."""
+    """Write an IRPA with docs/ABI.md parameter keys from an HF checkpoint or a GGUF file.
+    A published FP8 checkpoint (compressed-tensors or fbgemm_fp8, from its config.json) is
+    imported as it is: fp8 weights and their scales, no calibration (docs/fp8-checkpoints.md)."""
     from halo_mlir.support.progress import Progress
 
     if bool(st_path) == bool(gguf):
@@ -68,8 +70,20 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_paral
             raise HaloError(f"{given[0]} applies to --quantize fp8 only")
     if keep_quantized and not gguf:
         raise HaloError("--keep-quantized applies to --gguf weights only")
+    scheme = None
+    if st_path:
+        from halo_mlir.params.fp8_checkpoint import scheme_from_checkpoint
+
+        scheme = scheme_from_checkpoint(st_path, hf_config)
+        if scheme is not None and quantize is not None:
+            raise HaloError(f"{st_path} is already an FP8 checkpoint ({scheme.layout}); drop "
+                            "--quantize fp8: import-params --safetensors imports its fp8 "
+                            "weights and scales as they are")
     start = time.perf_counter()
-    if quantize is not None:
+    if scheme is not None:
+        n = _import_fp8_checkpoint(st_path, hf_config, scheme, dtype, tp, layout, output,
+                                   moe_parallel)
+    elif quantize is not None:
         n = _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,
                         calibration_tokens, tokenizer, output, fp8_scales or "per-tensor",
                         moe_parallel)
@@ -99,6 +113,23 @@ def import_params(st_path, gguf, hf_config, dtype, keep_quantized, tp, moe_paral
     written = ", ".join(map(str, rank_paths(output, tp))) if tp > 1 else output
     click.echo(f"wrote {written} ({n / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s",
                err=True)
+
+
+def _import_fp8_checkpoint(st_path, hf_config, scheme, dtype, tp, layout, output, moe) -> int:
+    """import-params --safetensors DIR of a published FP8 checkpoint: no calibration, the
+    checkpoint's fp8 weights and scales as they are (docs/fp8-checkpoints.md)."""
+    from halo_mlir import config
+    from halo_mlir.params.fp8_checkpoint import config_path, import_fp8_checkpoint
+    from halo_mlir.support.progress import Progress
+
+    cfg = config.from_hf_config(config_path(st_path, hf_config))
+    progress = Progress("importing")
+    try:
+        return import_fp8_checkpoint(st_path, cfg, scheme, output, dtype=dtype, tp=tp,
+                                     layout=layout, moe=moe, progress=progress,
+                                     note=lambda m: click.echo(m, err=True))
+    finally:
+        progress.close()
 
 
 def _import_fp8(st_path, gguf, hf_config, dtype, tp, layout, calibration_text,

@@ -60,22 +60,27 @@ def _half_rows(f: SafetensorsFile, name: str, half: int, dtype: np.dtype):
         yield f.rows(name, e, e + 1)[:, half * part:(half + 1) * part].astype(dtype)
 
 
-def open_checkpoint(path: str | Path, cfg: LlamaConfig,
-                    stack: contextlib.ExitStack) -> tuple[Callable[[str], SafetensorsFile], bool]:
+def open_checkpoint(path: str | Path, cfg: LlamaConfig, stack: contextlib.ExitStack,
+                    file_class: type = SafetensorsFile
+                    ) -> tuple[Callable[..., SafetensorsFile | None], bool]:
     """(`file_of(hf name)`, fused) for the checkpoint at `path` (files opened on first use,
-    closed with `stack`), after checking every parameter of `cfg` is there with its shape.
+    as `file_class`, closed with `stack`), after checking every parameter of `cfg` is there
+    with its shape. `file_of(name, missing_ok=True)` is None for a name the index does not
+    list (a single file: its file, whether it holds the name or not).
     `fused`: a Mixtral checkpoint in transformers' in-memory layout (experts stacked, gate
     and up in one `gate_up_proj`, names.MIXTRAL_FUSED_HF_NAMES) instead of `save_pretrained`'s
     one tensor per expert."""
     located = checkpoint_files(Path(path))
     opened: dict[Path, SafetensorsFile] = {}
 
-    def file_of(name: str) -> SafetensorsFile:
+    def file_of(name: str, missing_ok: bool = False) -> SafetensorsFile | None:
         file = located.get(name) if isinstance(located, dict) else located
         if file is None:
+            if missing_ok:
+                return None
             raise HaloError(f"{path}: the index does not list {name}")
         if file not in opened:
-            opened[file] = stack.enter_context(SafetensorsFile(file))
+            opened[file] = stack.enter_context(file_class(file))
         return opened[file]
 
     fused = False

@@ -177,7 +177,12 @@ def open_source(*, safetensors: str | Path | None = None, gguf: str | Path | Non
     if gguf:
         return GgufSource(gguf)
     from halo_mlir import config
+    from halo_mlir.params.fp8_checkpoint import scheme_from_checkpoint
 
     src = Path(safetensors)
     cfg_path = Path(hf_config) if hf_config else (src if src.is_dir() else src.parent) / "config.json"
+    scheme = scheme_from_checkpoint(src, cfg_path)
+    if scheme is not None:  # its weights are fp8 bytes, not f32 rows
+        raise HaloError(f"{src} is already an FP8 checkpoint ({scheme.layout}); import it as it "
+                        "is with `import-params --safetensors` (no --quantize)")
     return SafetensorsSource(src, config.from_hf_config(cfg_path), cfg_path)

@@ -115,3 +115,36 @@ def quantize(x: np.ndarray, rscale) -> np.ndarray:
 def dequantize(q: np.ndarray, rscale) -> np.ndarray:
     rscale = np.asarray(rscale, np.float32)
     return q.astype(np.float32) * (rscale[:, None] if rscale.ndim == 1 else rscale)
+
+
+# ---- published checkpoints: OCP e4m3fn -> f8E4M3FNUZ, same bits --------------------------
+# A checkpoint made for NVIDIA hardware stores OCP float8 e4m3fn (exponent bias 7, largest
+# finite 448, NaN S.1111.111, a negative zero 0x80). f8E4M3FNUZ has bias 8 (largest finite
+# 240, NaN 0x80, no negative zero), so a byte means exactly half its e4m3fn value in fnuz,
+# subnormals included: the bits are kept and every scale that multiplies them is doubled
+# (exact in f32). e4m3fn's -0 becomes +0 (0x80 is NaN in fnuz); its NaNs have no fnuz
+# counterpart and are refused. fnuz's own 0x7F / 0xFF (+-240) are never produced.
+FN_MAX = 448.0
+FN_TO_FNUZ_SCALE = 2.0
+FN_MAX_IN_FNUZ = FN_MAX / FN_TO_FNUZ_SCALE  # 224: where e4m3fn's inputs saturate, in fnuz
+FN_NEG_ZERO = 0x80
+FN_NAN = (0x7F, 0xFF)
+
+
+def fn_nan_count(bits: np.ndarray) -> int:
+    """How many bytes of an e4m3fn array (as uint8) are NaN (S.1111.111)."""
+    bits = np.asarray(bits, np.uint8)
+    return int(np.count_nonzero((bits & 0x7F) == 0x7F))
+
+
+def fnuz_from_fn(bits: np.ndarray) -> np.ndarray:
+    """e4m3fn bytes (uint8, no NaN: check `fn_nan_count` first) -> the f8E4M3FNUZ array of
+    the same bits, -0 (0x80) as +0: each value is half the e4m3fn one."""
+    bits = np.asarray(bits, np.uint8)
+    return np.where(bits == FN_NEG_ZERO, np.uint8(0), bits).view(numpy_fp8())
+
+
+def numpy_fp8_fn():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.float8_e4m3fn)
