@@ -29,10 +29,10 @@ from halo_mlir.errors import HaloError
               help="Batch sizes of the decode entries, comma-separated.")
 @click.option("--block-seq-stride", default=32, show_default=True, type=int,
               help="Tokens per KV-cache page (prefill lengths are multiples of it).")
-@click.option("--dtype", default="f16", show_default=True,
-              type=click.Choice(["f16", "bf16", "f32", "fp8"]),
+@click.option("--dtype", type=click.Choice(["f16", "bf16", "f32", "fp8"]),
               help="fp8: linear weights and inputs in f8E4M3FNUZ with per-tensor scales "
-                   "(parameters from `import-params --quantize fp8`), the rest in f16.")
+                   "(parameters from `import-params --quantize fp8`), the rest in f16. "
+                   "[default: f16; fp8 for a published FP8 checkpoint's --hf-config]")
 @click.option("--kv-cache-dtype", type=click.Choice(["fp8", "f16", "bf16", "f32"]),
               help="The KV cache's dtype [default: fp8 with --dtype fp8, else --dtype]. An "
                    "fp8 cache makes attention fp8 (Q, K, V quantized with the layer's scales).")
@@ -40,16 +40,14 @@ from halo_mlir.errors import HaloError
               type=click.Choice(["f16", "bf16", "f32"]),
               help="With --dtype fp8: norms, residuals and logits (f32 leaves the fp8 "
                    "roundings as the only difference from an f32 reference).")
-@click.option("--fp8-scales", default="per-tensor", show_default=True,
-              metavar="per-tensor|per-channel",
+@click.option("--fp8-scales", metavar="per-tensor|per-channel",
               help="With --dtype fp8: the weight scales' scheme the parameters were imported "
                    "with (`import-params --fp8-scales`): one per weight (KEY:d) or one per "
-                   "output row (KEY:d_rows).")
-@click.option("--fp8-input-scales", default="static", show_default=True,
-              type=click.Choice(["static", "dynamic"]),
+                   "output row (KEY:d_rows). [default: per-tensor; an FP8 checkpoint's own]")
+@click.option("--fp8-input-scales", type=click.Choice(["static", "dynamic"]),
               help="With --dtype fp8: each linear's input scale from the parameters "
                    "(q_input:rscale), or each token's own, computed in the program from its "
-                   "amax (docs/fp8.md).")
+                   "amax (docs/fp8.md). [default: static; an FP8 checkpoint's own]")
 @click.option("--fp8-activation-ub", type=float,
               help="With --fp8-input-scales dynamic: an upper bound on a token's amax "
                    "(fbgemm's activation_scale_ub).")
@@ -98,17 +96,26 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
 
     start = time.perf_counter()
     source = load_model(model=model, hf_config=hf_config, gguf=gguf, layers=layers,
-                        keep_quantized=keep_quantized, tp=tp, layer_loop=layer_loop, dtype=dtype)
+                        keep_quantized=keep_quantized, tp=tp, layer_loop=layer_loop,
+                        dtype=dtype or "f16")
     for note in source.notes:
         click.echo(note, err=True)
     cfg, formats = source.cfg, source.formats
+    fp8 = dict(dtype=dtype or "f16", fp8_scales=fp8_scales or "per-tensor",
+               fp8_input_scales=fp8_input_scales or "static",
+               fp8_activation_ub=fp8_activation_ub)
+    if hf_config:
+        checkpoint = _checkpoint_fp8(hf_config, cfg, dtype, fp8_scales, fp8_input_scales,
+                                     fp8_activation_ub, kv_cache_dtype)
+        if checkpoint:  # no cache scales: the cache in the activation dtype
+            fp8, kv_cache_dtype = checkpoint, kv_cache_dtype or activation_dtype
     opts = EmitOptions(bs_prefill=bs_prefill, bs_decode=bs_decode,
-                       block_seq_stride=block_seq_stride, dtype=dtype, attention=attention,
+                       block_seq_stride=block_seq_stride, attention=attention,
                        weight_formats=formats, layer_loop=layer_loop,
                        template_dir=template_dir, kv_cache_dtype=kv_cache_dtype,
-                       fp8_activations=activation_dtype, fp8_scales=fp8_scales,
-                       fp8_input_scales=fp8_input_scales, fp8_activation_ub=fp8_activation_ub,
+                       fp8_activations=activation_dtype, **fp8,
                        moe_prefill=moe_prefill, moe_parallel=moe_parallel)
+    dtype = opts.dtype
     opts, chosen = resolve(cfg, opts)
     n_bytes, report = emit_to_file(cfg, opts, output, locations=locations, tp=tp,
                                    allreduce=allreduce, allreduce_dtype=allreduce_dtype)
@@ -123,6 +130,38 @@ def emit(model, hf_config, gguf, keep_quantized, layers, bs_prefill, bs_decode,
         click.echo(chosen, err=True)
     click.echo(f"wrote {output} ({n_bytes / 1e6:.1f} MB, {cfg.n_layers} layers, {dtype}) in "
                f"{time.perf_counter() - start:.2f} s", err=True)
+
+
+def _checkpoint_fp8(hf_config, cfg, dtype, scales, inputs, ub, kv_cache_dtype) -> dict | None:
+    """The fp8 EmitOptions of a published FP8 checkpoint's config.json (its scheme: which
+    linears are fp8, its scales; the cache in the activation dtype), with the flags given
+    checked against it; None for a float checkpoint."""
+    from halo_mlir.params.fp8_checkpoint import read_scheme
+
+    try:
+        scheme = read_scheme(json.loads(Path(hf_config).read_text()), cfg)
+    except (OSError, json.JSONDecodeError):
+        return None  # load_model has read it already: a float config or reported
+    if scheme is None:
+        return None
+    opts = scheme.emit_options()
+    if dtype not in (None, "fp8"):
+        raise HaloError(f"{hf_config}: an FP8 checkpoint ({scheme.summary()}); its program "
+                        f"is --dtype fp8 (the default for it): drop --dtype {dtype}")
+    if scales not in (None, scheme.weight_scales):
+        raise HaloError(f"{hf_config}: the checkpoint's weight scales are "
+                        f"{scheme.weight_scales}; drop --fp8-scales {scales}")
+    if inputs == "static" and scheme.input_scales == "dynamic":
+        raise HaloError(f"{hf_config}: the checkpoint has no static input scales (its inputs "
+                        "are scaled per token); drop --fp8-input-scales static")
+    if kv_cache_dtype == "fp8":
+        raise HaloError(f"{hf_config}: the checkpoint has no KV-cache scales for an fp8 "
+                        "cache; drop --kv-cache-dtype fp8")
+    if inputs == "dynamic":  # a static checkpoint run with per-token scales instead
+        opts["fp8_input_scales"] = "dynamic"
+    if ub is not None:
+        opts["fp8_activation_ub"] = ub
+    return opts
 
 
 @click.command("compile", short_help="MLIR -> vmfb with iree-compile.")

@@ -144,7 +144,7 @@ class _Model:
                     return fp8_linear_tokens(b, x, *w[1], dtype=dt,
                                              ub=self.opts.fp8_activation_ub)
                 if isinstance(w, tuple) and w[0] == "fp8":
-                    return fp8_linear(b, x, *w[1], dtype=dt)
+                    return fp8_linear(b, x, *w[1], dtype=dt, top=self.opts.fp8_input_max)
                 if isinstance(w, tuple):
                     return quantized_linear(b, x, w[0], w[1], block_shapes(cfg)[
                         f"blk.{{i}}.{name}.weight"][0], dtype=dt)

@@ -65,6 +65,9 @@ class EmitOptions:
     # (`import-params --quantize fp8`). A published checkpoint may leave some in the
     # activation dtype (`KEY` instead of `KEY:qs`).
     fp8_linears: tuple[str, ...] | None = None
+    # Where a static input scale saturates (x / rscale within +-this): fnuz's 240 for our
+    # own scales, 224 (e4m3fn's 448) for a published e4m3fn checkpoint's.
+    fp8_input_max: float = fp8.FP8_MAX
     # Q8_0 / Q4_1 matmuls: 0 one in-order reduction (GPUs), 16 the lane-sum form that IREE's
     # CPU codegen vectorizes (docs/cpu-quantized.md); `generate` picks 16 on cpu.
     quant_lanes: int = 0
@@ -117,6 +120,9 @@ class EmitOptions:
                                     is not None or self.fp8_activation_ub is not None):
             raise HaloError("--fp8-input-scales, the activation bound and fp8 linears apply "
                             "to --dtype fp8 only")
+        if not 0 < self.fp8_input_max <= fp8.FP8_MAX:
+            raise HaloError(f"fp8_input_max {self.fp8_input_max}: the saturation of an fp8 "
+                            f"input, in (0, {fp8.FP8_MAX:g}]")
         if self.fp8_activation_ub is not None and (self.fp8_input_scales != "dynamic" or
                                                    not self.fp8_activation_ub > 0):
             raise HaloError(f"an activation scale bound ({self.fp8_activation_ub}) needs "

@@ -6,14 +6,14 @@ multiply by a scale runs on the device."""
 from __future__ import annotations
 
 from halo_mlir import kernels
-from halo_mlir.quantization.fp8 import FP8, FP8_MAX
+from halo_mlir.quantization.fp8 import FN_MAX_IN_FNUZ, FP8, FP8_MAX
 from halo_mlir.ir_builder import Builder, Value
 
 # Dynamic per-token scales put a row's amax at 224, not at fnuz's 240: 224 is e4m3fn's 448
 # in fnuz (the same bits mean half the value), so a row quantizes to the grid a published
 # e4m3fn checkpoint's scheme (amax / 448) gives, bit for bit, and runs the same numbers on
 # either format.
-TOKEN_MAX = 224.0
+TOKEN_MAX = FN_MAX_IN_FNUZ
 # A row of zeros: any positive scale quantizes it to zeros; this one keeps 1 / scale finite.
 TOKEN_MIN_AMAX = 1e-12
 # Marks a reduction whose result each device keeps for itself under --tp (a row's amax over
@@ -21,12 +21,13 @@ TOKEN_MIN_AMAX = 1e-12
 PER_DEVICE = "halo.per_device"
 
 
-def quantize(b: Builder, x: Value, rscale: Value) -> Value:
-    """x (any float type, any rank) -> f8E4M3FNUZ: x / rscale saturated to +-240 (fnuz has
-    no infinity: an out-of-range value would become NaN), rounded to nearest even; the
-    `+ 0.0` turns -0 into +0 (fnuz's only NaN is the negative-zero bit pattern)."""
+def quantize(b: Builder, x: Value, rscale: Value, top: float = FP8_MAX) -> Value:
+    """x (any float type, any rank) -> f8E4M3FNUZ: x / rscale saturated to +-top (240, fnuz's
+    largest: it has no infinity, an out-of-range value would become NaN; 224 for a published
+    e4m3fn checkpoint's scales, whose inputs saturate at e4m3fn's 448), rounded to nearest
+    even; the `+ 0.0` turns -0 into +0 (fnuz's only NaN is the negative-zero bit pattern)."""
     dims = "abcdefgh"[:len(b.shape(x))]
-    hi, lo, zero = (b.scalar(v, "f32") for v in (FP8_MAX, -FP8_MAX, 0.0))
+    hi, lo, zero = (b.scalar(v, "f32") for v in (top, -top, 0.0))
 
     def body(v, s):
         q = b.divf(b.cast(v, "f32"), s)
@@ -37,14 +38,14 @@ def quantize(b: Builder, x: Value, rscale: Value) -> Value:
 
 
 def fp8_linear(b: Builder, x: Value, qs: Value, d: Value, in_rscale: Value, *,
-               dtype: str) -> Value:
+               dtype: str, top: float = FP8_MAX) -> Value:
     """x[N,S,K] (dtype), weight qs[M,K] fp8 with scale d, input scale in_rscale -> [N,S,M]:
-    x quantized with in_rscale, fp8 x fp8 matmul accumulated in f32, both scales applied
-    after the contraction, cast to dtype. `d` is 0-d (per-tensor: `fp8_matmul`) or [M]
+    x quantized with in_rscale (saturated at +-top), fp8 x fp8 matmul accumulated in f32,
+    both scales applied after the contraction, cast to dtype. `d` is 0-d (per-tensor: `fp8_matmul`) or [M]
     (per-channel, one scale per weight row: `fp8_matmul_rows`)."""
     n, s, k = b.dims(x)
     m = b.shape(qs)[0]
-    rows = b.reshape(quantize(b, x, in_rscale), [[0, 1], [2]], [None, b.shape(x)[2]])
+    rows = b.reshape(quantize(b, x, in_rscale, top), [[0, 1], [2]], [None, b.shape(x)[2]])
     rows = b.retype(rows, [None, b.shape(x)[2]])
     kernel = "fp8_matmul_rows" if len(b.shape(d)) == 1 else "fp8_matmul"
     fn = kernels.instantiate(b, kernel, n=m, k=b.shape(qs)[1], out_dtype=dtype)
