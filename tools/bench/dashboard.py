@@ -8,8 +8,9 @@ Columns (a cell is pass / fail / not run / n/a, with its number and a link to it
   gfx942   `halo-mlir compile --target gfx942 --tp N` of that module (a subset by default,
            every row with --full): ok and seconds
   run      the module compiled for this CPU and called: prefill of 4 right-padded rows over
-           shuffled pages + 4 decode steps, on N local devices (small models only); SmolLM2:
-           `generate`'s path, 2 prompts x 16 greedy tokens
+           shuffled pages + 4 decode steps, on N local devices (small models; the Llama
+           presets at their real widths: the row's flags emitted for its first layer(s) with
+           a vocabulary of 512); SmolLM2: `generate`'s path, 2 prompts x 16 greedy tokens
   numeric  those logits against HF transformers on the same random weights (max |error|
            within the tests' bound for the dtype); SmolLM2: greedy ids equal transformers'
   serving  SmolLM2 exported by the IREE 3.9 environment and served by shortfin: ids equal
@@ -58,6 +59,7 @@ FORMS = ("paged", "fused", "decomposed")
 TPS = (1, 8)
 EXTRA_MODELS = ("hf-random", "smollm2")
 SMALL_BYTES = 256e6  # presets whose reduced-depth f32 weights fit this run on the CPU
+REAL_WIDTH_VOCAB = 512  # the vocabulary of the Llama presets' real-width CPU cells
 PASS, FAIL, NOT_RUN, NA = "pass", "fail", "not run", "n/a"
 
 
@@ -188,11 +190,25 @@ def default_gfx942(row: Row) -> bool:
     return row.small and row.tp == 1 and (row.dtype == "f16" or row.attention == "paged")
 
 
+def real_width(row: Row) -> bool:
+    """A Llama preset too large for this CPU, whose run and numeric cells use its real widths
+    (hidden, heads, ffn), its first layer(s) and a small vocabulary (REAL_WIDTH_VOCAB)."""
+    from halo_mlir.config import PRESETS
+
+    return (not row.small and row.model in PRESETS
+            and PRESETS[row.model].family == "llama")
+
+
 def default_cpu(row: Row) -> bool:
     """The rows run on this CPU without --full: small models at TP1 in f32/f16 (each form)
-    and bf16/fp8 (paged), and the small presets' TP8 f16 paged."""
+    and bf16/fp8 (paged), and the small presets' TP8 f16 paged; at real widths, 8B's TP1
+    f16/bf16/fp8 and TP8 f16 (paged) and 70B's TP8 f16 (paged)."""
     if row.model == "smollm2":
         return True
+    if real_width(row):
+        return row.attention == "paged" and (
+            (row.model == "8b" and (row.tp == 1 or row.dtype == "f16"))
+            or (row.model == "70b" and row.tp == 8 and row.dtype == "f16"))
     if row.tp == 8:
         return row.model != "hf-random" and row.dtype == "f16" and row.attention == "paged"
     return row.dtype in ("f32", "f16") or row.attention == "paged"
@@ -256,19 +272,25 @@ class Runner:
         return Cell(PASS if ok else FAIL, "", note, rel, seconds), result
 
     # -- shared inputs --
-    def checkpoint(self, model: str, layers: int, dtype: str) -> tuple[Path | None, Cell | None]:
-        """The random-weight HF checkpoint of a small model (made once per weight scale)."""
+    def checkpoint(self, model: str, layers: int, dtype: str,
+                   vocab: int | None = None) -> tuple[Path | None, Cell | None]:
+        """The random-weight HF checkpoint of a small model, or of a preset's real widths
+        with `vocab` (made once per weight scale)."""
         from halo_mlir.config import PRESETS
 
         hidden = PRESETS[model].hidden_size if model in PRESETS else 96
         std = (0.08 if dtype == "fp8" else 0.15) * math.sqrt(96 / hidden)
         key = (model, layers, std)
         if key not in self.checkpoints:
+            for old in [k for k in self.checkpoints if k[0] == model]:  # big: one at a time
+                shutil.rmtree(self.checkpoints.pop(old)[0], ignore_errors=True)
             d = self.work / f"ck-{model}-{layers}-{std:.4f}"
             cmd = [sys.executable, HERE / "dashboard_cell.py", "checkpoint", "--model", model,
                    "--weight-std", f"{std:.5f}", "--out", d]
             if model != "hf-random":
                 cmd += ["--layers", layers]
+            if vocab:
+                cmd += ["--vocab", vocab]
             cell, _ = self.command(f"checkpoint-{model}-{layers}-std{std:.4f}", "weights", cmd,
                                    600)
             self.checkpoints[key] = (d, cell)
@@ -290,6 +312,12 @@ class Runner:
             return ["--hf-config", d / "config.json"]
         return ["--model", row.model, "--layers", row.layers]
 
+    def row_flags(self, row: Row) -> list:
+        """The row's `halo-mlir emit` flags after its model."""
+        extra = shlex.split(self.args.cell_extra.get(row.id, ""))
+        return ["--dtype", row.dtype, "--attention", row.attention, "--tp", row.tp,
+                "--bs-prefill", 4, "--bs-decode", 4, *extra]
+
     # -- the columns of one row --
     def run_row(self, row: Row, *, gfx942: bool, cpu: bool, shortfin: str | None) -> None:
         c = row.cells
@@ -305,10 +333,8 @@ class Runner:
             for col in COLUMNS:
                 c[col] = Cell(NOT_RUN, note=str(e))
             return
-        extra = shlex.split(self.args.cell_extra.get(row.id, ""))
-        cmd = [sys.executable, "-m", "halo_mlir", "emit", *model_args, "--dtype", row.dtype,
-               "--attention", row.attention, "--tp", row.tp, "--bs-prefill", 4,
-               "--bs-decode", 4, *extra, "-o", mlir, "--output-config", config]
+        cmd = [sys.executable, "-m", "halo_mlir", "emit", *model_args, *self.row_flags(row),
+               "-o", mlir, "--output-config", config]
         c["emit"], _ = self.command(row.id, "emit", cmd, 600)
         emitted = c["emit"].status == PASS
         if emitted:
@@ -338,35 +364,47 @@ class Runner:
 
     def cpu(self, row, mlir, config, selected, emitted):
         c = row.cells
-        if not row.small:
+        real = real_width(row)
+        if not row.small and not real:
             from halo_mlir.config import preset
 
             size = _param_bytes(preset(row.model).with_layers(row.layers)) / 2 / 1e9
             c["run"] = Cell(NA, note=f"{row.layers} layer(s) of {row.model} hold {size:.1f} GB "
-                                     "of f16 weights: CPU runs are for small models")
+                                     "of f16 weights: CPU runs are for small models and the "
+                                     "Llama presets' real widths")
             c["numeric"] = Cell(NA, note="no CPU run")
             return
         if not emitted or not selected:
             note = "emission failed" if not emitted else "not in the default subset (--full)"
             c["run"], c["numeric"] = Cell(NOT_RUN, note=note), Cell(NOT_RUN, note=note)
             return
-        weights, ck_cell = self.checkpoint(row.model, row.layers, row.dtype)
+        weights, ck_cell = self.checkpoint(row.model, row.layers, row.dtype,
+                                           vocab=REAL_WIDTH_VOCAB if real else None)
         if weights is None:
             c["run"] = dataclasses.replace(ck_cell, note="random-weight checkpoint failed")
             c["numeric"] = Cell(NOT_RUN, note="no CPU run")
             return
         result = self.work / f"{row.id}.npz"
+        if real:  # the row's flags at the preset's widths, with the checkpoint's vocabulary
+            mlir, config = mlir.with_suffix(".real.mlir"), config.with_suffix(".real.json")
         cmd = [sys.executable, HERE / "dashboard_cell.py", "cpu-run", "--mlir", mlir,
                "--config", config, "--weights", weights, "--dtype", row.dtype, "--tp", row.tp,
                "--out", result]
+        if real:
+            cmd += ["--emit", shlex.join(map(str, self.row_flags(row)))]
         c["run"], output = self.command(row.id, "run", cmd, self.args.compile_timeout)
+        with contextlib.suppress(FileNotFoundError):
+            mlir.unlink()
         if c["run"].status == PASS:
             kv = _key_values(output)
             c["run"].value = f"{float(kv['seconds']):.2f} s run (compile {float(kv['compile_s']):.0f} s)"
             c["run"].seconds = float(kv["seconds"])
+            if real:
+                c["run"].note = (f"real widths, {row.layers} layer(s), vocabulary "
+                                 f"{REAL_WIDTH_VOCAB}")
             cell, res = self.in_process(row.id, "numeric", lambda echo: dashboard_cell
                                         .compare_result(str(result), str(weights), row.dtype,
-                                                        row.attention, echo))
+                                                        row.attention, echo, keep=not real))
             if res:
                 cell.value = f"max |err| {res[1]['max_err']:.3g} (bound {res[1]['bound']:g})"
             c["numeric"] = cell

@@ -10,7 +10,9 @@ is `key=value ...`, and the exit status is the cell's pass/fail).
     dashboard_cell.py smollm2-compare --ids ids.json --out hf_ids.json
     dashboard_cell.py serve --python PY --ids ids.json --hf-ids hf_ids.json --work DIR
 
-`cpu-run` runs the row's own emitted module on this CPU: prefill of four right-padded rows
+`cpu-run` runs the row's own emitted module on this CPU (for a Llama preset too large for this
+machine: `--emit FLAGS` emits the same flags at the preset's real widths, its first layer(s)
+and a small vocabulary, from a checkpoint made with `checkpoint --vocab`): prefill of four right-padded rows
 over shuffled pages, then decode steps that cross page boundaries. `compare` checks those
 logits against HF transformers on the same random weights (tests/e2e/hf_reference.py; for
 fp8, its fake-quantized copy of the model).
@@ -85,6 +87,8 @@ def checkpoint(args):
         overrides = {}
     else:
         cfg = preset(args.model).with_layers(args.layers)
+        if args.vocab:  # a real preset's widths with a vocabulary this CPU can hold
+            cfg = dataclasses.replace(cfg, vocab_size=args.vocab)
         overrides = {k: v for k, v in hf_dict(cfg).items() if k in AWKWARD or k == "rope_scaling"}
         back = from_hf_dict({**AWKWARD, **overrides})
         if dataclasses.replace(back, name=cfg.name) != cfg:
@@ -107,6 +111,9 @@ def cpu_run(args):
     from halo_mlir.inference.generate import cache_numpy_dtype
     from halo_mlir.inference.runtime import Program
 
+    if args.emit:  # a real preset's widths: the module of the small-vocabulary checkpoint
+        halo("emit", "--hf-config", Path(args.weights) / "config.json", *shlex.split(args.emit),
+             "-o", args.mlir, "--output-config", args.config)
     cfg = json.loads(Path(args.config).read_text())
     stride = cfg["paged_kv_cache"]["block_seq_stride"]
     page_elems = cfg["paged_kv_cache"]["paged_kv_block_size_elements_per_device"]
@@ -179,9 +186,10 @@ _MODELS: dict = {}
 
 
 def compare_result(result: str, weights: str, dtype: str, attention: str,
-                   echo=print) -> tuple[bool, dict]:
+                   echo=print, keep: bool = True) -> tuple[bool, dict]:
     """The logits of `cpu-run` against transformers: (within the bound?, numbers). The
-    reference model is loaded once per checkpoint (the dashboard calls this in-process)."""
+    reference model is loaded once per checkpoint (the dashboard calls this in-process);
+    `keep=False` lets it go afterwards (a real-width checkpoint's gigabytes)."""
     from transformers import LlamaForCausalLM
 
     from halo_mlir.config import from_hf_config
@@ -193,7 +201,7 @@ def compare_result(result: str, weights: str, dtype: str, attention: str,
     if weights not in _MODELS:
         _MODELS[weights] = LlamaForCausalLM.from_pretrained(
             weights, attn_implementation="eager").eval()
-    model, what = _MODELS[weights], "transformers (f32)"
+    model, what = (_MODELS[weights] if keep else _MODELS.pop(weights)), "transformers (f32)"
     if dtype == "fp8":
         files = [Path(f) for f in json.loads(str(data["files"]))]
         cfg = from_hf_config(Path(weights) / "config.json")
@@ -350,11 +358,14 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--layers", type=int)
     p.add_argument("--weight-std", type=float, default=0.15)
+    p.add_argument("--vocab", type=int, help="a preset's widths with this vocabulary size")
     p.add_argument("--out", required=True)
     p = sub.add_parser("cpu-run")
     for a in ("--mlir", "--config", "--weights", "--dtype", "--out"):
         p.add_argument(a, required=True)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--emit", metavar="FLAGS", help="first emit --mlir/--config from the "
+                   "checkpoint's config.json with these `halo-mlir emit` flags")
     p = sub.add_parser("compare")
     for a in ("--result", "--weights", "--dtype", "--attention"):
         p.add_argument(a, required=True)
