@@ -78,6 +78,8 @@ class Plan:
     workspace_bytes: int
     decode: CallEstimate
     prefill: CallEstimate
+    scheme: str | None = None      # a published FP8 checkpoint's scheme (summary line)
+    fp8_keys: frozenset[str] | None = None
     moe_parallel: str = "ffn"      # how --tp splits the experts (plan.MOE_PARALLEL)
 
     @property
@@ -156,6 +158,7 @@ class Plan:
             "attention": self.attention, "allreduce": self.allreduce,
             "params": self.params,
             **({"experts": self.experts} if self.experts else {}),
+            **({"checkpoint_scheme": self.scheme} if self.scheme else {}),
             "per_device": {
                 "weight_bytes": self.weight_bytes,
                 "kv_pages": self.kv_pages, "page_bytes": self.page_bytes,
@@ -189,13 +192,16 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
          max_seq_len: int | None = None, batch: int = 1, gpu: str = "mi300x",
          block_seq_stride: int = 32, workspace_fraction: float = 0.05,
          prefill_len: int | None = None, prefill_batch: int | None = None,
-         attention: str = "fused", allreduce: str = "auto", moe_parallel: str = "ffn") -> Plan:
+         attention: str = "fused", allreduce: str = "auto", moe_parallel: str = "ffn",
+         fp8_keys: frozenset[str] | None = None, scheme: str | None = None) -> Plan:
     """Plan `batch` sequences of up to `max_seq_len` tokens (default: the model's) on `tp`
     devices of kind `gpu`: the KV cache holds all of them and a decode step advances all of
     them. The prefill call counted for activations and timed takes `prefill_batch` rows
     (default `batch`) of `prefill_len` tokens (default `max_seq_len`, padded to a multiple
     of the stride as docs/ABI.md requires). `moe_parallel`: how --tp splits a mixture of
-    experts (plan.MOE_PARALLEL)."""
+    experts (plan.MOE_PARALLEL). `fp8_keys`, `scheme`: a published FP8 checkpoint's fp8
+    linears (the others in the float dtype; the step-time estimate still reads every
+    linear as fp8) and its one-line description."""
     spec, dev = dtype_spec(dtype), gpu_spec(gpu)
     kv_dtype = kv_dtype or spec.kv_default
     if kv_dtype not in ELEM_BYTES:
@@ -227,7 +233,8 @@ def plan(cfg: LlamaConfig, *, tp: int = 1, dtype: str = "f16", kv_dtype: str | N
         prefill_batch=prefill_batch, block_seq_stride=block_seq_stride, attention=attention,
         allreduce=allreduce,
         workspace_fraction=workspace_fraction, params=param_count(cfg),
-        weight_bytes=weight_bytes(cfg, tp, dtype, moe_parallel), page_bytes=page_bytes,
+        weight_bytes=weight_bytes(cfg, tp, dtype, moe_parallel, fp8_keys),
+        page_bytes=page_bytes, scheme=scheme, fp8_keys=fp8_keys,
         kv_pages=pages_for(batch, max_seq_len, block_seq_stride),
         activation_terms=phases[phase], activation_phase=phase,
         workspace_bytes=int(workspace_fraction * dev.memory_bytes),
@@ -245,7 +252,7 @@ def _replan(p: Plan, **changes) -> Plan:
                  batch=p.batch, gpu=p.gpu.name, block_seq_stride=p.block_seq_stride,
                  workspace_fraction=p.workspace_fraction, prefill_len=p.prefill_len,
                  prefill_batch=p.prefill_batch, attention=p.attention, allreduce=p.allreduce,
-                 moe_parallel=p.moe_parallel)
+                 moe_parallel=p.moe_parallel, fp8_keys=p.fp8_keys, scheme=p.scheme)
     if p.kv_dtype != DTYPES[p.dtype].kv_default:  # keep an explicit --kv-dtype
         knobs["kv_dtype"] = p.kv_dtype
     knobs.update(changes)
@@ -326,6 +333,7 @@ def format_table(p: Plan) -> str:
     prefill_t, prefill_comm = _times(f.seconds, f.comm_s)
     rows = [
         ("model", f"{p.cfg.name} ({p.params:,} params), {p.dtype} weights, {p.kv_dtype} KV"),
+        *([("checkpoint", p.scheme)] if p.scheme else []),
         ("devices", f"{p.tp} x {p.gpu.name}"),
         ("request", f"batch {p.batch} x {p.max_seq_len:,} tokens, prefill {p.prefill_batch} x "
                     f"{p.prefill_len:,}, stride {p.block_seq_stride}"),

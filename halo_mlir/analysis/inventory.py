@@ -118,11 +118,18 @@ def weight_dtype(t: Tensor, spec: DtypeSpec) -> str:
     return spec.matmul_weight if t.kind in ("matmul", "expert") else spec.other_weight
 
 
-def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16", moe: str = "ffn") -> int:
-    """Bytes of parameters one device holds under the TP plan."""
+def weight_bytes(cfg: LlamaConfig, tp: int = 1, dtype: str = "f16", moe: str = "ffn",
+                 fp8_keys: frozenset[str] | None = None) -> int:
+    """Bytes of parameters one device holds under the TP plan. `fp8_keys` (dtype fp8): the
+    linears a published FP8 checkpoint stores in fp8; its other linears are in the float
+    dtype (spec.other_weight). None: every block linear in fp8."""
     spec = dtype_spec(dtype)
-    return sum(shard_numel(t, tp, moe) * ELEM_BYTES[weight_dtype(t, spec)]
-               for t in weight_inventory(cfg))
+
+    def width(t: Tensor) -> int:
+        if fp8_keys is not None and t.kind in ("matmul", "expert") and t.key not in fp8_keys:
+            return ELEM_BYTES[spec.other_weight]
+        return ELEM_BYTES[weight_dtype(t, spec)]
+    return sum(shard_numel(t, tp, moe) * width(t) for t in weight_inventory(cfg))
 
 
 def weights_by_kind(cfg: LlamaConfig, tp: int, spec: DtypeSpec,

@@ -14,12 +14,14 @@ from halo_mlir.errors import HaloError
 @click.command("plan", short_help="Memory and latency estimate, no compile.")
 @click.option("--model", help="Preset: 8b, 70b, 405b, toy, mixtral-8x7b, mixtral-8x22b or "
                                 "grok-1 (or pass --hf-config).")
-@click.option("--hf-config", type=click.Path(), help="An HF Llama-family config.json.")
+@click.option("--hf-config", type=click.Path(),
+              help="An HF Llama-family config.json (a published FP8 checkpoint's: its own "
+                   "fp8 linears, the others and the KV cache in 2 bytes).")
 @tp_option("Tensor-parallel devices the weights and KV cache are split over.")
 @moe_parallel_option(MOE_PARALLEL_HELP)
-@click.option("--dtype", default="f16", show_default=True,
-              type=click.Choice(["f16", "bf16", "f32", "fp8"]),
-              help="Weight dtype (fp8: linear weights in 1 byte, the rest f16).")
+@click.option("--dtype", type=click.Choice(["f16", "bf16", "f32", "fp8"]),
+              help="Weight dtype (fp8: linear weights in 1 byte, the rest f16). [default: "
+                   "f16; fp8 for an FP8 checkpoint's --hf-config]")
 @click.option("--max-seq-len", type=int, help="Tokens per sequence (default: the model's).")
 @click.option("--batch", default=1, show_default=True, type=int, help="Concurrent sequences.")
 @click.option("--gpu", default="mi300x", show_default=True, help="mi300x (SPX), mi300x-cpx, h100 or h200.")
@@ -33,8 +35,19 @@ def plan_cmd(model, hf_config, tp, moe_parallel, dtype, max_seq_len, batch, gpu,
     from halo_mlir.params.model_source import load_model
 
     cfg = load_model(model=model, hf_config=hf_config, sources=("--model", "--hf-config")).cfg
-    p = capacity.plan(cfg, tp=tp, dtype=dtype, max_seq_len=max_seq_len, batch=batch, gpu=gpu,
-                      moe_parallel=moe_parallel)
+    checkpoint = {}
+    if hf_config and dtype in (None, "fp8"):
+        from pathlib import Path
+
+        from halo_mlir.params.fp8_checkpoint import read_scheme
+
+        scheme = read_scheme(json.loads(Path(hf_config).read_text()), cfg)
+        if scheme is not None:  # its cache has no fp8 scales: the activation dtype
+            dtype = "fp8"
+            checkpoint = dict(fp8_keys=scheme.fp8_keys, scheme=scheme.summary(),
+                              kv_dtype=capacity.DTYPES["fp8"].activation)
+    p = capacity.plan(cfg, tp=tp, dtype=dtype or "f16", max_seq_len=max_seq_len, batch=batch,
+                      gpu=gpu, moe_parallel=moe_parallel, **checkpoint)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else capacity.format_table(p))
     if require_fit:
         capacity.require_fit(p)

@@ -81,8 +81,10 @@ _MATMUL_ROWS = Harness(
 
 # ---- fp8_matmul_tokens: one input scale per row (dynamic per-token scales) ---------------
 def matmul_tokens_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
-    """Each input row and the weight dequantized with their scales, then the f32 matmul."""
-    x, xs, w, ws = ins
+    """Each input row (scale min(max(amax, 1e-12), ub) / 224) and the weight dequantized
+    with their scales, then the f32 matmul."""
+    x, amax, ub, w, ws = ins
+    xs = np.minimum(np.maximum(amax, np.float32(1e-12)), ub[0]) / np.float32(224.0)
     ws = ws.astype(np.float32)
     w32 = w.astype(np.float32) * (ws[:, None] if ws.ndim else ws)
     return [(x.astype(np.float32) * xs.astype(np.float32)[:, None]) @ w32.T]
@@ -90,11 +92,13 @@ def matmul_tokens_reference(v: dict, ins: list[np.ndarray]) -> list[np.ndarray]:
 
 _MATMUL_TOKENS = Harness(
     sizes={"m": (16, 256, "rows M of x (dynamic): tokens, each with its own scale")},
-    args=lambda v, z: ([Arg("x", (z["m"], v["k"]), FP8), Arg("x_scale", (z["m"],), "f32"),
-                        Arg("w", (v["n"], v["k"]), FP8),
+    args=lambda v, z: ([Arg("x", (z["m"], v["k"]), FP8), Arg("x_amax", (z["m"],), "f32"),
+                        Arg("ub", (), "f32"), Arg("w", (v["n"], v["k"]), FP8),
                         Arg("w_scale", (v["n"],) if v["w_scales"] == "rows" else (), "f32")],
                        [Arg("out", (z["m"], v["n"]), v["out_dtype"])]),
-    inputs=lambda v, z, rng: [_fp8(rng, (z["m"], v["k"])), _row_scales(rng, z["m"]),
+    # amax around 224 * the scales; the bound cuts the largest rows' (as fbgemm's does)
+    inputs=lambda v, z, rng: [_fp8(rng, (z["m"], v["k"])), 224 * _row_scales(rng, z["m"]),
+                              np.array([224 * SCALES[0] * 3], np.float32),
                               _fp8(rng, (v["n"], v["k"])),
                               _row_scales(rng, v["n"]) if v["w_scales"] == "rows"
                               else np.array([SCALES[1]], np.float32)],
@@ -148,7 +152,8 @@ KERNELS = [
             "out_dtype": Param(str, "result type", default="f16", choices=OUT_DTYPES)},
            harness=_MATMUL_ROWS),
     Kernel("fp8_matmul_tokens",
-           "x[M,K] f8E4M3FNUZ with one scale per row x_scale[M] (dynamic per-token) @ "
+           "x[M,K] f8E4M3FNUZ with one scale per row from its amax x_amax[M] and the bound "
+           "ub (dynamic per-token) @ "
            "w[N,K]^T f8E4M3FNUZ with w_scale (0-d, or [N] with w_scales=rows) -> [M,N] "
            "out_dtype (f32 accumulation)",
            {"n": Param(int, "rows of w (output features)", positive, 64),

@@ -5,6 +5,8 @@ multiply by a scale runs on the device."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from halo_mlir import kernels
 from halo_mlir.quantization.fp8 import FN_MAX_IN_FNUZ, FP8, FP8_MAX
 from halo_mlir.ir_builder import Builder, Value
@@ -56,9 +58,12 @@ def fp8_linear(b: Builder, x: Value, qs: Value, d: Value, in_rscale: Value, *,
 
 
 def quantize_tokens(b: Builder, rows: Value, ub: float | None = None) -> tuple[Value, Value]:
-    """rows[M,K] (any float type) -> (q[M,K] f8E4M3FNUZ, scale[M] f32): each row divided by
-    its own scale min(amax, ub) / TOKEN_MAX (`ub`: an upper bound on the amax, fbgemm's
-    activation_scale_ub; None: none), saturated to +-TOKEN_MAX and rounded to nearest even.
+    """rows[M,K] (any float type) -> (q[M,K] f8E4M3FNUZ, amax[M] f32): each row divided by
+    its own scale min(max(amax, TOKEN_MIN_AMAX), ub) / TOKEN_MAX (`ub`: an upper bound on
+    the amax, fbgemm's activation_scale_ub; None: none), saturated to +-TOKEN_MAX and
+    rounded to nearest even. The scale is computed where it is used (here and in
+    `fp8_matmul_tokens`'s epilogue) from the amax: as an op of its own, shared by Q, K and V,
+    IREE 3.13 placed every device's copy on device 0 under --tp.
     Under --tp with the columns split (a row-parallel linear's input) each device scales its
     own columns with their own amax (PER_DEVICE): the matmul's partial sums carry each
     device's scale into the sum, so the result is exactly that of the per-device grids."""
@@ -76,15 +81,14 @@ def quantize_tokens(b: Builder, rows: Value, ub: float | None = None) -> tuple[V
         a = b.maxf(a, lo_amax)
         return b.divf(b.minf(a, ub_c) if ub_c is not None else a, top)
 
-    scale = b.map("m->m", [amax], "f32", scale_of)
     hi, lo = b.scalar(TOKEN_MAX, "f32"), b.scalar(-TOKEN_MAX, "f32")
 
-    def body(v, s):
-        q = b.divf(b.cast(v, "f32"), s)
+    def body(v, a):
+        q = b.divf(b.cast(v, "f32"), scale_of(a))
         q = b.addf(b.minf(b.maxf(q, lo), hi), zero)
         return b.cast(q, FP8)
 
-    return b.map("mk,m->mk", [rows, scale], FP8, body), scale
+    return b.map("mk,m->mk", [rows, amax], FP8, body), amax
 
 
 def fp8_linear_tokens(b: Builder, x: Value, qs: Value, d: Value, *, dtype: str,
@@ -101,10 +105,11 @@ def fp8_linear_tokens(b: Builder, x: Value, qs: Value, d: Value, *, dtype: str,
         rows = b.retype(b.reshape(x, [[0, 1], [2]], [None, b.shape(x)[2]]),
                         [None, b.shape(x)[2]])
         memo[(x, ub)] = quantize_tokens(b, rows, ub)
-    q, scale = memo[(x, ub)]
+    q, amax = memo[(x, ub)]
     fn = kernels.instantiate(b, "fp8_matmul_tokens", n=m, k=b.shape(qs)[1], out_dtype=dtype,
                              w_scales="rows" if len(b.shape(d)) == 1 else "tensor")
-    out = b.call(fn, [q, scale, qs, d], [b.tensor_type([None, m], dtype)])[0]
+    bound = b.dense(np.array(np.inf if ub is None else ub, np.float32), "f32")
+    out = b.call(fn, [q, amax, bound, qs, d], [b.tensor_type([None, m], dtype)])[0]
     if isinstance(n, int) and isinstance(s, int):  # decode: the rows are static again
         out = b.retype(out, [n * s, m])
     return b.reshape(out, [[0, 1], [2]], [n, s, m])

@@ -156,8 +156,22 @@ def _is_scaled_rounding(op, svs: list[SV]) -> bool:
                 for m in maps[1:-1]) or \
             any(not isinstance(sv.sharding, (Replicated, Local)) for sv in svs[1:-1]):
         return False
-    names = {inner.operation.name for inner in op.regions[0].blocks[0].operations}
-    return names <= {"arith.mulf", "arith.truncf", "arith.bitcast", "linalg.yield"}
+    # The input (block argument 0) reaches the yield through multiplies by values that do
+    # not depend on it and roundings only; the scales may be computed any way (the dynamic
+    # fp8 epilogue derives the row's scale from its amax).
+    block = op.regions[0].blocks[0]
+    tainted = {block.arguments[0]}
+    for inner in block.operations:
+        o = inner.operation
+        uses = [v in tainted for v in o.operands]
+        if not any(uses):
+            continue
+        if o.name == "linalg.yield" or (o.name in ("arith.truncf", "arith.bitcast")) or \
+                (o.name == "arith.mulf" and uses.count(True) == 1):
+            tainted.update(o.results)
+            continue
+        return False
+    return True
 
 
 def _group_of(groups, dim):

@@ -120,3 +120,27 @@ def test_dynamic_bad_input(checkpoint, tmp_path):
         assert proc.returncode == 1 and lines[-1].startswith("error: ") and needle in lines[-1], \
             proc.stderr
         assert not (tmp_path / "m.mlir").exists()
+
+
+def test_tp2_runs_each_devices_work_on_its_device(tmp_path):
+    """Read from the compiled gfx942 program (`cost`'s dispatch records, toy, 1 layer, TP2):
+    with dynamic scales each device runs its own half of the decode step, as with static
+    scales, plus the same few quantization dispatches. (A row scale computed in an op of its
+    own and shared by Q, K and V had IREE 3.13 put device 1's copy, and all that followed, on
+    device 0.)"""
+    from collections import Counter
+
+    from halo_mlir.analysis import cost
+
+    counts = {}
+    for mode in ("static", "dynamic"):
+        mlir = tmp_path / f"{mode}.mlir"
+        halo("emit", "--model", "toy", "--layers", 1, "--tp", 2, "--dtype", "fp8",
+             "--fp8-input-scales", mode, "--bs-prefill", 1, "--bs-decode", 1, "-o", mlir)
+        m = cost.cost_file(mlir, target="gfx942", tp=2, echo=lambda s: None)
+        decode = next(e for e in m.entries if e.name.startswith("decode"))
+        counts[mode] = Counter(r.device for r in decode.dispatch_records)
+    print(f"toy TP2 decode dispatches per device: {counts}")
+    assert counts["static"][0] == counts["static"][1]
+    assert counts["dynamic"][0] == counts["dynamic"][1]
+    assert 0 < counts["dynamic"][0] - counts["static"][0] <= 6
