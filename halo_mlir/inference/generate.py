@@ -332,7 +332,7 @@ def file_digest(path: Path) -> str:
 
 
 def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo,
-                     scales: str = "per-tensor") -> None:
+                     scales: str = "per-tensor", dtype: str = "f16") -> None:
     """`import-params --quantize fp8` of a GGUF: scales calibrated on the shipped text with
     the GGUF's tokenizer."""
     from halo_mlir.params import calibrate
@@ -342,15 +342,19 @@ def _import_gguf_fp8(gguf: Path, out: Path, layout: str, progress, echo,
     with GgufSource(gguf) as source:
         ids = calibrate.calibration_ids(source.cfg.vocab_size, tokenizer=source.tokenizer())
         echo(f"calibrating fp8 scales on {len(ids)} tokens")
-        import_fp8(source, out, ids, layout=layout, scales=scales, progress=progress)
+        import_fp8(source, out, ids, dtype=dtype, layout=layout, scales=scales,
+                   progress=progress)
 
 
 def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                     layer_loop: bool = False, echo=print,
-                    fp8_scales: str = "per-tensor", tp: int = 1) -> ModelFiles:
+                    fp8_scales: str = "per-tensor", tp: int = 1,
+                    fp8_input_scales: str = "static",
+                    fp8_activations: str = "f16", attention: str = "auto") -> ModelFiles:
     """Import, emit and compile (bs 1) what `Generator` needs from the open GgufFile `g`;
-    reuse cached results. `fp8_scales`: the weight scales of a `dtype` fp8 model; `tp`:
-    shard over that many devices (one parameter file a rank)."""
+    reuse cached results. `fp8_scales`, `fp8_input_scales`, `fp8_activations`: the weight
+    and input scales and the activation dtype of a `dtype` fp8 model; `tp`: shard over that
+    many devices (one parameter file a rank); `attention`: the form (EmitOptions)."""
     from iree.compiler import version as iree_version
 
     from halo_mlir.support.version import __version__
@@ -369,6 +373,8 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
     digest = file_digest(gguf)
     layout = "stacked" if layer_loop else "per-layer"
     scheme = "" if fp8_scales == "per-tensor" else f":{fp8_scales}"  # old keys stay valid
+    if dtype == "fp8" and fp8_activations != "f16":  # the float parameters' dtype
+        scheme += f":{fp8_activations}"
     sharded = "" if tp == 1 else f":tp{tp}"
     if tp > 1:  # before anything is written
         from halo_mlir.params.model_source import check_tp
@@ -387,7 +393,8 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
         progress = Progress("importing")
         try:
             if dtype == "fp8":
-                _import_gguf_fp8(gguf, params, layout, progress, echo, fp8_scales)
+                _import_gguf_fp8(gguf, params, layout, progress, echo, fp8_scales,
+                                 fp8_activations)
             else:
                 import_gguf(gguf, params, dtype=dtype, keep_quantized=keep_quantized,
                             progress=progress, layout=layout, note=echo, tp=tp)
@@ -399,6 +406,8 @@ def build_from_gguf(g, *, dtype: str, keep_quantized: bool, device: str,
                                           layer_loop=layer_loop).items()))
     opts = EmitOptions(bs_prefill=(1,), bs_decode=(1,), dtype=dtype, weight_formats=formats,
                        layer_loop=layer_loop, fp8_scales=fp8_scales,
+                       fp8_input_scales=fp8_input_scales, fp8_activations=fp8_activations,
+                       attention=attention,
                        quant_lanes=16 if target.startswith("cpu") else 0,
                        quant_prefill_dequant=target.startswith("cpu"),
                        # the blocks kernel slices its input by block, which the

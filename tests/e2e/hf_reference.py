@@ -198,9 +198,12 @@ def fp8_model(model, params: dict, *, fused: bool = True, roundings: Roundings |
     m.fp8_roundings = roundings
     if not fp8_cache:
         return m
-    AttentionInterface.register("halo_fp8", attention)
-    AttentionMaskInterface.register("halo_fp8", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    m.config._attn_implementation = "halo_fp8"
+    # registered per model: the registry is global, and a second model's attention (its
+    # own scales, fused or not) must not replace this one's
+    name = f"halo_fp8_{id(m)}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    m.config._attn_implementation = name
     return m
 
 
