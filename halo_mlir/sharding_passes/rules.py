@@ -157,14 +157,18 @@ def _is_scaled_rounding(op, svs: list[SV]) -> bool:
             any(not isinstance(sv.sharding, (Replicated, Local)) for sv in svs[1:-1]):
         return False
     # The input (block argument 0) reaches the yield through multiplies by values that do
-    # not depend on it and roundings only; the scales may be computed any way (the dynamic
-    # fp8 epilogue derives the row's scale from its amax).
+    # not depend on it and roundings only; the scales are the operands themselves or, as in
+    # the dynamic fp8 epilogue (a row's scale from its amax), their products, quotients,
+    # maxima and minima with constants.
     block = op.regions[0].blocks[0]
     tainted = {block.arguments[0]}
     for inner in block.operations:
         o = inner.operation
         uses = [v in tainted for v in o.operands]
         if not any(uses):
+            if o.name not in ("arith.mulf", "arith.divf", "arith.maximumf", "arith.minimumf",
+                              "arith.constant"):
+                return False
             continue
         if o.name == "linalg.yield" or (o.name in ("arith.truncf", "arith.bitcast")) or \
                 (o.name == "arith.mulf" and uses.count(True) == 1):
