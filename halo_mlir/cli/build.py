@@ -138,16 +138,14 @@ def _checkpoint_fp8(hf_config, cfg, dtype, scales, inputs, ub, kv_cache_dtype) -
     checked against it; None for a float checkpoint."""
     from halo_mlir.params.fp8_checkpoint import read_scheme
 
-    try:
-        scheme = read_scheme(json.loads(Path(hf_config).read_text()), cfg)
-    except (OSError, json.JSONDecodeError):
-        return None  # load_model has read it already: a float config or reported
+    # load_model has read this file already (a missing or broken one is reported there)
+    scheme = read_scheme(json.loads(Path(hf_config).read_text()), cfg)
     if scheme is None:
         return None
     opts = scheme.emit_options()
     if dtype not in (None, "fp8"):
-        raise HaloError(f"{hf_config}: an FP8 checkpoint ({scheme.summary()}); its program "
-                        f"is --dtype fp8 (the default for it): drop --dtype {dtype}")
+        raise HaloError(f"{hf_config}: {scheme.summary()}; its program is --dtype fp8 (the "
+                        f"default for it): drop --dtype {dtype}")
     if scales not in (None, scheme.weight_scales):
         raise HaloError(f"{hf_config}: the checkpoint's weight scales are "
                         f"{scheme.weight_scales}; drop --fp8-scales {scales}")
