@@ -17,9 +17,10 @@ from test_fp8 import FLIP_TOL, build, checkpoint, errors, flip_errors, per_chann
     read_params, run  # noqa: F401  (fixtures)
 
 DYNAMIC = ("--fp8-input-scales", "dynamic", "--activation-dtype", "f32")
-# Measured against the reference: 1.8e-6 to 2.9e-6 max with no near-midpoint flip; the
-# static scales' checks leave up to 1.6e-4 after a flip (test_fp8.py). Logits reach ~3.
-BOUND = 2e-4
+# Measured against the reference: 1.8e-6 to 2.9e-6 max, no near-midpoint flip needed (a
+# flip, where one lands, is searched for up to this bound: test_fp8.py's paged attention
+# leaves 1.3e-6 after one). Logits reach ~3.
+BOUND = 2e-5
 F32_CACHE = ("--kv-cache-dtype", "f32")
 
 
